@@ -1,0 +1,90 @@
+"""Models by name: the registry, building from a ``ModelSpec`` and safe weight loading.
+
+A builder takes its validated argument model and the dataset's class count and returns an
+``nn.Module``. Weights are plain state dicts read with ``torch.load(weights_only=True)``: a job
+spec never causes code to be imported or unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maskd_core.errors import SpecError
+from maskd_core.registry import Registry
+from maskd_core.spec import ModelSpec
+
+ModelBuilder = Callable[[Any, int], nn.Module]
+"""``builder(args, num_classes) -> nn.Module`` where ``args`` is the entry's argument model."""
+
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+def build_model(spec: ModelSpec, num_classes: int, field: str = "model") -> nn.Module:
+    """Build ``spec.arch`` with its arguments and load ``spec.weights`` when given."""
+    args = MODELS.parse_args(spec.arch, spec.args, field=f"{field}.args")
+    model = MODELS.get(spec.arch, field=f"{field}.arch")(args, num_classes)
+    if spec.weights is not None:
+        load_weights(model, spec.weights, field=f"{field}.weights")
+    return model
+
+
+def read_state_dict(path: str | Path, field: str = "weights") -> dict[str, torch.Tensor]:
+    """Read a state dict file without unpickling code; refuse anything else."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(
+            f"weights file {str(file)!r} does not exist; give the path of a state dict saved "
+            "with torch.save(model.state_dict(), path)",
+            field=field,
+        )
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SpecError(
+            f"weights file {str(file)!r} is not a loadable state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); save weights with torch.save(model.state_dict(), "
+            "path), not the pickled module",
+            field=field,
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise SpecError(
+            f"weights file {str(file)!r} does not hold a state dict (a mapping of parameter "
+            "names to tensors); save it with torch.save(model.state_dict(), path)",
+            field=field,
+        )
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, field: str = "weights") -> None:
+    """Load a state dict into ``model``, naming missing/unexpected keys when they differ."""
+    state = read_state_dict(path, field)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:5])
+        unexpected = ", ".join(result.unexpected_keys[:5])
+        raise SpecError(
+            f"weights file {str(path)!r} does not match the architecture: "
+            f"{len(result.missing_keys)} missing keys ({missing}), "
+            f"{len(result.unexpected_keys)} unexpected keys ({unexpected}); check arch and args",
+            field=field,
+        )
+    shape_errors = []
+    own = model.state_dict()
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            shape_errors.append(f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+    if shape_errors:
+        raise SpecError(
+            f"weights file {str(path)!r} has tensors of the wrong shape: "
+            + "; ".join(shape_errors[:5]),
+            field=field,
+        )

@@ -1,0 +1,89 @@
+"""A small decorator registry, the way timm's ``register_model`` works.
+
+Models, tasks, datasets and distillation methods are chosen by name in the job spec. Each kind
+keeps one ``Registry``; an entry pairs the builder with a pydantic model of its arguments, so
+a spec's ``args`` are checked (and documented in the API schema) before anything is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from maskd_core.errors import SpecError, UnknownNameError
+
+T = TypeVar("T")
+
+
+class NoArgs(BaseModel):
+    """Argument model for entries that take no arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    args: type[BaseModel]
+    summary: str
+
+
+class Registry(Generic[T]):
+    """Name → object, with typed arguments and helpful errors for unknown names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(
+        self, name: str, args: type[BaseModel] = NoArgs, summary: str = ""
+    ) -> Callable[[T], T]:
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            doc = summary or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+            self._entries[name] = Entry(name=name, obj=obj, args=args, summary=doc)
+            return obj
+
+        return add
+
+    def entry(self, name: str, field: str | None = None) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._entries, field=field) from None
+
+    def get(self, name: str, field: str | None = None) -> T:
+        return self.entry(name, field).obj
+
+    def parse_args(
+        self, name: str, args: Mapping[str, Any], field: str | None = None
+    ) -> BaseModel:
+        """Validate ``args`` against the entry's argument model, as a ``SpecError`` on failure."""
+        entry = self.entry(name, field)
+        try:
+            return entry.args.model_validate(dict(args))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(args)'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            allowed = ", ".join(entry.args.model_fields) or "none"
+            raise SpecError(
+                f"invalid arguments for {self.kind} {name!r}: {problems}. Allowed arguments: "
+                f"{allowed}",
+                field=field,
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(self._entries[name] for name in self.names())

@@ -1,0 +1,210 @@
+"""The job spec: the one contract between the API, the workers and the core library.
+
+It is plain pydantic and imports no torch, so the API can parse and store it cheaply. Structure
+and value ranges are checked here; everything that needs the registries or a model (names of
+architectures, datasets and layers, channel counts) is checked by ``maskd_core.validate``
+before a job is queued.
+
+Defaults follow the MasKD paper and its official configs (see docs/method.md). Where the
+segmentation and detection recipes differ, the default is chosen by ``task`` when the field is
+left out: tokens (8 vs 6), the mask-weighting branch (off vs on), the custom student mask (off vs
+on) and the optimisers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+TaskName = Literal["segmentation", "detection"]
+
+
+class StrictModel(BaseModel):
+    """Refuses unknown fields, so a typo in a spec is an error rather than a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    """A network built by name from the model registry, with optional weights."""
+
+    arch: str = Field(description="Name in the model registry, e.g. 'seg_tiny_teacher'.")
+    args: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Arguments of the architecture (see its registry entry)."
+    )
+    weights: str | None = Field(
+        default=None,
+        description="A local state-dict file (loaded with weights_only=True), or none for "
+        "random initialisation.",
+    )
+    layers: list[str] = Field(
+        min_length=1,
+        description="Module names whose outputs are distilled, paired by position between "
+        "teacher and student. A module returning a tuple or dict (FPN) yields one level per "
+        "tensor.",
+    )
+
+
+class DatasetSpec(StrictModel):
+    name: str = Field(
+        default="procedural_shapes", description="Name in the dataset registry for the task."
+    )
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    augment: bool = True
+
+
+class OptimizerSpec(StrictModel):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    schedule: Literal["constant", "cosine", "poly", "step"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=0.0, ge=0.0)
+    poly_power: float = Field(default=0.9, gt=0.0)
+    step_milestones: list[float] = Field(
+        default_factory=lambda: [2 / 3, 11 / 12],
+        description="For 'step': fractions of the iterations at which lr is multiplied by 0.1 "
+        "(the detection 2x schedule decays at epochs 16 and 22 of 24).",
+    )
+    grad_clip: float | None = Field(default=None, gt=0.0)
+
+
+class Stage1Spec(StrictModel):
+    """Learning receptive tokens on the frozen teacher."""
+
+    tokens: int = Field(gt=0, le=64, description="Receptive tokens per tapped level (T).")
+    iterations: int = Field(default=2000, gt=0)
+    optimizer: OptimizerSpec
+    dice_weight: float = Field(default=1.0, ge=0.0)
+    mask_weighting: bool = Field(
+        description="Learn the per-image softmax over tokens (the paper's detection configs)."
+    )
+    reuse: bool = Field(
+        default=True, description="Reuse tokens already learned for the same teacher and data."
+    )
+
+
+class Stage2Spec(StrictModel):
+    """Distilling the student through the frozen masks."""
+
+    iterations: int = Field(default=40000, gt=0)
+    optimizer: OptimizerSpec
+    loss_weight: float = Field(default=1.0, ge=0.0)
+    custom_mask: bool = Field(
+        description="After the warm-up, multiply each teacher mask by the student's own mask."
+    )
+    custom_mask_warmup: int = Field(default=5000, ge=0)
+    align: Literal["conv1x1", "identity"] = Field(
+        default="conv1x1",
+        description="Student→teacher adaptation per level; 'identity' needs equal channels.",
+    )
+    mask_eps: float = Field(default=1e-6, gt=0.0, description="Added to the mask area.")
+
+
+class JobSpec(StrictModel):
+    """Everything a MasKD job needs, from models and data to both stages' settings."""
+
+    name: str = Field(default="maskd-job", min_length=1, max_length=128)
+    task: TaskName = "segmentation"
+    teacher: ModelSpec
+    student: ModelSpec
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    stage1: Stage1Spec
+    stage2: Stage2Spec
+    seed: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=8, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at the end).")
+    checkpoint_every: int = Field(default=200, gt=0)
+    max_eval_batches: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_task_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task", "segmentation")
+        defaults = TASK_DEFAULTS.get(task)
+        if defaults is None:
+            return data  # the Literal check reports the bad task name
+        filled = dict(data)
+        for stage in ("stage1", "stage2"):
+            given = filled.get(stage, {})
+            if isinstance(given, dict):
+                filled[stage] = {**defaults[stage], **given}
+        return filled
+
+    @model_validator(mode="after")
+    def _layers_pair_up(self) -> JobSpec:
+        if len(self.teacher.layers) != len(self.student.layers):
+            raise ValueError(
+                f"teacher.layers has {len(self.teacher.layers)} entries and student.layers has "
+                f"{len(self.student.layers)}; they are paired by position, so list one student "
+                "layer for every teacher layer"
+            )
+        return self
+
+
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    # segmentation/train_mask_module.py and train_maskd.py of the official code.
+    "segmentation": {
+        "stage1": {
+            "tokens": 8,
+            "iterations": 10000,
+            "mask_weighting": False,
+            "optimizer": {
+                "name": "sgd",
+                "lr": 0.1,
+                "momentum": 0.9,
+                "weight_decay": 1e-3,
+                "schedule": "poly",
+            },
+        },
+        "stage2": {
+            "iterations": 40000,
+            "custom_mask": False,
+            "optimizer": {
+                "name": "sgd",
+                "lr": 0.02,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "schedule": "poly",
+                "min_lr": 1e-4,
+            },
+        },
+    },
+    # mmdetection/configs/maskd and mmrazor/configs/distill/maskd (RetinaNet/FCOS family).
+    "detection": {
+        "stage1": {
+            "tokens": 6,
+            "iterations": 2000,
+            "mask_weighting": True,
+            "optimizer": {
+                "name": "adam",
+                "lr": 0.01,
+                "weight_decay": 1e-3,
+                "schedule": "cosine",
+                "min_lr": 1e-6,
+            },
+        },
+        "stage2": {
+            "iterations": 175920,
+            "custom_mask": True,
+            "custom_mask_warmup": 5000,
+            "optimizer": {
+                "name": "sgd",
+                "lr": 0.01,
+                "momentum": 0.9,
+                "weight_decay": 1e-4,
+                "schedule": "step",
+                "warmup_steps": 500,
+                "grad_clip": 35.0,
+            },
+        },
+    },
+}

@@ -1,0 +1,8 @@
+"""Tasks by name: ``TASKS.get(spec.task)()`` gives the task object."""
+
+from maskd_core.registry import Registry
+from maskd_core.tasks.base import Batch, Task
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+__all__ = ["TASKS", "Batch", "Task"]
