@@ -1,0 +1,31 @@
+# Developer entry points. Every target that needs Python depends on `venv`, so a fresh clone
+# needs nothing but python3.11 and PyPI: `make demo`, `make test`, `make lint`.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Written after a successful install; reinstalls when pyproject.toml changes.
+STAMP := $(VENV)/.maskd-installed
+
+.PHONY: venv demo test lint
+
+venv: $(STAMP)
+
+# setuptools is installed first and the project built without isolation, so an already
+# complete environment reinstalls without touching the network.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "pip>=24" "setuptools>=69"
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[service,detection,dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/maskd demo
+
+test: venv
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
