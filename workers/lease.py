@@ -1,0 +1,112 @@
+"""The heartbeat that keeps a worker's lease on a job alive while the job trains.
+
+The database, not the broker, decides who runs a job: a worker holds a lease that expires unless
+renewed. A background thread renews it so the training loop never waits on SQL, and turns the
+answers into a stop request the loop polls through ``should_stop``: either the user asked to
+cancel, or the lease was lost (another worker may own the job now, so this one must stop
+writing to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+from service.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class StopReason(StrEnum):
+    CANCEL_REQUESTED = "cancel_requested"
+    LEASE_LOST = "lease_lost"
+
+
+class LeaseKeeper:
+    """Renews a job's lease every ``interval_seconds`` on a daemon thread.
+
+    A failing heartbeat (database briefly unreachable) is retried on the next tick; once no
+    heartbeat has succeeded for ``lease_seconds`` the lease must be presumed expired and taken
+    over, so the keeper reports it lost even though the database never said so.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._interval_seconds = interval_seconds
+        self._clock = clock
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._stop_reason: StopReason | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-{job_id}", daemon=True
+        )
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the job should stop, or None while it should keep going."""
+        with self._lock:
+            return self._stop_reason
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the heartbeat; the caller then releases the lease (or leaves it to expire)."""
+        self._finished.set()
+        self._thread.join(timeout=self._interval_seconds + 5.0)
+
+    def __enter__(self) -> LeaseKeeper:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _set_reason(self, reason: StopReason) -> None:
+        with self._lock:
+            # A lost lease outranks a cancel: without the lease the worker may not even
+            # record the cancellation.
+            if self._stop_reason is None or reason is StopReason.LEASE_LOST:
+                self._stop_reason = reason
+
+    def _run(self) -> None:
+        last_renewed = self._clock()
+        while not self._finished.wait(self._interval_seconds):
+            try:
+                result = self._store.heartbeat(self._job_id, self._worker_id, self._lease_seconds)
+            except Exception:
+                logger.warning("heartbeat for job %s failed", self._job_id, exc_info=True)
+                if self._clock() - last_renewed >= self._lease_seconds:
+                    logger.error(
+                        "job %s: no heartbeat for %.1f s, presuming the lease lost",
+                        self._job_id,
+                        self._clock() - last_renewed,
+                    )
+                    self._set_reason(StopReason.LEASE_LOST)
+                    return
+                continue
+            last_renewed = self._clock()
+            if not result.lease_held:
+                logger.warning("job %s: lease lost to another worker, stopping", self._job_id)
+                self._set_reason(StopReason.LEASE_LOST)
+                return
+            if result.cancel_requested:
+                self._set_reason(StopReason.CANCEL_REQUESTED)

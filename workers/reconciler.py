@@ -1,0 +1,81 @@
+"""The reconciler: puts lost jobs back on the queue.
+
+The broker can lose a job two ways: a worker dies mid-run (its lease stops being renewed), or a
+message vanishes before any worker took it (Redis restarted without persistence, a filesystem
+message read by a worker killed before claiming). The database still knows both, so a periodic
+pass over it re-dispatches them. It is safe to run in several processes and next to live
+workers: every worker claims a job by compare-and-set, so a superfluous message is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from service.config import Settings
+from service.dispatch import Dispatcher
+from service.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did, for logs and tests."""
+
+    requeued: list[str] = field(default_factory=list)
+    """Running jobs whose lease had expired, handed back to the queue."""
+    redispatched: list[str] = field(default_factory=list)
+    """Jobs whose message was sent to the broker again (including every requeued one)."""
+
+
+def reconcile_once(
+    store: JobStore, dispatcher: Dispatcher, settings: Settings, now: datetime | None = None
+) -> ReconcileReport:
+    report = ReconcileReport()
+    for job_id in store.find_orphans(now or datetime.now(UTC), settings.redispatch_after_seconds):
+        try:
+            if store.requeue_expired(job_id):
+                report.requeued.append(job_id)
+                store.add_event(job_id, "worker lease expired; job re-queued to resume")
+            dispatcher.send_job(job_id)
+        except Exception:
+            # One broken job (or a broker blip) must not stop the others from recovering.
+            logger.exception("reconciler: could not re-dispatch job %s", job_id)
+            continue
+        report.redispatched.append(job_id)
+    if report.redispatched:
+        logger.info(
+            "reconciler: re-queued %s, re-dispatched %s", report.requeued, report.redispatched
+        )
+    return report
+
+
+def run_reconciler(
+    store: JobStore, dispatcher: Dispatcher, settings: Settings, stop: threading.Event
+) -> None:
+    """Reconciles every ``reconcile_interval_seconds`` until ``stop`` is set."""
+    while True:
+        try:
+            reconcile_once(store, dispatcher, settings)
+        except Exception:
+            logger.exception("reconciler pass failed; retrying next interval")
+        if stop.wait(settings.reconcile_interval_seconds):
+            return
+
+
+def start_reconciler_thread(
+    store: JobStore, dispatcher: Dispatcher, settings: Settings
+) -> tuple[threading.Thread, threading.Event]:
+    """Runs the reconciler beside the API in ``maskd serve``; set the event to stop it."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_reconciler,
+        args=(store, dispatcher, settings, stop),
+        name="maskd-reconciler",
+        daemon=True,
+    )
+    thread.start()
+    return thread, stop

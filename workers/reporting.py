@@ -1,0 +1,112 @@
+"""A core ``Callback`` that writes a running job's progress to the job store.
+
+The core library knows nothing of databases; this is the bridge. Stage starts become lifecycle
+transitions and events (an event says whether a stage started afresh or resumed from a
+checkpoint, which is what users and tests read to tell a resume from a restart), steps become
+progress rows throttled to about one write a second so SQL never slows the training loop, and
+evaluations become metrics. ``should_stop`` answers from the lease keeper, so a cancel or a lost
+lease reaches the loop within one step without the loop touching SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from maskd_core.callbacks import Callback, Stage
+from service.lifecycle import JobState, can_transition
+from service.store import JobStore
+from workers.lease import LeaseKeeper
+
+logger = logging.getLogger(__name__)
+
+_STAGE_STATES: dict[str, JobState] = {"stage1": JobState.STAGE1, "stage2": JobState.STAGE2}
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+
+
+class StoreReporter(Callback):
+    """Reports one job's progress for the worker holding its lease.
+
+    ``state`` is the lifecycle state this worker last put the job in; the task sets it after
+    its first transition and the reporter moves it forward as stages start.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        worker_id: str,
+        lease: LeaseKeeper,
+        *,
+        state: JobState,
+        progress_interval_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._lease = lease
+        self._progress_interval = progress_interval_seconds
+        self._clock = clock
+        self.state = state
+        self._totals: dict[str, int] = {}
+        self._last_progress_at = float("-inf")
+        self._transition_refused = False
+        self.artifacts: dict[str, Path] = {}
+        """Files the core announced through ``on_artifact``, by name."""
+
+    def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
+        self._totals[stage] = total_steps
+        target = _STAGE_STATES.get(stage)
+        if target is not None and target != self.state and can_transition(self.state, target):
+            if self._store.transition(self._job_id, target, worker_id=self._worker_id):
+                self.state = target
+            else:
+                # The job was cancelled or taken over meanwhile: stop at the next step.
+                logger.warning("job %s: transition to %s refused", self._job_id, target)
+                self._transition_refused = True
+        if start_step > 0:
+            message = f"{stage} resumed from checkpoint at step {start_step} of {total_steps}"
+        else:
+            message = f"{stage} started at step 0 of {total_steps}"
+        self._store.add_event(self._job_id, message)
+        self._write_progress(stage, start_step, {})
+
+    def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+        if self._clock() - self._last_progress_at >= self._progress_interval:
+            self._write_progress(stage, step, metrics)
+
+    def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+        self._write_progress(stage, step, metrics)
+        self._store.add_event(
+            self._job_id, f"{stage} evaluation at step {step}: {format_metrics(metrics)}"
+        )
+
+    def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
+        self._store.add_event(self._job_id, f"{stage} checkpoint at step {step}")
+
+    def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
+        self.artifacts[name] = path
+
+    def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+        self._write_progress(stage, step, metrics)
+        self._store.add_event(self._job_id, f"{stage} finished at step {step}")
+
+    def should_stop(self) -> bool:
+        return self._transition_refused or self._lease.should_stop()
+
+    def _write_progress(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+        self._last_progress_at = self._clock()
+        self._store.record_progress(
+            self._job_id,
+            self._worker_id,
+            stage,
+            step,
+            self._totals.get(stage, 0),
+            dict(metrics),
+        )

@@ -1,0 +1,181 @@
+"""``maskd.run_job``: run one MasKD job under a database lease, at most once at a time.
+
+Celery delivers at least once (a late-acked message comes back after a crash or a visibility
+timeout, the reconciler re-sends lost ones), so the task makes each delivery safe on its own:
+it runs only after winning a compare-and-set claim on the job row, keeps the claim alive with a
+heartbeat, resumes from the checkpoints in the job's work directory, and maps every way a run
+ends onto the job lifecycle. A delivery that loses the claim does nothing.
+
+torch and the core runner are imported inside ``execute_job``, i.e. in the prefork child that
+runs the job, never in the worker's parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.config import Settings, get_settings
+from service.db import make_engine, make_sessionmaker
+from service.lifecycle import FailureKind, JobState, can_transition
+from service.store import JobStore
+from workers.app import app
+from workers.lease import LeaseKeeper, StopReason
+from workers.reporting import StoreReporter, format_metrics
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = {"student": "student.pt", "tokens": "tokens.pt", "summary": "summary.json"}
+"""The files a finished job leaves in its work directory (see docs/architecture.md)."""
+
+
+def new_worker_id() -> str:
+    """Unique per delivery, so two deliveries in one process can never share a lease."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def resume_state(workdir: Path) -> JobState:
+    """Stage 1 is done once its tokens were written; a rerun then starts in stage 2."""
+    return JobState.STAGE2 if (workdir / OUTPUT_FILES["tokens"]).exists() else JobState.STAGE1
+
+
+@app.task(name="maskd.run_job", bind=True, acks_late=True)
+def run_job(self: Task, job_id: str) -> str:
+    """Celery entry point; returns the state the job was left in (for worker logs only)."""
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        return execute_job(store, settings, job_id, delivery=str(self.request.id))
+    finally:
+        engine.dispose()
+
+
+def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: str) -> str:
+    worker_id = new_worker_id()
+    record = store.claim(job_id, worker_id, settings.lease_seconds)
+    if record is None:
+        logger.info(
+            "job %s: not claimed by delivery %s (finished, cancelled or leased elsewhere)",
+            job_id,
+            delivery,
+        )
+        return "skipped"
+    logger.info("job %s: claimed by %s (attempt %s)", job_id, worker_id, record.attempt)
+    store.add_event(job_id, f"claimed by worker {worker_id} (attempt {record.attempt})")
+    lease = LeaseKeeper(
+        store,
+        job_id,
+        worker_id,
+        lease_seconds=settings.lease_seconds,
+        interval_seconds=settings.heartbeat_seconds,
+    )
+    try:
+        with lease:
+            return _run_claimed(store, settings, job_id, worker_id, record.spec, record.state, lease)
+    finally:
+        store.release_lease(job_id, worker_id)
+
+
+def _run_claimed(
+    store: JobStore,
+    settings: Settings,
+    job_id: str,
+    worker_id: str,
+    spec_data: dict[str, Any],
+    state: JobState,
+    lease: LeaseKeeper,
+) -> str:
+    workdir = settings.jobs_dir / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = resume_state(workdir)
+    if state != start and can_transition(state, start):
+        if not store.transition(job_id, start, worker_id=worker_id):
+            logger.warning("job %s: could not start %s, leaving it", job_id, start)
+            return "skipped"
+        state = start
+    reporter = StoreReporter(store, job_id, worker_id, lease, state=state)
+
+    def fail(kind: FailureKind, message: str) -> str:
+        store.transition(
+            job_id, JobState.FAILED, worker_id=worker_id, message=message, failure_kind=kind
+        )
+        return JobState.FAILED.value
+
+    # Imported here, in the child process: see the module docstring.
+    from pydantic import ValidationError
+
+    from maskd_core.errors import DataError, JobCancelled, SpecError
+    from maskd_core.runner import run_job as run_core_job
+    from maskd_core.spec import JobSpec
+
+    try:
+        spec = JobSpec.model_validate(spec_data)
+        run_core_job(spec, workdir, callbacks=[reporter])
+        return _register(store, job_id, worker_id, workdir, reporter)
+    except JobCancelled as stopped:
+        if lease.stop_reason is StopReason.LEASE_LOST:
+            logger.warning("job %s: stopped at %s after losing the lease", job_id, stopped)
+            return "lease_lost"
+        # The API normally set CANCELLING already; this covers a stop the worker initiated.
+        store.transition(job_id, JobState.CANCELLING, worker_id=worker_id)
+        cancelled = store.transition(
+            job_id,
+            JobState.CANCELLED,
+            worker_id=worker_id,
+            message=f"{stopped}; checkpoint kept in the job's work directory",
+        )
+        return JobState.CANCELLED.value if cancelled else "lease_lost"
+    except SpecError as error:
+        where = f" (field {error.field})" if error.field else ""
+        return fail(FailureKind.VALIDATION, f"{error}{where}")
+    except ValidationError as error:
+        return fail(FailureKind.VALIDATION, f"the stored job spec is invalid: {error}")
+    except DataError as error:
+        return fail(FailureKind.USER, str(error))
+    except SoftTimeLimitExceeded:
+        return fail(
+            FailureKind.TIMEOUT,
+            f"the job ran past its time limit of {settings.job_soft_time_limit_seconds} s; "
+            "resubmit it with fewer iterations, or ask an operator to raise "
+            "MASKD_JOB_SOFT_TIME_LIMIT_SECONDS",
+        )
+    except Exception as error:
+        logger.exception("job %s failed", job_id)
+        store.add_event(job_id, traceback.format_exc(), kind="error")
+        return fail(FailureKind.INFRASTRUCTURE, f"{type(error).__name__}: {error}")
+
+
+def _register(
+    store: JobStore, job_id: str, worker_id: str, workdir: Path, reporter: StoreReporter
+) -> str:
+    """Records where the outputs are and the summary metrics, then marks the job succeeded."""
+    if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
+        return "lease_lost"
+    paths = {name: workdir / filename for name, filename in OUTPUT_FILES.items()}
+    paths.update(reporter.artifacts)
+    summary = json.loads(paths["summary"].read_text())
+    metrics = {k: v for k, v in summary.get("metrics", summary).items() if _is_number(v)}
+    store.record_outputs(
+        job_id, {"files": {name: str(path) for name, path in paths.items()}, "metrics": metrics}
+    )
+    store.transition(
+        job_id,
+        JobState.SUCCEEDED,
+        worker_id=worker_id,
+        message=f"succeeded: {format_metrics(metrics)}" if metrics else "succeeded",
+    )
+    return JobState.SUCCEEDED.value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
