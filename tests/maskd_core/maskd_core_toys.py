@@ -1,0 +1,164 @@
+"""Tiny models, a toy segmentation task and step-indexed toy data for the core's unit tests.
+
+Imported by the tests as a plain module (``tests/maskd_core`` is on ``sys.path`` under pytest's
+default import mode); its name is unique so it cannot shadow another package's helpers.
+
+They stand in for the registered models and datasets so the stages can be tested on their own,
+fast and on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskd_core.spec import JobSpec
+from maskd_core.stages import TrainContext
+from maskd_core.tasks import Task
+
+NUM_CLASSES = 3
+IMAGE = 16
+
+
+class ToySegTask(Task):
+    """Segmentation with (images, masks) batches and pixel accuracy as its metric."""
+
+    name = "toy"
+    primary_metric = "pixel_acc"
+
+    def collate(self, samples: Sequence[Any]) -> Any:
+        images, masks = zip(*samples, strict=True)
+        return torch.stack(images), torch.stack(masks)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        return batch[0].to(device), batch[1].to(device)
+
+    def batch_size(self, batch: Any) -> int:
+        return int(batch[0].shape[0])
+
+    def _logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        out = model(images)
+        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = F.cross_entropy(self._logits(model, batch[0]), batch[1])
+        return loss, {"ce": loss.item()}
+
+    def forward(self, model: nn.Module, batch: Any) -> None:
+        model(batch[0])
+
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device
+    ) -> dict[str, float]:
+        correct = total = 0
+        for images, masks in batches:
+            pred = self._logits(model, images.to(device)).argmax(1)
+            correct += int((pred == masks.to(device)).sum())
+            total += masks.numel()
+        return {"pixel_acc": correct / total}
+
+    def example_input(self, batch: Any) -> torch.Tensor:
+        return batch[0]
+
+
+class ToyNet(nn.Module):
+    """conv-BN-ReLU stem, a stride-2 body, dropout and a 1x1 classifier ("head")."""
+
+    def __init__(self, width: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.drop = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(width, NUM_CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.body(self.stem(x))))
+
+
+class Pyramid(nn.Module):
+    """Returns two levels (stride 1 and 2) as a tuple, or as a dict when ``as_dict``."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        levels = (x, self.pool(x))
+        return {"p1": levels[0], "p2": levels[1]} if self.as_dict else levels
+
+
+class ToyFPNNet(nn.Module):
+    """A stem, a two-level "neck" returning a tuple or dict, and a head summing both levels."""
+
+    def __init__(self, width: int, as_dict: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.neck = Pyramid(as_dict)
+        self.head = nn.Conv2d(width, NUM_CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.neck(self.stem(x))
+        fine, coarse = out.values() if isinstance(out, dict) else out
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="nearest")
+        return self.head(fine + coarse)
+
+
+def toy_sample(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image whose label at each pixel is the channel with the largest value."""
+    image = torch.rand(3, IMAGE, IMAGE, generator=generator)
+    return image, image.argmax(0)
+
+
+def toy_batch(seed: int, step: int, size: int = 2) -> Any:
+    generator = torch.Generator().manual_seed(seed * 100_003 + step)
+    return ToySegTask().collate([toy_sample(generator) for _ in range(size)])
+
+
+def toy_spec(**overrides: Any) -> JobSpec:
+    spec: dict[str, Any] = {
+        "teacher": {"arch": "toy", "layers": ["body"]},
+        "student": {"arch": "toy", "layers": ["body"]},
+        "stage1": {"tokens": 3, "iterations": 4, "optimizer": {"name": "adam", "lr": 0.01}},
+        "stage2": {"iterations": 4, "optimizer": {"lr": 0.05}},
+        "device": "cpu",
+        "batch_size": 2,
+        "checkpoint_every": 2,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return JobSpec.model_validate(spec)
+
+
+def toy_context(spec: JobSpec, callbacks: Any = None) -> TrainContext:
+    def train_batches(start: int) -> Iterator[Any]:
+        step = start
+        while True:
+            yield toy_batch(spec.seed, step, spec.batch_size)
+            step += 1
+
+    def val_batches() -> Iterable[Any]:
+        return [toy_batch(10_000 + spec.seed, i, 2) for i in range(2)]
+
+    kwargs = {} if callbacks is None else {"callbacks": callbacks}
+    return TrainContext(
+        spec=spec,
+        task=ToySegTask(),
+        train_batches=train_batches,
+        val_batches=val_batches,
+        device=torch.device("cpu"),
+        **kwargs,
+    )
