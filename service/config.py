@@ -1,0 +1,142 @@
+"""Settings of the job service, read once from ``MASKD_*`` environment variables.
+
+One class for the API, the workers and the CLI, so a deployment configures every process the
+same way. The defaults describe the *embedded* mode (SQLite and Celery's filesystem transport
+under ``var/``), which needs no server; production points ``MASKD_DATABASE_URL`` at PostgreSQL
+and ``MASKD_BROKER_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER_URL = "filesystem://"
+"""The broker URL that selects Celery's filesystem transport (folders under ``data_dir``)."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each field is the variable ``MASKD_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="MASKD_", frozen=True, extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///var/maskd.db",
+        description="SQLAlchemy URL of the job database. SQLite (embedded, the default) or "
+        "PostgreSQL in production, e.g. 'postgresql+psycopg://maskd@db:5432/maskd'. The "
+        "schema is created with `maskd db upgrade`.",
+    )
+    broker_url: str = Field(
+        default=EMBEDDED_BROKER_URL,
+        description="Celery broker. 'filesystem://' (the default) keeps messages in "
+        "folders under data_dir/broker and needs no server, but API and workers must share "
+        "that disk; production uses Redis, e.g. 'redis://127.0.0.1:6379/0'.",
+    )
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="Folder for local state: the embedded broker's message folders and the "
+        "jobs' work directories (checkpoints, tokens, student weights).",
+    )
+    job_time_limit_seconds: int = Field(
+        default=24 * 3600,
+        gt=0,
+        description="Hard time limit of one job attempt: Celery kills the worker process "
+        "after this long. The broker's visibility timeout is set above it, so a long job is "
+        "never redelivered while it still runs.",
+    )
+    job_soft_time_limit_seconds: int = Field(
+        default=24 * 3600 - 600,
+        gt=0,
+        description="Soft time limit: the job is asked to checkpoint and stop (failure kind "
+        "'timeout'). Must be below the hard limit, leaving time to write the checkpoint.",
+    )
+    broker_visibility_margin_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="Added to the hard time limit to give the Redis visibility timeout: how "
+        "long an unacknowledged message waits before Redis hands it to another worker.",
+    )
+    lease_seconds: int = Field(
+        default=60,
+        gt=0,
+        description="How long a worker's claim on a job lasts without a heartbeat. After "
+        "it lapses the reconciler re-queues the job and it resumes from its checkpoint.",
+    )
+    heartbeat_seconds: int = Field(
+        default=10,
+        gt=0,
+        description="How often a running job renews its lease and checks for a cancel "
+        "request. Must be well below lease_seconds.",
+    )
+    redispatch_after_seconds: int = Field(
+        default=300,
+        gt=0,
+        description="A QUEUED job whose last dispatch is older than this (and which no "
+        "worker holds) is sent to the broker again, covering lost messages and a broker "
+        "that was down when the job was submitted. Duplicates are harmless: claims are "
+        "compare-and-set.",
+    )
+    reconcile_interval_seconds: int = Field(
+        default=30,
+        gt=0,
+        description="How often the reconciler looks for lost jobs (expired leases, "
+        "undelivered messages).",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address `maskd serve` binds to.")
+    api_port: int = Field(
+        default=8000, gt=0, lt=65536, description="Port `maskd serve` listens on."
+    )
+    mlflow_tracking_uri: str = Field(
+        default="sqlite:///var/mlflow.db",
+        description="MLflow tracking URI the workers log runs, masks and models to; keep "
+        "it a separate database from database_url (MLflow runs its own migrations).",
+    )
+    sse_poll_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often an event stream (/v1/jobs/{id}/events/stream) polls the "
+        "database for new events and progress.",
+    )
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> Self:
+        if self.job_soft_time_limit_seconds >= self.job_time_limit_seconds:
+            raise ValueError(
+                "MASKD_JOB_SOFT_TIME_LIMIT_SECONDS must be below MASKD_JOB_TIME_LIMIT_SECONDS "
+                "so a job has time to checkpoint before it is killed"
+            )
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                "MASKD_HEARTBEAT_SECONDS must be below MASKD_LEASE_SECONDS, otherwise a "
+                "healthy worker loses its lease between two heartbeats"
+            )
+        return self
+
+    @property
+    def broker_visibility_timeout_seconds(self) -> int:
+        """Redis visibility timeout: above the hard limit, so a running job is not redelivered."""
+        return self.job_time_limit_seconds + self.broker_visibility_margin_seconds
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url.startswith(EMBEDDED_BROKER_URL)
+
+    @property
+    def broker_dir(self) -> Path:
+        """Root of the embedded broker's folders (unused with Redis)."""
+        return self.data_dir / "broker"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Parent of the per-job work directories."""
+        return self.data_dir / "jobs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,106 @@
+"""Handing jobs to the GPU workers through Celery, by task name only.
+
+The API never imports ``workers``: it sends ``maskd.run_job`` by name to the ``gpu`` queue, and
+``celery_config`` is the one place both sides take their Celery settings from, so producer and
+consumer cannot disagree about the broker, queues or time limits. Delivery is at-least-once; the
+store's lease makes a duplicate harmless, and the reconciler re-sends what was lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from service.config import Settings
+from service.store import JobStore
+
+RUN_JOB_TASK = "maskd.run_job"
+GPU_QUEUE = "gpu"
+BROKER_CHECK_TIMEOUT_SECONDS = 3.0
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for the API (producer) and the workers (consumers).
+
+    Long GPU jobs need: one reserved task per process (late ack + prefetch 1), no redelivery
+    while a job still runs (visibility timeout above the hard time limit, set for the broker
+    *and* the result backend, as Celery reads either), no redelivery loop when a worker dies
+    (``task_reject_on_worker_lost=False``; the reconciler re-queues from the database instead),
+    and a fresh process per job to release the CUDA context. Results live in the SQL store, so
+    Celery keeps none.
+
+    For the embedded broker (``filesystem://``) the message folders under
+    ``settings.broker_dir`` are created here, because kombu expects them to exist.
+    """
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": settings.broker_visibility_timeout_seconds,
+    }
+    if settings.uses_embedded_broker:
+        queue_dir = embedded_queue_dir(settings)
+        processed_dir = settings.broker_dir / "processed"
+        control_dir = settings.broker_dir / "control"
+        for folder in (queue_dir, processed_dir, control_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        transport_options |= {
+            # One folder both ways: producers write where consumers read.
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "processed_folder": str(processed_dir),
+            "control_folder": str(control_dir),
+        }
+    else:
+        transport_options |= {
+            "socket_connect_timeout": BROKER_CHECK_TIMEOUT_SECONDS,
+            "socket_timeout": 30,
+        }
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": dict(transport_options),
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "task_soft_time_limit": settings.job_soft_time_limit_seconds,
+        "task_time_limit": settings.job_time_limit_seconds,
+        "task_routes": {RUN_JOB_TASK: {"queue": GPU_QUEUE}},
+        "task_default_queue": GPU_QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "enable_utc": True,
+    }
+
+
+def embedded_queue_dir(settings: Settings) -> Path:
+    """The embedded broker's message folder: one file per undelivered message."""
+    return settings.broker_dir / "queue"
+
+
+def make_celery_app(settings: Settings, name: str = "maskd") -> Celery:
+    """A Celery app configured by ``celery_config``, not set as the process's current app."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Dispatcher:
+    """Sends jobs to the workers and records when, for the reconciler's redispatch clock."""
+
+    def __init__(self, celery_app: Celery, store: JobStore) -> None:
+        self._celery = celery_app
+        self._store = store
+
+    def send_job(self, job_id: str) -> None:
+        """Publish one ``maskd.run_job`` message. Raises the broker's error when it is down;
+        the job then stays QUEUED and undispatched, and the reconciler sends it later."""
+        self._celery.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
+        self._store.mark_dispatched(job_id)
+
+    def check_broker(self) -> None:
+        """Raise when the broker cannot be reached (for readiness checks)."""
+        with self._celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
