@@ -18,7 +18,9 @@ from torch import nn
 
 from maskd_core.spec import JobSpec
 from maskd_core.stages import TrainContext
+from maskd_core.taps import Taps
 from maskd_core.tasks import Task
+from maskd_core.validate import JobPlan, LevelPlan
 
 NUM_CLASSES = 3
 IMAGE = 16
@@ -162,3 +164,22 @@ def toy_context(spec: JobSpec, callbacks: Any = None) -> TrainContext:
         device=torch.device("cpu"),
         **kwargs,
     )
+
+
+def toy_plan(teacher: nn.Module, student: nn.Module, spec: JobSpec) -> JobPlan:
+    """The plan validation would make, from one eval forward through both models' taps."""
+    batch = toy_batch(0, 0, 1)
+    shapes = []
+    for model, layers in ((teacher, spec.teacher.layers), (student, spec.student.layers)):
+        model.eval()
+        with Taps(model, layers) as taps, torch.no_grad():
+            model(batch[0])
+            shapes.append(
+                [[tuple(lv.shape[1:]) for lv in taps.layer_levels(i)] for i in range(len(layers))]
+            )
+    levels = [
+        LevelPlan(pair, spec.teacher.layers[pair], spec.student.layers[pair], j, t, s)  # type: ignore[arg-type]
+        for pair, (t_levels, s_levels) in enumerate(zip(*shapes, strict=True))
+        for j, (t, s) in enumerate(zip(t_levels, s_levels, strict=True))
+    ]
+    return JobPlan(num_classes=NUM_CLASSES, levels=levels)

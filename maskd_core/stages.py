@@ -1,0 +1,383 @@
+"""The training loops: stage 1 (receptive tokens), stage 2 (masked distillation), supervised.
+
+All three share one loop (``_train``) that owns what makes a job operable: global-step-indexed
+batches, the per-step LR, mixed precision, gradient clipping, periodic and final checkpoints,
+resume, cooperative cancellation and progress callbacks. A stage only supplies the function that
+turns a batch into a loss and the modules that train; that is the whole difference between
+them, and it reads as such below.
+
+Stage 1 deviates from the official segmentation code on purpose: that code leaves the teacher in
+``train()`` mode, so BatchNorm uses batch statistics (and updates its running stats) and dropout
+is active while the tokens learn. We keep the teacher in ``train()`` (detectors only compute
+losses in train mode) but put every normalisation and dropout layer in eval mode, as the official
+detection hook does, so the teacher is deterministic and bit-identical after the stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskd_core.callbacks import Callback
+from maskd_core.checkpoint import load_checkpoint, save_checkpoint
+from maskd_core.errors import DataError, JobCancelled, SpecError
+from maskd_core.losses import dice_diversity, maskd_loss
+from maskd_core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from maskd_core.spec import JobSpec, OptimizerSpec
+from maskd_core.taps import Taps
+from maskd_core.tasks import Batch, Task
+from maskd_core.tokens import ReceptiveTokens, TokenSet
+from maskd_core.validate import JobPlan
+
+StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, float]]]
+"""``step_fn(batch, global_step) -> (loss, scalar metrics)`` for one optimiser step."""
+
+FROZEN_IN_STAGE1 = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+"""Layers that behave differently in train mode; stage 1 keeps them in eval mode."""
+
+
+def resolve_device(spec: JobSpec) -> torch.device:
+    """``auto`` is CUDA when present; mixed precision without CUDA is refused, not ignored."""
+    if spec.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(spec.device)
+    if spec.mixed_precision != "no" and device.type != "cuda":
+        raise SpecError(
+            f"mixed_precision {spec.mixed_precision!r} needs a CUDA device and this worker has "
+            "none; use mixed_precision 'no'",
+            field="mixed_precision",
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def freeze(module: nn.Module) -> None:
+    module.requires_grad_(False)
+
+
+@dataclass
+class TrainContext:
+    """What every loop of a job shares: spec, task, data, device and reporting.
+
+    ``train_batches(start_step)`` yields the batches of global steps start_step, start_step+1,
+    ... (the same ones whether or not the run was interrupted); ``val_batches()`` one pass over
+    the validation data.
+    """
+
+    spec: JobSpec
+    task: Task
+    train_batches: Callable[[int], Iterator[Batch]]
+    val_batches: Callable[[], Iterable[Batch]]
+    device: torch.device
+    callbacks: Callback = field(default_factory=Callback)
+
+    def autocast(self) -> AbstractContextManager[object]:
+        if self.spec.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.float16 if self.spec.mixed_precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The task's metrics for ``model`` in eval mode on (at most max_eval_batches of) val."""
+        was_training = model.training
+        model.eval()
+        batches: Iterable[Batch] = self.val_batches()
+        if self.spec.max_eval_batches is not None:
+            batches = itertools.islice(batches, self.spec.max_eval_batches)
+        with torch.no_grad():
+            metrics = self.task.evaluate(model, batches, self.device)
+        model.train(was_training)
+        return metrics
+
+
+@dataclass
+class StageResult:
+    """How a loop ended: the global step reached, speed and the last metrics."""
+
+    step: int
+    seconds_per_step: float | None
+    metrics: dict[str, float]
+
+
+def _train(
+    ctx: TrainContext,
+    *,
+    stage: str,
+    step_fn: StepFn,
+    trainable: Mapping[str, nn.Module],
+    optimizer_spec: OptimizerSpec,
+    iterations: int,
+    checkpoint: Path | None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> StageResult:
+    """Optimise ``trainable`` with ``step_fn`` for ``iterations`` global steps, resumably."""
+    params = [p for module in trainable.values() for p in module.parameters()]
+    optimizer = build_optimizer(params, optimizer_spec)
+    scaler = torch.amp.GradScaler("cuda") if ctx.spec.mixed_precision == "fp16" else None
+    seed_everything(ctx.spec.seed)
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        start = load_checkpoint(checkpoint, modules=trainable, optimizer=optimizer, scaler=scaler)
+
+    def write_checkpoint(step: int) -> None:
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint, step=step, modules=trainable, optimizer=optimizer, scaler=scaler
+            )
+            ctx.callbacks.on_checkpoint(stage, step, checkpoint)
+
+    ctx.callbacks.on_stage_start(stage, start, iterations)
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    batches = ctx.train_batches(start)
+    for step in range(start, iterations):
+        if ctx.callbacks.should_stop():
+            write_checkpoint(step)
+            raise JobCancelled(stage, step)
+        tic = time.perf_counter()
+        batch = ctx.task.to_device(next(batches), ctx.device)
+        lr = lr_at(optimizer_spec, step, iterations)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss, parts = step_fn(batch, step)
+        if scaler is None:
+            if not math.isfinite(loss.item()):
+                raise DataError(
+                    f"{stage} diverged: the loss is {loss.item()} at step {step + 1}; lower the "
+                    "learning rate or check the data"
+                )
+            torch.autograd.backward(loss)
+            clip_gradients(optimizer, optimizer_spec.grad_clip)
+            optimizer.step()
+        else:
+            torch.autograd.backward(scaler.scale(loss))
+            scaler.unscale_(optimizer)
+            clip_gradients(optimizer, optimizer_spec.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        seconds = time.perf_counter() - tic
+        done = step + 1
+        metrics = {
+            "loss": loss.item(),
+            **parts,
+            "lr": lr,
+            "images_per_sec": ctx.task.batch_size(batch) / max(seconds, 1e-9),
+        }
+        ctx.callbacks.on_step(stage, done, metrics)
+        if done % ctx.spec.checkpoint_every == 0 or done == iterations:
+            write_checkpoint(done)
+        if evaluate is not None and ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
+            ctx.callbacks.on_eval(stage, done, evaluate())
+    steps_run = iterations - start
+    seconds_per_step = (time.perf_counter() - started) / steps_run if steps_run else None
+    ctx.callbacks.on_stage_end(stage, iterations, metrics)
+    return StageResult(step=iterations, seconds_per_step=seconds_per_step, metrics=metrics)
+
+
+def train_with_frozen_norms(model: nn.Module) -> None:
+    """``train()`` mode with normalisation and dropout layers in eval mode (see module doc)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, FROZEN_IN_STAGE1):
+            module.eval()
+
+
+def run_stage1(
+    ctx: TrainContext,
+    teacher: nn.Module,
+    tokens: TokenSet,
+    plan: JobPlan,
+    checkpoint: Path | None,
+) -> StageResult:
+    """Learn ``tokens`` on the frozen ``teacher``: task loss on masked features + Dice.
+
+    Every tapped teacher level is replaced by its masked version, so the teacher's own head and
+    loss see only what the masks let through; only the tokens (and weighting branches) train.
+    The stage's evaluation measures the masked teacher, a check that the masks keep what the
+    task needs.
+    """
+    spec = ctx.spec.stage1
+    freeze(teacher)
+    teacher.to(ctx.device)
+    tokens.to(ctx.device)
+    index = {(lv.pair, lv.level): k for k, lv in enumerate(plan.levels)}
+    step_masks: list[torch.Tensor] = []
+
+    def mask_level(layer: int, level: int, feature: torch.Tensor) -> torch.Tensor:
+        masked, masks = tokens.level(index[layer, level]).mask_feature(feature)
+        if teacher.training:  # evaluation passes need no Dice term
+            step_masks.append(masks)
+        return masked
+
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        train_with_frozen_norms(teacher)
+        step_masks.clear()
+        task_loss, _ = ctx.task.training_loss(teacher, batch)
+        dice = torch.stack([dice_diversity(m) for m in step_masks]).sum()
+        loss = task_loss + spec.dice_weight * dice
+        return loss, {"task_loss": task_loss.item(), "dice": dice.item()}
+
+    with Taps(teacher, ctx.spec.teacher.layers, replace=mask_level, field="teacher.layers"):
+        return _train(
+            ctx,
+            stage="stage1",
+            step_fn=step_fn,
+            trainable={"tokens": tokens},
+            optimizer_spec=spec.optimizer,
+            iterations=spec.iterations,
+            checkpoint=checkpoint,
+            evaluate=lambda: ctx.evaluate(teacher),
+        )
+
+
+def build_aligns(plan: JobPlan, kind: str) -> nn.ModuleList:
+    """Per level, the student→teacher adaptation: 1x1 conv with bias, or identity."""
+    return nn.ModuleList(
+        nn.Identity()
+        if kind == "identity"
+        else nn.Conv2d(lv.student_channels, lv.teacher_channels, kernel_size=1)
+        for lv in plan.levels
+    )
+
+
+def distill_level(
+    tokens: ReceptiveTokens,
+    aligned: torch.Tensor,
+    teacher: torch.Tensor,
+    custom_mask: bool,
+    eps: float,
+) -> torch.Tensor:
+    """The MasKD loss of one level from the aligned student and the teacher feature.
+
+    Masks and token weights come from the frozen tokens on the teacher feature; with
+    ``custom_mask`` each mask is multiplied by the one the same tokens give on the aligned
+    student, computed without gradient as in the paper. The student is resized to the teacher's
+    H×W when their strides differ.
+    """
+    if aligned.shape[-2:] != teacher.shape[-2:]:
+        aligned = F.interpolate(
+            aligned, size=teacher.shape[-2:], mode="bilinear", align_corners=False
+        )
+    masks = tokens.masks(teacher)
+    if custom_mask:
+        with torch.no_grad():
+            masks = masks * tokens.masks(aligned)
+    return maskd_loss(aligned, teacher, masks, tokens.weights(teacher), eps)
+
+
+def run_stage2(
+    ctx: TrainContext,
+    teacher: nn.Module,
+    student: nn.Module,
+    tokens: TokenSet,
+    plan: JobPlan,
+    checkpoint: Path | None,
+) -> StageResult:
+    """Distil ``teacher`` into ``student`` through the frozen ``tokens``' masks.
+
+    Trains the student and the per-level aligns on task loss + loss_weight · Σ_levels MasKD
+    loss; the teacher runs in eval mode under no_grad and the tokens are frozen.
+    """
+    spec = ctx.spec.stage2
+    freeze(teacher)
+    freeze(tokens)
+    torch.manual_seed(ctx.spec.seed)
+    aligns = build_aligns(plan, spec.align)
+    for module in (teacher, student, tokens, aligns):
+        module.to(ctx.device)
+
+    teacher_taps = Taps(teacher, ctx.spec.teacher.layers, field="teacher.layers")
+    student_taps = Taps(student, ctx.spec.student.layers, field="student.layers")
+
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher.eval()
+        student.train()
+        with torch.no_grad():
+            ctx.task.forward(teacher, batch)
+        task_loss, _ = ctx.task.training_loss(student, batch)
+        custom = spec.custom_mask and step >= spec.custom_mask_warmup
+        kd = torch.stack(
+            [
+                distill_level(tokens.level(k), align(s), t, custom, spec.mask_eps)
+                for k, (align, s, t) in enumerate(
+                    zip(aligns, student_taps.levels(), teacher_taps.levels(), strict=True)
+                )
+            ]
+        ).sum()
+        teacher_taps.clear()
+        student_taps.clear()
+        loss = task_loss + spec.loss_weight * kd
+        return loss, {"task_loss": task_loss.item(), "kd_loss": kd.item()}
+
+    with teacher_taps, student_taps:
+        return _train(
+            ctx,
+            stage="stage2",
+            step_fn=step_fn,
+            trainable={"student": student, "aligns": aligns},
+            optimizer_spec=spec.optimizer,
+            iterations=spec.iterations,
+            checkpoint=checkpoint,
+            evaluate=lambda: ctx.evaluate(student),
+        )
+
+
+def train_supervised(
+    ctx: TrainContext,
+    model: nn.Module,
+    optimizer_spec: OptimizerSpec,
+    iterations: int,
+    checkpoint: Path | None,
+    stage: str,
+) -> StageResult:
+    """Plain task-loss training: teachers for the examples and the no-KD student baseline."""
+    model.to(ctx.device)
+
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        model.train()
+        task_loss, _ = ctx.task.training_loss(model, batch)
+        return task_loss, {"task_loss": task_loss.item()}
+
+    return _train(
+        ctx,
+        stage=stage,
+        step_fn=step_fn,
+        trainable={"model": model},
+        optimizer_spec=optimizer_spec,
+        iterations=iterations,
+        checkpoint=checkpoint,
+        evaluate=lambda: ctx.evaluate(model),
+    )

@@ -1,0 +1,186 @@
+"""Refuse a job spec that cannot run, before anything is queued or trained.
+
+``validate_job`` resolves every name through the registries, builds the dataset and both models
+on the CPU, loads the weights and runs one real sample through teacher and student with the
+taps attached. That dry run is what finds each distilled level's (C, H, W), so channel counts,
+level counts and layer names are checked from the models themselves rather than declared in the
+spec. Every failure is a ``SpecError`` whose ``field`` points at the part of the spec to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from maskd_core.data import DATASETS, DenseDataset
+from maskd_core.errors import DataError, SpecError
+from maskd_core.models import build_model
+from maskd_core.spec import JobSpec
+from maskd_core.taps import Taps
+from maskd_core.tasks import TASKS, Task
+
+Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """One distilled level: level ``level`` of the ``pair``-th (teacher, student) layer pair."""
+
+    pair: int
+    teacher_layer: str
+    student_layer: str
+    level: int
+    teacher_shape: Shape
+    student_shape: Shape
+
+    @property
+    def teacher_channels(self) -> int:
+        return self.teacher_shape[0]
+
+    @property
+    def student_channels(self) -> int:
+        return self.student_shape[0]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What validation learned about a job: class count and the distilled levels in order."""
+
+    num_classes: int
+    levels: list[LevelPlan]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "levels": [asdict(lv) for lv in self.levels]}
+
+    def token_levels(self) -> list[dict[str, Any]]:
+        """The level description stored in, and checked against, the tokens artifact."""
+        return [
+            {"teacher_layer": lv.teacher_layer, "level": lv.level, "channels": lv.teacher_channels}
+            for lv in self.levels
+        ]
+
+
+def build_task(spec: JobSpec) -> Task:
+    return TASKS.get(spec.task, field="task")()
+
+
+def build_dataset(spec: JobSpec) -> DenseDataset:
+    """The job's dataset, checked against the task; unreadable data is a ``SpecError``."""
+    builder = DATASETS.get(spec.dataset.name, field="dataset.name")
+    args = DATASETS.parse_args(spec.dataset.name, spec.dataset.args, field="dataset.args")
+    try:
+        dataset = builder(args, spec.seed)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SpecError(
+            f"dataset {spec.dataset.name!r} cannot read {exc.filename or exc}: the path does not "
+            "exist or is not a directory; give a directory the workers can read",
+            field="dataset.args",
+        ) from None
+    except DataError as exc:
+        raise SpecError(str(exc), field="dataset.args") from None
+    if dataset.task != spec.task:
+        raise SpecError(
+            f"dataset {spec.dataset.name!r} holds {dataset.task} data but the job's task is "
+            f"{spec.task!r}; pick a {spec.task} dataset or change the task",
+            field="dataset.name",
+        )
+    if len(dataset) < 2:
+        raise SpecError(
+            f"dataset {spec.dataset.name!r} has {len(dataset)} samples; at least 2 are needed to "
+            "split training and validation data",
+            field="dataset.args",
+        )
+    return dataset
+
+
+def _check_mixed_precision(spec: JobSpec) -> None:
+    if spec.mixed_precision != "no" and spec.device == "cpu":
+        raise SpecError(
+            f"mixed_precision {spec.mixed_precision!r} runs on CUDA only; use mixed_precision "
+            "'no' with device 'cpu', or device 'cuda'/'auto' on a GPU worker",
+            field="mixed_precision",
+        )
+
+
+def _check_layer_lists(spec: JobSpec) -> None:
+    seen: dict[str, int] = {}
+    for index, name in enumerate(spec.teacher.layers):
+        if name in seen:
+            raise SpecError(
+                f"teacher layer {name!r} is listed twice (positions {seen[name]} and {index}); "
+                "tap each teacher layer once",
+                field=f"teacher.layers[{index}]",
+            )
+        seen[name] = index
+
+
+def _level_shapes(
+    task: Task, model: nn.Module, batch: Any, layers: list[str], field: str
+) -> list[list[Shape]]:
+    """Per tapped layer, the (C, H, W) of each level in one no-grad eval forward."""
+    model.eval()
+    with Taps(model, layers, field=field) as taps, torch.no_grad():
+        try:
+            task.forward(model, batch)
+        except TypeError as exc:  # a tapped output that is not tensors
+            raise SpecError(str(exc), field=field) from None
+        except RuntimeError as exc:
+            raise SpecError(
+                f"the model failed on a sample of the dataset: {str(exc).splitlines()[0][:300]}; "
+                "check the model's args and the dataset",
+                field=field.rsplit(".", 1)[0],
+            ) from None
+        shapes = []
+        for index in range(len(layers)):
+            try:
+                levels = taps.layer_levels(index)
+            except RuntimeError as exc:
+                raise SpecError(str(exc), field=f"{field}[{index}]") from None
+            for level in levels:
+                if level.dim() != 4:
+                    raise SpecError(
+                        f"layer {layers[index]!r} outputs a tensor of shape "
+                        f"{tuple(level.shape)}; MasKD distils [N,C,H,W] feature maps, so tap a "
+                        "convolutional layer",
+                        field=f"{field}[{index}]",
+                    )
+            shapes.append([(lv.shape[1], lv.shape[2], lv.shape[3]) for lv in levels])
+    return shapes
+
+
+def validate_job(spec: JobSpec) -> JobPlan:
+    """Check everything about ``spec`` that can fail before training and describe its levels."""
+    _check_mixed_precision(spec)
+    _check_layer_lists(spec)
+    task = build_task(spec)
+    dataset = build_dataset(spec)
+    teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
+    student = build_model(spec.student, dataset.num_classes, field="student")
+    batch = task.collate([dataset[0]])
+    teacher_shapes = _level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")
+    student_shapes = _level_shapes(task, student, batch, spec.student.layers, "student.layers")
+    levels = []
+    for pair, (t_name, s_name) in enumerate(
+        zip(spec.teacher.layers, spec.student.layers, strict=True)
+    ):
+        t_levels, s_levels = teacher_shapes[pair], student_shapes[pair]
+        if len(t_levels) != len(s_levels):
+            raise SpecError(
+                f"teacher layer {t_name!r} gives {len(t_levels)} levels but student layer "
+                f"{s_name!r} gives {len(s_levels)}; paired layers must output the same number "
+                "of tensors",
+                field=f"student.layers[{pair}]",
+            )
+        for level, (t_shape, s_shape) in enumerate(zip(t_levels, s_levels, strict=True)):
+            if spec.stage2.align == "identity" and t_shape[0] != s_shape[0]:
+                raise SpecError(
+                    f"stage2.align 'identity' needs equal channels, but level {level} of teacher "
+                    f"layer {t_name!r} has {t_shape[0]} and student layer {s_name!r} has "
+                    f"{s_shape[0]}; use align 'conv1x1' or tap layers with equal channels",
+                    field="stage2.align",
+                )
+            levels.append(LevelPlan(pair, t_name, s_name, level, t_shape, s_shape))
+    return JobPlan(num_classes=dataset.num_classes, levels=levels)
