@@ -20,3 +20,5 @@ DatasetBuilder = Callable[[Any, int], DenseDataset]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 __all__ = ["DATASETS", "DatasetBuilder", "DenseDataset"]
+
+from maskd_core.data import procedural as _procedural  # noqa: E402,F401  (registers)

@@ -81,10 +81,15 @@ def load_weights(model: nn.Module, path: str | Path, field: str = "weights") -> 
     own = model.state_dict()
     for key, value in state.items():
         if own[key].shape != value.shape:
-            shape_errors.append(f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            shape_errors.append(
+                f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+            )
     if shape_errors:
         raise SpecError(
             f"weights file {str(path)!r} has tensors of the wrong shape: "
             + "; ".join(shape_errors[:5]),
             field=field,
         )
+
+
+from maskd_core.models import segmentation as _segmentation  # noqa: E402,F401  (registers)

@@ -6,3 +6,5 @@ from maskd_core.tasks.base import Batch, Task
 TASKS: Registry[type[Task]] = Registry("task")
 
 __all__ = ["TASKS", "Batch", "Task"]
+
+from maskd_core.tasks import segmentation as _segmentation  # noqa: E402,F401  (registers)

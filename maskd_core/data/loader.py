@@ -1,0 +1,165 @@
+"""The train/val split and step-indexed, deterministic batching.
+
+The batch of global step ``k`` depends only on ``(seed, k)``:
+
+- sample position ``p = k * batch_size + j`` falls in epoch ``e = p // len(dataset)``;
+- epoch ``e`` visits the dataset in a permutation drawn from a generator seeded with
+  ``(seed, e)``;
+- sample ``j`` of step ``k`` is augmented with a generator seeded with ``(seed, k, j)``.
+
+So a run resumed at step ``k`` sees exactly the batches ``k, k+1, ...`` of an uninterrupted run,
+with any number of loader workers, and no sampler or RNG state has to be checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maskd_core.data._seeding import derive_seed, generator_for
+from maskd_core.data.base import DenseDataset
+from maskd_core.errors import SpecError
+from maskd_core.tasks.base import Batch, Task
+
+_SPLIT_STREAM = 0
+_EPOCH_STREAM = 1
+_AUGMENT_STREAM = 2
+"""Distinct first seed parts, so the split, the epoch order and the augmentations never share
+a generator even when their other parts coincide."""
+
+
+class DatasetSubset(DenseDataset):
+    """The samples of ``base`` at ``indices``, augmented the way ``base`` augments."""
+
+    def __init__(self, base: DenseDataset, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.num_classes = base.num_classes
+
+    # A subset's task is its base's, known per instance rather than per class.
+    @property
+    def task(self) -> str:  # type: ignore[override]
+        return self.base.task
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[self.indices[index]]
+
+    def augment(self, sample: Any, generator: torch.Generator) -> Any:
+        return self.base.augment(sample, generator)
+
+
+def split_dataset(
+    dataset: DenseDataset, val_fraction: float, seed: int
+) -> tuple[DatasetSubset, DatasetSubset]:
+    """Split into (train, val) by a permutation drawn from ``seed``.
+
+    Both parts get at least one sample; a dataset too small for that is a ``SpecError``.
+    """
+    total = len(dataset)
+    if total < 2:
+        raise SpecError(
+            f"the dataset has {total} sample(s); a train/val split needs at least 2",
+            field="dataset",
+        )
+    val_count = min(max(round(total * val_fraction), 1), total - 1)
+    order = torch.randperm(total, generator=generator_for(_SPLIT_STREAM, seed)).tolist()
+    return DatasetSubset(dataset, order[val_count:]), DatasetSubset(dataset, order[:val_count])
+
+
+class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Infinite batches of ``(dataset index, augmentation seed)`` from ``start_step`` on."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start_step: int) -> None:
+        self.length = length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = generator_for(_EPOCH_STREAM, self.seed, epoch)
+        order: list[int] = torch.randperm(self.length, generator=generator).tolist()
+        return order
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        epoch, order = -1, []
+        while True:
+            batch = []
+            for position in range(self.batch_size):
+                sample_number = step * self.batch_size + position
+                if sample_number // self.length != epoch:
+                    epoch = sample_number // self.length
+                    order = self._epoch_order(epoch)
+                sample_seed = derive_seed(_AUGMENT_STREAM, self.seed, step, position)
+                batch.append((order[sample_number % self.length], sample_seed))
+            yield batch
+            step += 1
+
+
+class _AugmentedView(Dataset[Any]):
+    """Looks samples up by ``(index, augmentation seed)`` so workers need no RNG of their own."""
+
+    def __init__(self, dataset: DenseDataset, augment: bool) -> None:
+        self.dataset = dataset
+        self.augment = augment
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, sample_seed = key
+        sample = self.dataset[index]
+        if self.augment:
+            sample = self.dataset.augment(sample, torch.Generator().manual_seed(sample_seed))
+        return sample
+
+
+class _PlainView(Dataset[Any]):
+    def __init__(self, dataset: DenseDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def train_batches(
+    dataset: DenseDataset,
+    task: Task,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    augment: bool = True,
+) -> Iterator[Batch]:
+    """Endless training batches for steps ``start_step, start_step + 1, ...`` (see module doc).
+
+    Stop iterating (or ``close()`` the iterator) to shut the loader workers down.
+    """
+    if len(dataset) == 0:
+        raise SpecError("the training split is empty", field="dataset")
+    loader: DataLoader[Any] = DataLoader(
+        _AugmentedView(dataset, augment),
+        batch_sampler=_StepBatchSampler(len(dataset), batch_size, seed, start_step),
+        num_workers=num_workers,
+        collate_fn=task.collate,
+    )
+    yield from loader
+
+
+def val_batches(
+    dataset: DenseDataset, task: Task, batch_size: int, num_workers: int = 0
+) -> Iterable[Batch]:
+    """Un-augmented batches in dataset order; iterate it once per evaluation."""
+    return DataLoader(
+        _PlainView(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=task.collate,
+    )

@@ -1,0 +1,208 @@
+"""Segmentation networks by name: two tiny built-ins and the torchvision family.
+
+The built-ins exist so that a whole MasKD job (teacher, stage 1, stage 2) trains in minutes on a
+CPU. They follow the layout the official segmentation variant distils: a stride-8 ``backbone``
+and a ``head`` whose output is the stride-8 class logits (the tensor receptive tokens act on,
+method §1.4/§2.3), upsampled to the input size only in ``forward``. Both return
+``{"out": logits}`` like torchvision's segmentation models, so the task treats them alike.
+
+The torchvision models are built with ``weights=None, weights_backbone=None``: nothing is ever
+downloaded, and a user who wants pretrained weights passes a local state dict instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import segmentation as tv_segmentation
+
+from maskd_core.models import MODELS
+
+NormName = Literal["batchnorm", "groupnorm"]
+
+
+def _norm(kind: NormName, channels: int) -> nn.Module:
+    # Group norm keeps statistics meaningful at the batch sizes of 1-2 that large crops force.
+    if kind == "groupnorm":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def _conv_norm_relu(
+    in_channels: int, out_channels: int, norm: NormName, stride: int = 1, dilation: int = 1
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            bias=False,
+        ),
+        _norm(norm, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DilatedResidualBlock(nn.Module):
+    """Two dilated 3×3 convolutions with a skip: context at stride 8 without losing resolution."""
+
+    def __init__(self, channels: int, dilation: int, norm: NormName) -> None:
+        super().__init__()
+        self.conv1 = _conv_norm_relu(channels, channels, norm, dilation=dilation)
+        self.conv2 = nn.Conv2d(
+            channels, channels, kernel_size=3, padding=dilation, dilation=dilation, bias=False
+        )
+        self.norm2 = _norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.norm2(self.conv2(self.conv1(x))))
+
+
+class TinySegNet(nn.Module):
+    """A small output-stride-8 segmentation network.
+
+    Modules users tap (stride 8, i.e. ``H/8 × W/8`` for an ``H × W`` input):
+
+    - ``backbone``: features with ``4 * base_channels`` channels,
+    - ``head``: class logits with ``num_classes`` channels (what MasKD's segmentation variant
+      distils; teacher and student share its shape, so no adaptation layer is needed).
+
+    The stem downsamples at once (stride 2) because full-resolution convolutions dominate the
+    cost on a CPU while adding little at these image sizes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        base_channels: int,
+        context_blocks: int,
+        norm: NormName,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3 = base_channels, 2 * base_channels, 4 * base_channels
+        # Alternating dilations widen the context quickly at the small stride-8 maps (8×8 to
+        # 16×16 pixels for 64-128 px inputs) without a dilation larger than the map.
+        dilations = [(2, 4)[i % 2] for i in range(context_blocks)]
+        self.backbone = nn.Sequential(
+            _conv_norm_relu(3, c1, norm, stride=2),
+            _conv_norm_relu(c1, c1, norm),
+            _conv_norm_relu(c1, c2, norm, stride=2),
+            _conv_norm_relu(c2, c2, norm),
+            _conv_norm_relu(c2, c3, norm, stride=2),
+            *(DilatedResidualBlock(c3, d, norm) for d in dilations),
+        )
+        self.head = nn.Sequential(
+            _conv_norm_relu(c3, c2, norm),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(c2, num_classes, kernel_size=1),
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(self.backbone(images))
+        upsampled = F.interpolate(
+            logits, size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return {"out": upsampled}
+
+
+class TinySegTeacherArgs(BaseModel):
+    """Arguments of ``seg_tiny_teacher`` (about 1.5M parameters at the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_channels: int = Field(
+        default=32, ge=4, le=256, description="Stem width; the stride-8 features have 4×."
+    )
+    context_blocks: int = Field(
+        default=4, ge=0, le=16, description="Dilated residual blocks at stride 8."
+    )
+    norm: NormName = "batchnorm"
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout before the logits.")
+
+
+class TinySegStudentArgs(TinySegTeacherArgs):
+    """Arguments of ``seg_tiny_student`` (about 0.2M parameters at the defaults)."""
+
+    base_channels: int = Field(
+        default=16, ge=4, le=256, description="Stem width; the stride-8 features have 4×."
+    )
+    context_blocks: int = Field(
+        default=1, ge=0, le=16, description="Dilated residual blocks at stride 8."
+    )
+
+
+@MODELS.register("seg_tiny_teacher", args=TinySegTeacherArgs)
+def build_tiny_teacher(args: TinySegTeacherArgs, num_classes: int) -> nn.Module:
+    """Tiny stride-8 segmentation teacher (~1.5M params); taps: backbone (128 ch), head (logits)."""
+    return TinySegNet(num_classes, args.base_channels, args.context_blocks, args.norm, args.dropout)
+
+
+@MODELS.register("seg_tiny_student", args=TinySegStudentArgs)
+def build_tiny_student(args: TinySegStudentArgs, num_classes: int) -> nn.Module:
+    """Tiny stride-8 segmentation student (~0.2M params); taps: backbone (64 ch), head (logits)."""
+    return TinySegNet(num_classes, args.base_channels, args.context_blocks, args.norm, args.dropout)
+
+
+class TorchvisionAuxArgs(BaseModel):
+    """Arguments of torchvision models that have an auxiliary FCN head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aux_loss: bool = Field(
+        default=False,
+        description="Add the auxiliary head on layer3 (output key 'aux', loss weight 0.4, "
+        "module 'aux_classifier').",
+    )
+
+
+class NoTorchvisionArgs(BaseModel):
+    """torchvision models without options (LR-ASPP has no auxiliary head)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+TorchvisionAuxFactory = Callable[..., nn.Module]
+
+
+def _register_torchvision_with_aux(name: str, factory: TorchvisionAuxFactory, taps: str) -> None:
+    def build(args: TorchvisionAuxArgs, num_classes: int) -> nn.Module:
+        return factory(
+            weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=args.aux_loss
+        )
+
+    MODELS.register(name, args=TorchvisionAuxArgs, summary=f"torchvision {name}, {taps}")(build)
+
+
+for _name, _taps in (
+    ("deeplabv3_resnet50", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+    ("deeplabv3_resnet101", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+    (
+        "deeplabv3_mobilenet_v3_large",
+        "random init; taps: backbone (960 ch, stride 16), classifier (logits)",
+    ),
+    ("fcn_resnet50", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+    ("fcn_resnet101", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+):
+    _register_torchvision_with_aux(_name, getattr(tv_segmentation, _name), _taps)
+
+
+@MODELS.register(
+    "lraspp_mobilenet_v3_large",
+    args=NoTorchvisionArgs,
+    summary="torchvision lraspp_mobilenet_v3_large, random init; taps: backbone (dict of "
+    "'low' stride 8 / 'high' stride 16), classifier (logits at stride 8)",
+)
+def build_lraspp_mobilenet_v3_large(args: NoTorchvisionArgs, num_classes: int) -> nn.Module:
+    model: nn.Module = tv_segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    )
+    return model
