@@ -1,0 +1,59 @@
+"""The distilled student as an MLflow pyfunc model, logged as "models from code".
+
+MLflow stores this file's *source* with the model and runs it at load time, instead of
+unpickling a Python object: loading a registered student therefore executes only code we wrote
+and reviewed, never code carried inside an artifact. The network itself is rebuilt by name from
+the JSON ``ModelSpec`` in the ``model_spec`` artifact (``maskd_core.models.build_model``) and its
+weights are read with ``torch.load(weights_only=True)``, the same path a job's teacher takes.
+
+Input: float32 ``[N, 3, H, W]`` images, normalised like the training data. Output: the
+network's main output, for segmentation the logits ``[N, K, H, W]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
+
+from maskd_core.models import build_model, load_weights
+from maskd_core.spec import ModelSpec
+
+MODEL_SPEC_FORMAT = "maskd-model-spec/1"
+
+
+class StudentModel(PythonModel):
+    """Rebuilds the student from its spec and weights; ``predict`` runs it in eval mode."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        document = json.loads(Path(context.artifacts["model_spec"]).read_text())
+        if document.get("format") != MODEL_SPEC_FORMAT:
+            raise ValueError(f"model_spec artifact is not {MODEL_SPEC_FORMAT}")
+        spec = ModelSpec.model_validate(document["model"])
+        self.network = build_model(
+            spec.model_copy(update={"weights": None}), document["num_classes"]
+        )
+        load_weights(self.network, context.artifacts["weights"])
+        self.network.eval()
+
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        images = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32))
+        with torch.inference_mode():
+            output = self.network(images)
+        if isinstance(output, dict):
+            output = output["out"]
+        result: np.ndarray = output.numpy()
+        return result
+
+
+mlflow.models.set_model(StudentModel())
