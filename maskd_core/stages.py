@@ -19,7 +19,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,49 +162,64 @@ def _train(
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     batches = ctx.train_batches(start)
-    for step in range(start, iterations):
-        if ctx.callbacks.should_stop():
-            write_checkpoint(step)
-            raise JobCancelled(stage, step)
-        tic = time.perf_counter()
-        batch = ctx.task.to_device(next(batches), ctx.device)
-        lr = lr_at(optimizer_spec, step, iterations)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        with ctx.autocast():
-            loss, parts = step_fn(batch, step)
-        if scaler is None:
-            if not math.isfinite(loss.item()):
-                raise DataError(
-                    f"{stage} diverged: the loss is {loss.item()} at step {step + 1}; lower the "
-                    "learning rate or check the data"
-                )
-            torch.autograd.backward(loss)
-            clip_gradients(optimizer, optimizer_spec.grad_clip)
-            optimizer.step()
-        else:
-            torch.autograd.backward(scaler.scale(loss))
-            scaler.unscale_(optimizer)
-            clip_gradients(optimizer, optimizer_spec.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        seconds = time.perf_counter() - tic
-        done = step + 1
-        metrics = {
-            "loss": loss.item(),
-            **parts,
-            "lr": lr,
-            "images_per_sec": ctx.task.batch_size(batch) / max(seconds, 1e-9),
-        }
-        ctx.callbacks.on_step(stage, done, metrics)
-        if done % ctx.spec.checkpoint_every == 0 or done == iterations:
-            write_checkpoint(done)
-        if evaluate is not None and ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
-            ctx.callbacks.on_eval(stage, done, evaluate())
+    try:
+        for step in range(start, iterations):
+            if ctx.callbacks.should_stop():
+                write_checkpoint(step)
+                raise JobCancelled(stage, step)
+            tic = time.perf_counter()
+            done = step + 1
+            batch = ctx.task.to_device(next(batches), ctx.device)
+            lr = lr_at(optimizer_spec, step, iterations)
+            set_lr(optimizer, lr)
+            optimizer.zero_grad(set_to_none=True)
+            with ctx.autocast():
+                loss, parts = step_fn(batch, step)
+            _optimise(loss, optimizer, scaler, optimizer_spec.grad_clip, f"{stage} step {done}")
+            seconds = time.perf_counter() - tic
+            metrics = {
+                "loss": loss.item(),
+                **parts,
+                "lr": lr,
+                "images_per_sec": ctx.task.batch_size(batch) / max(seconds, 1e-9),
+            }
+            ctx.callbacks.on_step(stage, done, metrics)
+            if done % ctx.spec.checkpoint_every == 0 or done == iterations:
+                write_checkpoint(done)
+            if evaluate is not None and ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
+                ctx.callbacks.on_eval(stage, done, evaluate())
+    finally:
+        if isinstance(batches, Generator):  # shuts down loader workers
+            batches.close()
     steps_run = iterations - start
     seconds_per_step = (time.perf_counter() - started) / steps_run if steps_run else None
     ctx.callbacks.on_stage_end(stage, iterations, metrics)
     return StageResult(step=iterations, seconds_per_step=seconds_per_step, metrics=metrics)
+
+
+def _optimise(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    where: str,
+) -> None:
+    """Backward, clip and step; with fp16 the scaler skips steps whose gradients overflowed."""
+    if scaler is None:
+        if not math.isfinite(loss.item()):
+            raise DataError(
+                f"training diverged at {where}: the loss is {loss.item()}; lower the learning "
+                "rate or check the data"
+            )
+        torch.autograd.backward(loss)
+        clip_gradients(optimizer, grad_clip)
+        optimizer.step()
+    else:
+        torch.autograd.backward(scaler.scale(loss))
+        scaler.unscale_(optimizer)
+        clip_gradients(optimizer, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def train_with_frozen_norms(model: nn.Module) -> None:
@@ -233,14 +248,7 @@ def run_stage1(
     freeze(teacher)
     teacher.to(ctx.device)
     tokens.to(ctx.device)
-    index = {(lv.pair, lv.level): k for k, lv in enumerate(plan.levels)}
     step_masks: list[torch.Tensor] = []
-
-    def mask_level(layer: int, level: int, feature: torch.Tensor) -> torch.Tensor:
-        masked, masks = tokens.level(index[layer, level]).mask_feature(feature)
-        if teacher.training:  # evaluation passes need no Dice term
-            step_masks.append(masks)
-        return masked
 
     def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         train_with_frozen_norms(teacher)
@@ -250,7 +258,7 @@ def run_stage1(
         loss = task_loss + spec.dice_weight * dice
         return loss, {"task_loss": task_loss.item(), "dice": dice.item()}
 
-    with Taps(teacher, ctx.spec.teacher.layers, replace=mask_level, field="teacher.layers"):
+    with masking(teacher, ctx.spec.teacher.layers, tokens, plan, record=step_masks):
         return _train(
             ctx,
             stage="stage1",
@@ -261,6 +269,38 @@ def run_stage1(
             checkpoint=checkpoint,
             evaluate=lambda: ctx.evaluate(teacher),
         )
+
+
+def masking(
+    teacher: nn.Module,
+    layers: list[str],
+    tokens: TokenSet,
+    plan: JobPlan,
+    record: list[torch.Tensor] | None = None,
+) -> Taps:
+    """Taps that replace every distilled teacher level by its masked version.
+
+    In train mode the masks of each level are appended to ``record`` (for the Dice term);
+    evaluation passes record nothing.
+    """
+    index = {(lv.pair, lv.level): k for k, lv in enumerate(plan.levels)}
+
+    def mask_level(layer: int, level: int, feature: torch.Tensor) -> torch.Tensor:
+        masked, masks = tokens.level(index[layer, level]).mask_feature(feature)
+        if record is not None and teacher.training:
+            record.append(masks)
+        return masked
+
+    return Taps(teacher, layers, replace=mask_level, field="teacher.layers")
+
+
+def evaluate_masked_teacher(
+    ctx: TrainContext, teacher: nn.Module, tokens: TokenSet, plan: JobPlan
+) -> dict[str, float]:
+    """The teacher's metrics when its head sees only masked features (the stage-1 check)."""
+    tokens.to(ctx.device)
+    with masking(teacher, ctx.spec.teacher.layers, tokens, plan), torch.no_grad():
+        return ctx.evaluate(teacher)
 
 
 def build_aligns(plan: JobPlan, kind: str) -> nn.ModuleList:
