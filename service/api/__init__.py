@@ -1,0 +1,1 @@
+"""The REST API under ``/v1``: dependencies, response schemas and routes."""

@@ -1,0 +1,78 @@
+"""Request dependencies as ``Annotated`` aliases, so routes declare what they need by type.
+
+Everything comes from ``app.state``, which ``service.main.create_app``'s lifespan fills once per
+process: routes never build engines, stores or Celery apps themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from service.config import Settings
+from service.dispatch import Dispatcher
+from service.store import JobStore, ProjectRecord
+
+GET_A_KEY = (
+    "create one with `maskd admin create-key --project NAME` and send it as "
+    "`Authorization: Bearer <key>`"
+)
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A project API key (`mk_...`); create one with "
+    "`maskd admin create-key --project NAME`.",
+)
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def _store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.store
+    return store
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+EngineDep = Annotated[Engine, Depends(_engine)]
+StoreDep = Annotated[JobStore, Depends(_store)]
+DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
+
+
+def _current_project(
+    store: StoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ProjectRecord:
+    """The project owning the request's API key; 401 (with how to get a key) otherwise."""
+    if credentials is None:
+        raise _unauthorized(f"missing API key: {GET_A_KEY}")
+    project = store.authenticate(credentials.credentials)
+    if project is None:
+        raise _unauthorized(f"unknown API key: {GET_A_KEY}")
+    return project
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail=message,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+CurrentProject = Annotated[ProjectRecord, Depends(_current_project)]

@@ -1,0 +1,284 @@
+"""``/v1/jobs``: submit, inspect, list, cancel and follow distillation jobs.
+
+Handlers that touch the database are plain ``def`` functions, so FastAPI runs them in its thread
+pool; that is also where spec validation (a CPU dry run of both models, a second or two) runs,
+keeping the event loop free. Another project's job is reported exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from functools import partial
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from kombu.exceptions import OperationalError as BrokerError
+
+from maskd_core.errors import SpecError
+from maskd_core.spec import JobSpec
+from service.api.deps import CurrentProject, DispatcherDep, SettingsDep, StoreDep
+from service.api.schemas import EventOut, EventPage, JobOut, JobPage
+from service.lifecycle import JobState
+from service.store import (
+    IdempotencyConflict,
+    InvalidCursor,
+    JobAlreadyFinished,
+    JobNotFound,
+    JobRecord,
+    JobStore,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+KEEPALIVE_SECONDS = 15.0
+_ERROR = {"description": "What is wrong and how to fix it.", "content": {"application/json": {}}}
+
+
+def job_not_found(job_id: str) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_404_NOT_FOUND,
+        detail=f"job {job_id} not found in this project; list your jobs with GET /v1/jobs",
+    )
+
+
+def validate_spec(spec: JobSpec) -> None:
+    """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
+
+    Imported here rather than at module level because it pulls in torch, which the API should
+    only load once a job is actually submitted.
+    """
+    from maskd_core.validate import validate_job
+
+    try:
+        validate_job(spec)
+    except SpecError as error:
+        loc = ["body", *error.field.split(".")] if error.field else ["body"]
+        raise RequestValidationError(
+            [{"loc": loc, "msg": str(error), "type": "spec_error"}]
+        ) from error
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": JobOut, "description": "Replay: this Idempotency-Key made this job."},
+        409: _ERROR,
+        422: _ERROR,
+    },
+)
+def submit_job(
+    spec: JobSpec,
+    project: CurrentProject,
+    store: StoreDep,
+    dispatcher: DispatcherDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Retry-safe submission: the same key and spec return the same job.",
+        ),
+    ] = None,
+) -> JobOut:
+    """Validate the spec completely, store the job as QUEUED and send it to the workers.
+
+    Nothing is stored when validation fails. If the broker is unreachable the job is still
+    accepted: it stays QUEUED and the reconciler sends it once the broker is back.
+    """
+    validate_spec(spec)
+    try:
+        job, created = store.create_job(project.id, spec, idempotency_key)
+    except IdempotencyConflict as error:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return JobOut.from_record(job)
+    try:
+        dispatcher.send_job(job.id)
+    except (BrokerError, OSError):
+        logger.exception("job %s stored but not dispatched; the reconciler will retry", job.id)
+        store.add_event(
+            job.id, "broker unreachable at submission; the job will be dispatched when it is back"
+        )
+    return JobOut.from_record(job)
+
+
+@router.get("", responses={422: _ERROR})
+def list_jobs(
+    project: CurrentProject,
+    store: StoreDep,
+    state: Annotated[
+        list[JobState] | None, Query(description="Only jobs in these states (repeatable).")
+    ] = None,
+    name: Annotated[str | None, Query(description="Only jobs with exactly this name.")] = None,
+    created_after: Annotated[
+        datetime | None, Query(description="Only jobs created after this time (UTC if no zone).")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="Only jobs created before this time (UTC if no zone).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    cursor: Annotated[
+        str | None, Query(description="The `next_cursor` of the previous page.")
+    ] = None,
+) -> JobPage:
+    """The project's jobs, newest first. Filters apply before the page is cut."""
+    try:
+        jobs, next_cursor = store.list_jobs(
+            project.id,
+            states=state or (),
+            name=name,
+            created_after=_as_utc(created_after),
+            created_before=_as_utc(created_before),
+            cursor=cursor,
+            limit=limit,
+        )
+    except InvalidCursor as error:
+        raise RequestValidationError(
+            [{"loc": ["query", "cursor"], "msg": str(error), "type": "invalid_cursor"}]
+        ) from error
+    return JobPage(data=[JobOut.from_record(job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", responses={404: _ERROR})
+def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
+    """The job's spec, state, progress, metrics, transitions, failure reason and outputs."""
+    job = store.get_job(project.id, job_id)
+    if job is None:
+        raise job_not_found(job_id)
+    return JobOut.from_record(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={404: _ERROR, 409: _ERROR},
+)
+def cancel_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
+    """Stop a job: a queued one is CANCELLED at once, a running one goes CANCELLING and stops
+    at its next checkpoint (poll the job or stream its events to see it end)."""
+    try:
+        job = store.request_cancel(project.id, job_id)
+    except JobNotFound as error:
+        raise job_not_found(job_id) from error
+    except JobAlreadyFinished as error:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
+    return JobOut.from_record(job)
+
+
+@router.get("/{job_id}/events", responses={404: _ERROR})
+def list_events(
+    job_id: str,
+    project: CurrentProject,
+    store: StoreDep,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 1000,
+) -> EventPage:
+    """The job's history, oldest first: transitions and notes such as stage starts/resumes."""
+    try:
+        events = store.list_events(project.id, job_id, after_id=after, limit=limit)
+    except JobNotFound as error:
+        raise job_not_found(job_id) from error
+    return EventPage(data=[EventOut.from_record(event) for event in events])
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: _ERROR},
+)
+def stream_events(
+    job_id: str,
+    request: Request,
+    project: CurrentProject,
+    store: StoreDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, description="Sent by EventSource when it reconnects.")
+    ] = None,
+) -> StreamingResponse:
+    """Server-sent events: ``transition``/``info`` events as they are written (``id`` is the
+    event id), ``progress`` when steps or metrics change, and ``end`` once the job is terminal.
+    """
+    if store.get_job(project.id, job_id) is None:
+        raise job_not_found(job_id)
+    start_after = max(after, last_event_id or 0)
+    return StreamingResponse(
+        _event_stream(
+            request, store, project.id, job_id, start_after, settings.sse_poll_interval_seconds
+        ),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(
+    request: Request,
+    store: JobStore,
+    project_id: str,
+    job_id: str,
+    after_id: int,
+    poll_seconds: float,
+) -> AsyncIterator[str]:
+    last_progress: dict[str, Any] | None = None
+    last_sent = anyio.current_time()
+    while not await request.is_disconnected():
+        # The job is read before its events: a terminal state is then never reported ahead of
+        # the events that led to it, which were committed with it.
+        job = await anyio.to_thread.run_sync(store.get_job, project_id, job_id)
+        if job is None:
+            return
+        events = await anyio.to_thread.run_sync(
+            partial(store.list_events, project_id, job_id, after_id=after_id)
+        )
+        for event in events:
+            after_id = event.id
+            yield _sse(event.kind, EventOut.from_record(event).model_dump(mode="json"), event.id)
+        progress = _progress_snapshot(job)
+        if progress != last_progress:
+            last_progress = progress
+            yield _sse("progress", progress)
+            last_sent = anyio.current_time()
+        if events:
+            last_sent = anyio.current_time()
+        if job.is_terminal:
+            yield _sse("end", {"state": job.state.value, "failure_kind": job.failure_kind})
+            return
+        if anyio.current_time() - last_sent > KEEPALIVE_SECONDS:
+            yield ": keepalive\n\n"
+            last_sent = anyio.current_time()
+        await anyio.sleep(poll_seconds)
+
+
+def _progress_snapshot(job: JobRecord) -> dict[str, Any]:
+    return {
+        "state": job.state.value,
+        "stage": job.stage,
+        "progress": job.progress,
+        "metrics": job.metrics,
+    }
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    lines = [f"event: {event}", f"data: {json.dumps(data)}"]
+    if event_id is not None:
+        lines.insert(0, f"id: {event_id}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    """Query times without a zone are taken as UTC, the zone every stored time is in."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)

@@ -1,0 +1,147 @@
+"""Response bodies of the API (request bodies are ``maskd_core.spec.JobSpec`` itself).
+
+They are built from the store's records, so the database layout can change without changing
+what clients see; internal fields (lease owner, dispatch times) stay out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from maskd_core.spec import JobSpec
+from service.lifecycle import FailureKind, JobState
+from service.store import EventRecord, JobRecord
+
+
+class StageProgress(BaseModel):
+    step: int = Field(description="Steps done in this stage.")
+    total: int = Field(description="Steps the stage runs in all.")
+
+
+class Transition(BaseModel):
+    """One state change; ``from_state`` is null for the submission."""
+
+    from_state: JobState | None
+    to_state: JobState
+    at: datetime
+    message: str | None
+
+
+class JobLinks(BaseModel):
+    """Where to find more about the job in this API."""
+
+    self: str
+    events: str
+    stream: str
+    cancel: str
+
+
+class JobOut(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    name: str
+    state: JobState
+    stage: str | None = Field(description="The stage running or last run: stage1, stage2, ...")
+    progress: dict[str, StageProgress] = Field(description="Step and total per stage.")
+    metrics: dict[str, float] = Field(description="Latest value of each training metric.")
+    outputs: dict[str, Any] = Field(description="Artifact paths, model links, final metrics.")
+    failure_kind: FailureKind | None = Field(
+        description="Why a FAILED job failed: validation, user, infrastructure or timeout."
+    )
+    message: str | None = Field(description="The latest human-readable status or failure reason.")
+    attempt: int = Field(description="How many times a worker has started this job.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: JobSpec
+    transitions: list[Transition] = Field(
+        description="Every state change with its time, oldest first (empty in list responses)."
+    )
+    links: JobLinks
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> JobOut:
+        base = f"/v1/jobs/{job.id}"
+        return cls(
+            id=job.id,
+            name=job.name,
+            state=job.state,
+            stage=job.stage,
+            progress={
+                stage: StageProgress(step=values["step"], total=values["total"])
+                for stage, values in job.progress.items()
+            },
+            metrics=job.metrics,
+            outputs=job.outputs,
+            failure_kind=job.failure_kind,
+            message=job.message,
+            attempt=job.attempt,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            spec=job.spec,
+            transitions=[
+                Transition(
+                    from_state=event.from_state,
+                    to_state=event.to_state,
+                    at=event.created_at,
+                    message=event.message,
+                )
+                for event in job.transitions
+                if event.to_state is not None
+            ],
+            links=JobLinks(
+                self=base,
+                events=f"{base}/events",
+                stream=f"{base}/events/stream",
+                cancel=f"{base}/cancel",
+            ),
+        )
+
+
+class JobPage(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class EventOut(BaseModel):
+    """A history line: a state transition (from/to set) or a note such as a stage resume."""
+
+    id: int = Field(description="Increasing; pass the last one seen as `after` to poll.")
+    kind: str
+    from_state: JobState | None
+    to_state: JobState | None
+    message: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_record(cls, event: EventRecord) -> EventOut:
+        return cls(
+            id=event.id,
+            kind=event.kind,
+            from_state=event.from_state,
+            to_state=event.to_state,
+            message=event.message,
+            created_at=event.created_at,
+        )
+
+
+class EventPage(BaseModel):
+    data: list[EventOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description="'ok' or the reason, per dependency.")
