@@ -21,4 +21,5 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 __all__ = ["DATASETS", "DatasetBuilder", "DenseDataset"]
 
+from maskd_core.data import folder as _folder  # noqa: E402,F401  (registers)
 from maskd_core.data import procedural as _procedural  # noqa: E402,F401  (registers)

@@ -182,15 +182,20 @@ def _register_torchvision_with_aux(name: str, factory: TorchvisionAuxFactory, ta
     MODELS.register(name, args=TorchvisionAuxArgs, summary=f"torchvision {name}, {taps}")(build)
 
 
+_RESNET_TAPS = (
+    "random init; taps: backbone.layer4 (2048 ch, stride 8), classifier (logits, stride 8), "
+    "aux_classifier"
+)
 for _name, _taps in (
-    ("deeplabv3_resnet50", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
-    ("deeplabv3_resnet101", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+    ("deeplabv3_resnet50", _RESNET_TAPS),
+    ("deeplabv3_resnet101", _RESNET_TAPS),
     (
         "deeplabv3_mobilenet_v3_large",
-        "random init; taps: backbone (960 ch, stride 16), classifier (logits)",
+        "random init; taps: backbone.16 (960 ch, stride 16), classifier (logits, stride 16), "
+        "aux_classifier",
     ),
-    ("fcn_resnet50", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
-    ("fcn_resnet101", "random init; taps: backbone (2048 ch, stride 8), classifier (logits)"),
+    ("fcn_resnet50", _RESNET_TAPS),
+    ("fcn_resnet101", _RESNET_TAPS),
 ):
     _register_torchvision_with_aux(_name, getattr(tv_segmentation, _name), _taps)
 
@@ -198,8 +203,8 @@ for _name, _taps in (
 @MODELS.register(
     "lraspp_mobilenet_v3_large",
     args=NoTorchvisionArgs,
-    summary="torchvision lraspp_mobilenet_v3_large, random init; taps: backbone (dict of "
-    "'low' stride 8 / 'high' stride 16), classifier (logits at stride 8)",
+    summary="torchvision lraspp_mobilenet_v3_large, random init; taps: backbone (levels "
+    "'low' 40 ch stride 8, 'high' 960 ch stride 16), classifier (logits, stride 8)",
 )
 def build_lraspp_mobilenet_v3_large(args: NoTorchvisionArgs, num_classes: int) -> nn.Module:
     model: nn.Module = tv_segmentation.lraspp_mobilenet_v3_large(

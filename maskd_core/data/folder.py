@@ -1,0 +1,190 @@
+"""``image_folder``: RGB images with PNG class-index masks, the Pascal VOC / Cityscapes layout.
+
+::
+
+    root/
+      images/<name>.jpg       (any of .jpg .jpeg .png .bmp .tif .tiff .webp; subfolders allowed)
+      masks/<name>.png        (same relative path and stem; one class index per pixel)
+
+The layout is checked when the dataset is built, which is what job validation does, so a wrong
+path is a 422 before anything is queued. Pixel contents are only seen when a sample is read
+during training; problems found then are ``DataError``s naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from maskd_core.data import DATASETS
+from maskd_core.data.base import DenseDataset
+from maskd_core.data.transforms import (
+    IGNORE_INDEX,
+    ScaleRange,
+    SegmentationSample,
+    normalize,
+    random_scale_crop_flip,
+    resize_sample,
+)
+from maskd_core.errors import DataError, SpecError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+_ROOT_FIELD = "dataset.args.root"
+
+
+class ImageFolderArgs(BaseModel):
+    """Arguments of ``image_folder``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(description="Folder holding the images and masks subfolders.")
+    num_classes: int = Field(
+        ge=2, le=255, description="Classes including background; mask values 0..num_classes-1."
+    )
+    images_dir: str = Field(default="images", description="Subfolder of root with the images.")
+    masks_dir: str = Field(default="masks", description="Subfolder of root with the masks.")
+    ignore_index: int = Field(
+        default=IGNORE_INDEX,
+        ge=0,
+        le=255,
+        description="Mask value meaning 'no label' (excluded from loss and metrics).",
+    )
+    image_size: int | tuple[int, int] | None = Field(
+        default=None,
+        description="Resize every sample to this (an int for a square, or [height, width]); "
+        "needed when the images differ in size, since a batch needs one size.",
+    )
+    scale_range: ScaleRange = Field(
+        default=(0.5, 2.0), description="Random rescale factors of the training augmentation."
+    )
+    hflip: bool = Field(default=True, description="Random horizontal flips when augmenting.")
+
+    @model_validator(mode="after")
+    def _ignore_is_not_a_class(self) -> ImageFolderArgs:
+        if self.ignore_index < self.num_classes:
+            raise ValueError(
+                f"ignore_index {self.ignore_index} is one of the {self.num_classes} classes; "
+                "use a value >= num_classes (255 is the usual one)"
+            )
+        return self
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """``image_size`` as ``(height, width)``."""
+        if isinstance(self.image_size, int):
+            return self.image_size, self.image_size
+        return self.image_size
+
+
+def _expected_layout(args: ImageFolderArgs) -> str:
+    return (
+        f"expected {args.root}/{args.images_dir}/<name>.jpg|.png|... and "
+        f"{args.root}/{args.masks_dir}/<name>.png (same relative path and stem)"
+    )
+
+
+def _find_pairs(args: ImageFolderArgs) -> list[tuple[Path, Path]]:
+    root = Path(args.root)
+    if not root.is_dir():
+        raise SpecError(
+            f"dataset folder {str(root)!r} does not exist or is not a folder; "
+            + _expected_layout(args),
+            field=_ROOT_FIELD,
+        )
+    images_root, masks_root = root / args.images_dir, root / args.masks_dir
+    images = sorted(
+        path
+        for path in images_root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+    if not images:
+        raise SpecError(
+            f"no images found under {str(images_root)!r}; " + _expected_layout(args),
+            field=_ROOT_FIELD,
+        )
+    pairs = [
+        (image, (masks_root / image.relative_to(images_root)).with_suffix(".png"))
+        for image in images
+    ]
+    missing = [mask for _, mask in pairs if not mask.is_file()]
+    if missing:
+        listing = ", ".join(repr(str(mask)) for mask in missing[:3])
+        raise SpecError(
+            f"{len(missing)} of {len(pairs)} images have no mask (e.g. {listing}); "
+            + _expected_layout(args),
+            field=_ROOT_FIELD,
+        )
+    return pairs
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"cannot read image {str(path)!r}: {exc}") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _read_mask(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(
+                    f"mask {str(path)!r} has mode {mask.mode}; masks hold one class index per "
+                    "pixel (a palette or greyscale PNG), not colours"
+                )
+            values = np.asarray(mask).astype(np.int64)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"cannot read mask {str(path)!r}: {exc}") from None
+    return torch.from_numpy(values)
+
+
+class ImageFolder(DenseDataset):
+    """Image/mask pairs read from disk on demand; see the module docstring."""
+
+    task = "segmentation"
+
+    def __init__(self, args: ImageFolderArgs) -> None:
+        self.args = args
+        self.num_classes = args.num_classes
+        self.pairs = _find_pairs(args)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> SegmentationSample:
+        image_path, mask_path = self.pairs[index]
+        image = _read_image(image_path)
+        mask = _read_mask(mask_path)
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise DataError(
+                f"mask {str(mask_path)!r} is {mask.shape[1]}×{mask.shape[0]} but its image "
+                f"{str(image_path)!r} is {image.shape[2]}×{image.shape[1]}; a mask must match "
+                "its image pixel for pixel"
+            )
+        ignored = mask == self.args.ignore_index
+        out_of_range = mask[~ignored & ((mask < 0) | (mask >= self.num_classes))]
+        if out_of_range.numel():
+            raise DataError(
+                f"mask {str(mask_path)!r} holds class {int(out_of_range[0])} but num_classes is "
+                f"{self.num_classes} (values 0..{self.num_classes - 1}, "
+                f"{self.args.ignore_index} = ignore); raise num_classes or fix the mask"
+            )
+        mask = mask.masked_fill(ignored, IGNORE_INDEX)
+        sample = normalize(image), mask
+        size = self.args.size
+        return sample if size is None else resize_sample(sample, size)
+
+    def augment(self, sample: SegmentationSample, generator: torch.Generator) -> SegmentationSample:
+        return random_scale_crop_flip(sample, generator, self.args.scale_range, self.args.hflip)
+
+
+@DATASETS.register("image_folder", args=ImageFolderArgs)
+def build_image_folder(args: ImageFolderArgs, seed: int) -> DenseDataset:
+    """RGB images with PNG class-index masks (Pascal VOC / Cityscapes layout) from a folder."""
+    return ImageFolder(args)
