@@ -169,7 +169,11 @@ def _train(
                 raise JobCancelled(stage, step)
             tic = time.perf_counter()
             done = step + 1
-            batch = ctx.task.to_device(next(batches), ctx.device)
+            # A DataLoader draws its base seed from the global RNG when it starts, which a
+            # resumed run does at a different step; fetching outside the training RNG stream
+            # keeps dropout and friends identical to an uninterrupted run.
+            with torch.random.fork_rng(devices=[]):
+                batch = ctx.task.to_device(next(batches), ctx.device)
             lr = lr_at(optimizer_spec, step, iterations)
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from maskd_core.data import DATASETS, DenseDataset
 from maskd_core.errors import DataError, SpecError
-from maskd_core.models import build_model
+from maskd_core.models import MODELS, build_model
 from maskd_core.spec import JobSpec
 from maskd_core.taps import Taps
 from maskd_core.tasks import TASKS, Task
@@ -157,6 +157,8 @@ def validate_job(spec: JobSpec) -> JobPlan:
     _check_layer_lists(spec)
     task = build_task(spec)
     dataset = build_dataset(spec)
+    MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
+    MODELS.entry(spec.student.arch, field="student.arch")
     teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
     student = build_model(spec.student, dataset.num_classes, field="student")
     batch = task.collate([dataset[0]])

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from maskd_core_toys import ToyFPNNet
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from maskd_core.errors import SpecError, UnknownNameError
+from maskd_core.models import MODELS
+from maskd_core.spec import JobSpec
+from maskd_core.validate import validate_job
+
+if "test_fpn_toy" not in MODELS:
+
+    class _FPNArgs(BaseModel):
+        width: int = 4
+
+    @MODELS.register("test_fpn_toy", args=_FPNArgs)
+    def _build_fpn_toy(args: _FPNArgs, num_classes: int) -> nn.Module:
+        """A toy whose ``neck`` returns two levels (tests only)."""
+        return ToyFPNNet(args.width)
+
+
+def seg_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "teacher": {"arch": "seg_tiny_teacher", "layers": ["backbone", "head"]},
+        "student": {"arch": "seg_tiny_student", "layers": ["backbone", "head"]},
+        "dataset": {"name": "procedural_shapes", "args": {"num_samples": 4, "image_size": 32}},
+        "stage1": {"iterations": 2},
+        "stage2": {"iterations": 2},
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+    return spec
+
+
+def refused(spec: dict[str, Any]) -> SpecError:
+    with pytest.raises(SpecError) as err:
+        validate_job(JobSpec.model_validate(spec))
+    return err.value
+
+
+def test_valid_spec_gives_levels_from_a_dry_run() -> None:
+    plan = validate_job(JobSpec.model_validate(seg_spec()))
+    assert plan.num_classes == 5
+    assert [(lv.teacher_shape, lv.student_shape) for lv in plan.levels] == [
+        ((128, 4, 4), (64, 4, 4)),
+        ((5, 4, 4), (5, 4, 4)),
+    ]
+    assert json.loads(json.dumps(plan.to_dict()))["levels"][1]["teacher_layer"] == "head"
+
+
+def test_unknown_names_point_at_the_field_with_close_matches() -> None:
+    err = refused(seg_spec(teacher={"arch": "seg_tiny_teachr"}))
+    assert isinstance(err, UnknownNameError) and err.field == "teacher.arch"
+    assert "seg_tiny_teacher" in str(err)
+    err = refused(seg_spec(student={"layers": ["backbone", "haed"]}))
+    assert err.field == "student.layers[1]" and "Did you mean 'head'" in str(err)
+    err = refused(seg_spec(dataset={"name": "procedural_shape"}))
+    assert err.field == "dataset.name" and "procedural_shapes" in str(err)
+
+
+def test_bad_arguments_and_missing_data_are_refused() -> None:
+    err = refused(seg_spec(student={"args": {"base_channel": 8}}))
+    assert err.field == "student.args" and "base_channels" in str(err)
+    err = refused(
+        seg_spec(
+            dataset={"name": "image_folder", "args": {"root": "/no/such/dir", "num_classes": 3}}
+        )
+    )
+    assert "/no/such/dir" in str(err) and err.field is not None and err.field.startswith("dataset")
+
+
+def test_unequal_layer_lists_and_duplicates_are_refused() -> None:
+    with pytest.raises(ValidationError, match="paired by position"):
+        JobSpec.model_validate(seg_spec(student={"layers": ["head"]}))
+    err = refused(
+        seg_spec(teacher={"layers": ["head", "head"]}, student={"layers": ["head", "backbone"]})
+    )
+    assert err.field == "teacher.layers[1]" and "twice" in str(err)
+
+
+def test_level_counts_and_identity_channels_must_match() -> None:
+    err = refused(
+        seg_spec(
+            teacher={"arch": "test_fpn_toy", "layers": ["neck"]},
+            student={"arch": "test_fpn_toy", "layers": ["stem"]},
+        )
+    )
+    assert err.field == "student.layers[0]" and "2 levels" in str(err) and "gives 1" in str(err)
+    err = refused(seg_spec(stage2={"align": "identity"}))
+    assert err.field == "stage2.align" and "128" in str(err) and "64" in str(err)
+    plan = validate_job(
+        JobSpec.model_validate(
+            seg_spec(
+                teacher={"arch": "test_fpn_toy", "layers": ["neck"]},
+                student={"arch": "test_fpn_toy", "args": {"width": 2}, "layers": ["neck"]},
+            )
+        )
+    )
+    assert [lv.student_shape for lv in plan.levels] == [(2, 32, 32), (2, 16, 16)]
+
+
+def test_weights_that_are_not_a_state_dict_are_refused(tmp_path: Path) -> None:
+    missing = refused(seg_spec(teacher={"weights": str(tmp_path / "nope.pt")}))
+    assert missing.field == "teacher.weights" and "does not exist" in str(missing)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    err = refused(seg_spec(teacher={"weights": str(tmp_path / "list.pt")}))
+    assert err.field == "teacher.weights" and "state_dict()" in str(err)
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    err = refused(seg_spec(teacher={"weights": str(tmp_path / "other.pt")}))
+    assert "does not match the architecture" in str(err)
+
+
+def test_mixed_precision_on_cpu_is_refused() -> None:
+    err = refused(seg_spec(mixed_precision="bf16"))
+    assert err.field == "mixed_precision" and "CUDA" in str(err)
