@@ -52,9 +52,7 @@ class LeaseKeeper:
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._stop_reason: StopReason | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"lease-{job_id}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     @property
     def stop_reason(self) -> StopReason | None:

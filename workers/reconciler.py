@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.lifecycle import JobState
 from service.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,15 @@ def reconcile_once(
     report = ReconcileReport()
     for job_id in store.find_orphans(now or datetime.now(UTC), settings.redispatch_after_seconds):
         try:
-            if store.requeue_expired(job_id):
+            job = store.get_job_unscoped(job_id)
+            if job is None:
+                continue
+            if job.state != JobState.QUEUED:
+                # Lease expired: QUEUED again (resumes from its checkpoint), or a job lost
+                # while cancelling, which becomes CANCELLED and needs no message.
+                if not store.requeue_expired(job_id):
+                    continue
                 report.requeued.append(job_id)
-                store.add_event(job_id, "worker lease expired; job re-queued to resume")
             dispatcher.send_job(job_id)
         except Exception:
             # One broken job (or a broker blip) must not stop the others from recovering.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from maskd_core.callbacks import Callback, Stage
 from service.lifecycle import JobState, can_transition
@@ -23,6 +22,7 @@ from workers.lease import LeaseKeeper
 logger = logging.getLogger(__name__)
 
 _STAGE_STATES: dict[str, JobState] = {"stage1": JobState.STAGE1, "stage2": JobState.STAGE2}
+_STAGE_NAMES: dict[JobState, str] = {state: name for name, state in _STAGE_STATES.items()}
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
@@ -55,10 +55,9 @@ class StoreReporter(Callback):
         self._clock = clock
         self.state = state
         self._totals: dict[str, int] = {}
+        self._steps: dict[str, int] = {}
         self._last_progress_at = float("-inf")
         self._transition_refused = False
-        self.artifacts: dict[str, Path] = {}
-        """Files the core announced through ``on_artifact``, by name."""
 
     def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
         self._totals[stage] = total_steps
@@ -82,16 +81,12 @@ class StoreReporter(Callback):
             self._write_progress(stage, step, metrics)
 
     def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
-        self._write_progress(stage, step, metrics)
+        # Evaluations between stages ("eval") belong to the stage the job is in.
+        owner = stage if stage in self._totals else _STAGE_NAMES.get(self.state, stage)
+        self._write_progress(owner, self._steps.get(owner, step), metrics)
         self._store.add_event(
             self._job_id, f"{stage} evaluation at step {step}: {format_metrics(metrics)}"
         )
-
-    def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
-        self._store.add_event(self._job_id, f"{stage} checkpoint at step {step}")
-
-    def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
-        self.artifacts[name] = path
 
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._write_progress(stage, step, metrics)
@@ -102,6 +97,7 @@ class StoreReporter(Callback):
 
     def _write_progress(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._last_progress_at = self._clock()
+        self._steps[stage] = step
         self._store.record_progress(
             self._job_id,
             self._worker_id,

@@ -12,18 +12,18 @@ runs the job, never in the worker's parent.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from maskd_core.spec import JobSpec
 from service.config import Settings, get_settings
 from service.db import make_engine, make_sessionmaker
 from service.lifecycle import FailureKind, JobState, can_transition
@@ -32,10 +32,13 @@ from workers.app import app
 from workers.lease import LeaseKeeper, StopReason
 from workers.reporting import StoreReporter, format_metrics
 
+if TYPE_CHECKING:
+    from maskd_core.runner import JobResult
+
 logger = logging.getLogger(__name__)
 
-OUTPUT_FILES = {"student": "student.pt", "tokens": "tokens.pt", "summary": "summary.json"}
-"""The files a finished job leaves in its work directory (see docs/architecture.md)."""
+TOKENS_FILE = "tokens.pt"
+"""Written by the core when stage 1 finishes (see docs/architecture.md)."""
 
 
 def new_worker_id() -> str:
@@ -45,10 +48,11 @@ def new_worker_id() -> str:
 
 def resume_state(workdir: Path) -> JobState:
     """Stage 1 is done once its tokens were written; a rerun then starts in stage 2."""
-    return JobState.STAGE2 if (workdir / OUTPUT_FILES["tokens"]).exists() else JobState.STAGE1
+    return JobState.STAGE2 if (workdir / TOKENS_FILE).exists() else JobState.STAGE1
 
 
-@app.task(name="maskd.run_job", bind=True, acks_late=True)
+# Celery ships no type hints, so its decorator is untyped to mypy.
+@app.task(name="maskd.run_job", bind=True, acks_late=True)  # type: ignore[untyped-decorator]
 def run_job(self: Task, job_id: str) -> str:
     """Celery entry point; returns the state the job was left in (for worker logs only)."""
     settings = get_settings()
@@ -71,7 +75,6 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
         )
         return "skipped"
     logger.info("job %s: claimed by %s (attempt %s)", job_id, worker_id, record.attempt)
-    store.add_event(job_id, f"claimed by worker {worker_id} (attempt {record.attempt})")
     lease = LeaseKeeper(
         store,
         job_id,
@@ -81,7 +84,9 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
     )
     try:
         with lease:
-            return _run_claimed(store, settings, job_id, worker_id, record.spec, record.state, lease)
+            return _run_claimed(
+                store, settings, job_id, worker_id, record.spec, record.state, lease
+            )
     finally:
         store.release_lease(job_id, worker_id)
 
@@ -91,7 +96,7 @@ def _run_claimed(
     settings: Settings,
     job_id: str,
     worker_id: str,
-    spec_data: dict[str, Any],
+    spec: JobSpec,
     state: JobState,
     lease: LeaseKeeper,
 ) -> str:
@@ -112,16 +117,12 @@ def _run_claimed(
         return JobState.FAILED.value
 
     # Imported here, in the child process: see the module docstring.
-    from pydantic import ValidationError
-
     from maskd_core.errors import DataError, JobCancelled, SpecError
     from maskd_core.runner import run_job as run_core_job
-    from maskd_core.spec import JobSpec
 
     try:
-        spec = JobSpec.model_validate(spec_data)
-        run_core_job(spec, workdir, callbacks=[reporter])
-        return _register(store, job_id, worker_id, workdir, reporter)
+        result = run_core_job(spec, workdir, callbacks=[reporter])
+        return _register(store, job_id, worker_id, result)
     except JobCancelled as stopped:
         if lease.stop_reason is StopReason.LEASE_LOST:
             logger.warning("job %s: stopped at %s after losing the lease", job_id, stopped)
@@ -138,8 +139,6 @@ def _run_claimed(
     except SpecError as error:
         where = f" (field {error.field})" if error.field else ""
         return fail(FailureKind.VALIDATION, f"{error}{where}")
-    except ValidationError as error:
-        return fail(FailureKind.VALIDATION, f"the stored job spec is invalid: {error}")
     except DataError as error:
         return fail(FailureKind.USER, str(error))
     except SoftTimeLimitExceeded:
@@ -155,27 +154,23 @@ def _run_claimed(
         return fail(FailureKind.INFRASTRUCTURE, f"{type(error).__name__}: {error}")
 
 
-def _register(
-    store: JobStore, job_id: str, worker_id: str, workdir: Path, reporter: StoreReporter
-) -> str:
+def _register(store: JobStore, job_id: str, worker_id: str, result: JobResult) -> str:
     """Records where the outputs are and the summary metrics, then marks the job succeeded."""
     if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
         return "lease_lost"
-    paths = {name: workdir / filename for name, filename in OUTPUT_FILES.items()}
-    paths.update(reporter.artifacts)
-    summary = json.loads(paths["summary"].read_text())
-    metrics = {k: v for k, v in summary.get("metrics", summary).items() if _is_number(v)}
+    metrics = {name: float(value) for name, value in result.metrics.items()}
+    files = {
+        "student": result.student_path,
+        "tokens": result.tokens_path,
+        "summary": result.summary_path,
+    }
     store.record_outputs(
-        job_id, {"files": {name: str(path) for name, path in paths.items()}, "metrics": metrics}
+        job_id, {"files": {name: str(path) for name, path in files.items()}, "metrics": metrics}
     )
     store.transition(
         job_id,
         JobState.SUCCEEDED,
         worker_id=worker_id,
-        message=f"succeeded: {format_metrics(metrics)}" if metrics else "succeeded",
+        message=f"succeeded: {format_metrics(metrics)}",
     )
     return JobState.SUCCEEDED.value
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,223 @@
+"""``maskd demo``: the whole service, start to finish, on one machine with nothing installed.
+
+It is the README's first command, so it must work on a fresh machine without servers or
+downloads: everything runs in embedded mode (SQLite and Celery's filesystem broker) under a new
+folder. The teacher is trained here first (no pretrained weights can be downloaded), then the
+quickstart job goes through the same path as a production job: REST API → database → broker →
+a Celery worker subprocess → both MasKD stages → results read back through the API.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from maskd_core.callbacks import Callback
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.client import MaskdClient
+    from service.config import Settings
+    from service.store import JobStore
+
+QUICKSTART_SPEC = (
+    Path(__file__).resolve().parent.parent / "examples" / "quickstart-segmentation.yaml"
+)
+TEACHER_ITERATIONS = 300
+"""Enough for the quickstart teacher to segment the procedural shapes well on two CPU cores."""
+JOB_TIMEOUT_SECONDS = 1800.0
+PROJECT = "demo"
+STEP_PRINT_SECONDS = 2.0
+
+
+def run_demo(directory: str | None) -> int:
+    """Runs the demo; 0 when the job SUCCEEDED, 1 otherwise."""
+    started = time.monotonic()
+    root = Path(directory or tempfile.mkdtemp(prefix="maskd-demo-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = demo_environment(root)
+    os.environ.update(env)
+    print(f"maskd demo: everything lives in {root} (SQLite database, filesystem broker, jobs)")
+
+    from service.config import get_settings
+    from service.db import upgrade_to_head
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    upgrade_to_head(settings.database_url)
+
+    from maskd_cli.service_commands import open_store
+
+    engine, store = open_store(settings)
+    api_key = store.create_api_key(PROJECT)
+    print(f"[1/5] database at {settings.database_url}; project {PROJECT!r} has a new API key")
+
+    spec = yaml.safe_load(QUICKSTART_SPEC.read_text())
+    teacher_path = root / "teacher.pt"
+    print(
+        f"[2/5] training the quickstart teacher ({spec['teacher']['arch']}, "
+        f"{TEACHER_ITERATIONS} steps) - no pretrained weights are downloaded"
+    )
+    teacher_metrics = train_demo_teacher(spec, teacher_path)
+    print(f"      teacher ready: {_pick(teacher_metrics, 'miou')} -> {teacher_path}")
+    spec["teacher"]["weights"] = str(teacher_path)
+
+    with ExitStack() as stack:
+        stack.callback(engine.dispose)
+        base_url = _start_api(stack, settings)
+        _start_worker(stack, env, root / "worker.log")
+        _start_reconciler(stack, store, settings)
+        print(f"[3/5] API on {base_url}, a Celery worker (log: {root / 'worker.log'})")
+
+        from service.client import MaskdClient
+
+        client = stack.enter_context(MaskdClient.connect(base_url, api_key))
+        job = client.submit_job(spec)
+        print(f"[4/5] submitted job {job['id']} through POST /v1/jobs; following it:")
+        final = follow_job(client, job["id"])
+        _print_result(final, time.monotonic() - started)
+        return 0 if final["state"] == "SUCCEEDED" else 1
+
+
+def demo_environment(root: Path) -> dict[str, str]:
+    """Embedded settings confined to ``root``, for this process and the worker alike."""
+    return {
+        "MASKD_DATA_DIR": str(root),
+        "MASKD_DATABASE_URL": f"sqlite:///{root / 'maskd.db'}",
+        "MASKD_BROKER_URL": "filesystem://",
+        "MASKD_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def train_demo_teacher(spec: Mapping[str, Any], out_path: Path) -> dict[str, float]:
+    from maskd_core.runner import train_teacher
+    from maskd_core.spec import JobSpec
+
+    return train_teacher(
+        JobSpec.model_validate(spec), out_path, TEACHER_ITERATIONS, callbacks=[_StepPrinter()]
+    )
+
+
+def follow_job(client: MaskdClient, job_id: str) -> dict[str, Any]:
+    """Prints the job's events and, every few seconds, its progress, until it is terminal."""
+    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
+    last_event = 0
+    last_printed = 0.0
+    while True:
+        job = client.get_job(job_id)
+        for event in client.list_events(job_id, after=last_event):
+            last_event = event["id"]
+            print(f"      event: {_describe_event(event)}")
+        if job["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+            return job
+        if time.monotonic() - last_printed >= STEP_PRINT_SECONDS and job["stage"]:
+            last_printed = time.monotonic()
+            progress = job["progress"].get(job["stage"], {})
+            loss = job["metrics"].get("loss")
+            print(
+                f"      {job['state']:<11} {job['stage']} step {progress.get('step', 0)}"
+                f"/{progress.get('total', '?')}" + (f"  loss {loss:.4f}" if loss else "")
+            )
+        if time.monotonic() > deadline:
+            print(f"      gave up after {JOB_TIMEOUT_SECONDS:.0f} s", file=sys.stderr)
+            return job
+        time.sleep(0.5)
+
+
+def _describe_event(event: Mapping[str, Any]) -> str:
+    if event["to_state"]:
+        text = f"{event['from_state'] or '-'} -> {event['to_state']}"
+        return f"{text} ({event['message']})" if event["message"] else text
+    return str(event["message"])
+
+
+def _pick(metrics: Mapping[str, Any], name: str) -> str:
+    values = [f"{key} {value:.3f}" for key, value in metrics.items() if key.endswith(name)]
+    return ", ".join(values) or "no metrics"
+
+
+def _print_result(job: Mapping[str, Any], seconds: float) -> None:
+    print(f"[5/5] job {job['id']}: {job['state']} ({seconds:.0f} s in all)")
+    if job["state"] != "SUCCEEDED":
+        print(f"      {job.get('failure_kind') or ''} {job.get('message') or ''}".rstrip())
+        return
+    metrics = job["outputs"].get("metrics", {})
+    for name in ("teacher_miou", "masked_teacher_miou", "student_miou"):
+        if name in metrics:
+            print(f"      {name:<20} {metrics[name]:.3f}")
+    for name, path in job["outputs"].get("files", {}).items():
+        print(f"      {name:<20} {path}")
+
+
+class _StepPrinter(Callback):
+    """Prints local training progress every few seconds."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, int] = {}
+        self._last_printed = 0.0
+
+    def on_stage_start(self, stage: str, start_step: int, total_steps: int) -> None:
+        self._totals[stage] = total_steps
+
+    def on_step(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        if time.monotonic() - self._last_printed < STEP_PRINT_SECONDS:
+            return
+        self._last_printed = time.monotonic()
+        total = self._totals.get(stage, "?")
+        print(f"      {stage} step {step}/{total}  loss {metrics.get('loss', float('nan')):.4f}")
+
+
+def _start_api(stack: ExitStack, settings: Settings) -> str:
+    """Uvicorn in a thread on a free loopback port; stopped when ``stack`` closes."""
+    import uvicorn
+
+    from service.main import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="maskd-demo-api", daemon=True)
+    thread.start()
+    stack.callback(_stop_server, server, thread)
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the API failed to start; see the messages above")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _start_worker(stack: ExitStack, env: Mapping[str, str], log_path: Path) -> None:
+    from maskd_cli.service_commands import start_worker_subprocess, stop_worker_subprocess
+
+    log = stack.enter_context(log_path.open("wb"))
+    worker = start_worker_subprocess({**os.environ, **env}, log=log)
+    stack.callback(stop_worker_subprocess, worker)
+
+
+def _start_reconciler(stack: ExitStack, store: JobStore, settings: Settings) -> None:
+    from service.dispatch import Dispatcher, make_celery_app
+    from workers.reconciler import start_reconciler_thread
+
+    celery_app = make_celery_app(settings, name="maskd-demo-reconciler")
+    thread, stop = start_reconciler_thread(store, Dispatcher(celery_app, store), settings)
+    # An ExitStack unwinds last-in first-out: stop, wait, then close the connection.
+    stack.callback(celery_app.close)
+    stack.callback(thread.join, 5)
+    stack.callback(stop.set)
