@@ -74,7 +74,9 @@ def resolve_registry_weights(
         registry = registry or ModelRegistry(tracking_uri)
         try:
             version = registry.version(project, reference.name, reference.selector)
-            path = registry.download_weights(project, reference.name, version.version, cache_dir)
+            path = registry.download_weights(
+                project, reference.name, str(version.version), cache_dir
+            )
         except ModelNotFoundError:
             raise SpecError(
                 f"{model_spec.weights!r} does not name a registered model version of project "

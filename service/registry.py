@@ -166,7 +166,11 @@ class ModelRegistry:
         return [self._version_out(mv, with_metrics=False) for mv in versions]
 
     def version(self, project: str, name: str, version: str) -> ModelVersion:
-        """A version by number, or by alias when ``version`` starts with ``@``."""
+        """A version by number, or by alias when ``version`` starts with ``@``.
+
+        Note that MLflow's SQL store gives ``ModelVersion.version`` as an int: callers use
+        ``str(found.version)``.
+        """
         self.owned_model(project, name)
         try:
             if version.startswith("@"):
@@ -184,12 +188,12 @@ class ModelRegistry:
         """Point ``alias`` at ``version`` (a number), moving it from wherever it was."""
         found = self.version(project, name, version)
         try:
-            self.client.set_registered_model_alias(name, alias, found.version)
+            self.client.set_registered_model_alias(name, alias, str(found.version))
         except MlflowException as error:
             if error.error_code == "INVALID_PARAMETER_VALUE":
                 raise InvalidAliasError(error.message) from None
             raise
-        return self.describe_version(project, name, found.version)
+        return self.describe_version(project, name, str(found.version))
 
     def download_weights(self, project: str, name: str, version: str, cache_dir: Path) -> Path:
         """The version's state dict file, downloaded once into ``cache_dir`` and verified.
@@ -199,7 +203,7 @@ class ModelRegistry:
         later call would trust.
         """
         found = self.version(project, name, version)
-        target = cache_dir / name / found.version / WEIGHTS_FILE
+        target = cache_dir / name / str(found.version) / WEIGHTS_FILE
         expected = found.tags.get(WEIGHTS_SHA256_TAG)
         if target.is_file():
             return target
@@ -221,17 +225,23 @@ class ModelRegistry:
         return target
 
     def _model_artifact_uri(self, mv: ModelVersion) -> str:
-        # MLflow 3 registers LoggedModels: the version points at the model's own artifact root.
-        if mv.model_id:
-            return str(self.client.get_logged_model(mv.model_id).artifact_location)
-        return str(mv.source)
+        # MLflow 3 registers LoggedModels: the source is ``models:/<model id>`` and the files
+        # live under that model's own artifact root. (The SQL registry does not hand back
+        # ``mv.model_id``, so it is read from the source.)
+        source = str(mv.source)
+        model_id = mv.model_id or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        )
+        if model_id:
+            return str(self.client.get_logged_model(model_id).artifact_location)
+        return source
 
     def _model_out(self, model: RegisteredModel) -> RegisteredModelOut:
         return RegisteredModelOut(
             name=model.name,
             description=model.description or None,
             tags=dict(model.tags),
-            aliases=dict(model.aliases),
+            aliases={alias: str(version) for alias, version in model.aliases.items()},
             created_at=_millis(model.creation_timestamp),
             updated_at=_millis(model.last_updated_timestamp),
         )

@@ -54,7 +54,7 @@ from service.registry import (
 
 logger = logging.getLogger(__name__)
 
-STAGE_RUNS = ("stage1", "stage2")
+STAGE_RUNS = ("stage1", "stage2", "baseline")
 """Stages with a nested run of their own; anything else ("teacher", "eval") logs on the parent."""
 
 PARENT_STAGE = "job"
@@ -63,6 +63,7 @@ PARENT_STAGE = "job"
 TOKENS_FILE = "tokens.pt"
 TOKENS_ARTIFACT_DIR = "tokens"
 FINGERPRINT_TAG = "maskd.tokens_fingerprint"
+TOKENS_SHA256_TAG = "maskd.tokens_sha256"
 REUSED_FROM_JOB_TAG = "maskd.stage1_reused_from_job"
 REUSED_FROM_RUN_TAG = "maskd.stage1_reused_from_run"
 FINGERPRINT_FORMAT = "maskd-stage1-fingerprint/1"
@@ -195,7 +196,9 @@ class MlflowTracker(Callback):
         self._every: dict[str, int] = {}
         self._totals: dict[str, int] = {}
         self._stage_runs: dict[str, str] = {}
-        self._tokens_logged = False
+        """Stage → its run, kept after the stage ends: the core reports the stage's masks,
+        tokens and masked-teacher evaluation after ``on_stage_end``."""
+        self._running: set[str] = set()
         self.experiment_id = get_or_create_experiment(
             self.client,
             experiment,
@@ -256,7 +259,9 @@ class MlflowTracker(Callback):
         self._totals[stage] = total_steps
         self._every[stage] = max(1, math.ceil(total_steps / self._max_points))
         if stage in STAGE_RUNS:
-            self._stage_runs[stage] = self._open_run(stage, self.spec, parent=self.run_id)
+            run_id = self._open_run(stage, self.spec, parent=self.run_id)
+            self._stage_runs[stage] = run_id
+            self._running.add(run_id)
 
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         every = self._every.get(stage, 1)
@@ -290,17 +295,11 @@ class MlflowTracker(Callback):
         self.client.log_artifact(self._run_for(stage), str(path))
 
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
-        self._queue(stage, step, {f"final_{k}": v for k, v in metrics.items()})
+        """Ends the stage's run; its last step's metrics were already logged by ``on_step``."""
         self.flush()
-        if stage == "stage1":
-            tokens = self.workdir / TOKENS_FILE
-            if not self._tokens_logged and tokens.is_file():
-                self._log_tokens(tokens)
-            if self._tokens_logged:
-                # Only a finished stage 1 with its artifact in place may be found for reuse.
-                self.client.set_tag(self._run_for(stage), FINGERPRINT_TAG, self.fingerprint)
-        run_id = self._stage_runs.pop(stage, None)
-        if run_id is not None:
+        run_id = self._stage_runs.get(stage)
+        if run_id is not None and run_id in self._running:
+            self._running.discard(run_id)
             self.client.set_terminated(run_id, status="FINISHED")
 
     # -- helpers the worker calls -------------------------------------------------------------
@@ -318,9 +317,9 @@ class MlflowTracker(Callback):
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the job's runs: FINISHED, FAILED or KILLED (cancelled). Safe to call twice."""
         self.flush()
-        for run_id in self._stage_runs.values():
+        for run_id in self._running:
             self.client.set_terminated(run_id, status=status)
-        self._stage_runs.clear()
+        self._running.clear()
         self.client.set_terminated(self.run_id, status=status)
 
     def flush(self) -> None:
@@ -341,12 +340,22 @@ class MlflowTracker(Callback):
             self._pending.append((run_id, Metric(_metric_key(name), float(value), now, step)))
 
     def _log_tokens(self, path: Path) -> None:
+        """Uploads the tokens, then tags the run with the fingerprint that makes it reusable.
+
+        The tag comes last: a run is only ever found for reuse once its artifact is complete.
+        Tokens the job did not learn (reused, or from before a resume) have no stage-1 run here.
+        """
         run_id = self._stage_runs.get("stage1")
         if run_id is None:
             return
         self.client.log_artifact(run_id, str(path), artifact_path=TOKENS_ARTIFACT_DIR)
-        self.client.set_tag(run_id, "maskd.tokens_sha256", file_sha256(path))
-        self._tokens_logged = True
+        self.client.log_batch(
+            run_id,
+            tags=[
+                RunTag(TOKENS_SHA256_TAG, file_sha256(path)),
+                RunTag(FINGERPRINT_TAG, self.fingerprint),
+            ],
+        )
 
 
 def _quote(value: str) -> str:
@@ -440,7 +449,7 @@ def reuse_stage1_tokens(
                 run.info.run_id, f"{TOKENS_ARTIFACT_DIR}/{TOKENS_FILE}", dst_path=tmp
             )
         )
-        expected = run.data.tags.get("maskd.tokens_sha256")
+        expected = run.data.tags.get(TOKENS_SHA256_TAG)
         if expected is not None and file_sha256(downloaded) != expected:
             logger.warning("tokens of run %s fail their checksum; relearning", run.info.run_id)
             return None
