@@ -1,0 +1,355 @@
+"""MLflow tracking, registration and stage-1 reuse against a real MLflow (no mocks).
+
+One SQLite-backed MLflow per module (creating its schema takes seconds), two tiny real jobs run
+through ``maskd_core.runner.run_job`` with the tracker as callback, and one test against a
+tracking server started on loopback the way ``maskd mlflow`` starts it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from maskd_cli.mlflow_command import mlflow_server_command
+from maskd_core.errors import SpecError
+from maskd_core.models import build_model
+from maskd_core.runner import run_job
+from maskd_core.spec import JobSpec
+from service.model_uris import resolve_registry_weights
+from service.registry import PROJECT_TAG, ModelRegistry
+from workers.tracking import (
+    FINGERPRINT_TAG,
+    REUSED_FROM_JOB_TAG,
+    MlflowTracker,
+    RegisteredVersion,
+    experiment_name,
+    log_and_register_student,
+    reuse_stage1_tokens,
+    stage1_fingerprint,
+)
+
+torch.set_num_threads(1)
+
+PROJECT = "acme"
+
+
+def tiny_spec(teacher_weights: Path, **changes: Any) -> JobSpec:
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "teacher": {
+            "arch": "seg_tiny_teacher",
+            "args": {"base_channels": 8, "context_blocks": 1},
+            "weights": str(teacher_weights),
+            "layers": ["head"],
+        },
+        "student": {
+            "arch": "seg_tiny_student",
+            "args": {"base_channels": 4, "context_blocks": 0},
+            "layers": ["head"],
+        },
+        "dataset": {"args": {"num_samples": 12, "image_size": 32}},
+        "stage1": {"tokens": 2, "iterations": 3},
+        "stage2": {"iterations": 4},
+        "batch_size": 4,
+        "device": "cpu",
+        "checkpoint_every": 100,
+    }
+    data.update(changes)
+    return JobSpec.model_validate(data)
+
+
+@dataclass
+class TrackedJob:
+    tracking_uri: str
+    root: Path
+    spec: JobSpec
+    workdir: Path
+    tracker: MlflowTracker
+    version: RegisteredVersion
+    metrics: dict[str, float]
+
+
+def run_tracked(
+    tracking_uri: str, root: Path, spec: JobSpec, job_id: str, **tracker_args: Any
+) -> tuple[MlflowTracker, RegisteredVersion, dict[str, float], Path]:
+    """What the worker does: reuse, run with the tracker, register, finish."""
+    workdir = root / "jobs" / job_id
+    reused = reuse_stage1_tokens(tracking_uri, PROJECT, spec, workdir)
+    tracker = MlflowTracker(
+        tracking_uri,
+        experiment=experiment_name(PROJECT),
+        job_id=job_id,
+        project=PROJECT,
+        spec=spec,
+        workdir=workdir,
+        artifact_root=root / "mlartifacts",
+        **tracker_args,
+    )
+    if reused is not None:
+        tracker.mark_stage1_reused(reused)
+    result = run_job(spec, workdir, callbacks=[tracker])
+    version = log_and_register_student(
+        tracking_uri, tracker.run_id, PROJECT, spec, workdir, result.metrics
+    )
+    tracker.finish()
+    return tracker, version, result.metrics, workdir
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    teacher = build_model(tiny_spec(root / "t.pt").teacher.model_copy(update={"weights": None}), 5)
+    torch.save(teacher.state_dict(), root / "teacher.pt")
+    spec = tiny_spec(root / "teacher.pt")
+    tracker, version, metrics, workdir = run_tracked(
+        uri, root, spec, "job-1", max_points_per_curve=2
+    )
+    return TrackedJob(uri, root, spec, workdir, tracker, version, metrics)
+
+
+def test_parent_and_stage_runs_with_tags_params_and_curves(job: TrackedJob) -> None:
+    client = MlflowClient(job.tracking_uri)
+    parent = client.get_run(job.tracker.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["job_id"] == "job-1"
+    assert parent.data.tags[PROJECT_TAG] == PROJECT
+    assert parent.data.tags["teacher"] == "seg_tiny_teacher"
+    assert parent.data.tags["student"] == "seg_tiny_student"
+    assert parent.data.tags["method"] == "maskd"
+    assert parent.data.params["stage1.optimizer.lr"] == "0.1"
+    assert parent.data.params["teacher.layers"] == '["head"]'
+    assert {"teacher_miou", "student_miou"} <= set(parent.data.metrics)
+
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    by_stage = {run.data.tags["stage"]: run for run in children}
+    assert set(by_stage) == {"stage1", "stage2"}
+    assert all(run.info.status == "FINISHED" for run in children)
+
+    # 3 steps with at most 2 points per curve: every 2nd step, plus the last one.
+    dice = client.get_metric_history(by_stage["stage1"].info.run_id, "dice")
+    assert [m.step for m in dice] == [2, 3]
+    kd = client.get_metric_history(by_stage["stage2"].info.run_id, "kd_loss")
+    assert [m.step for m in kd] == [2, 4]
+    assert {"task_loss", "lr", "images_per_sec"} <= set(by_stage["stage2"].data.metrics)
+
+    # The masks at the end of stage 1 (2 tokens, 1 level) and the tokens artifact.
+    stage1 = by_stage["stage1"].info.run_id
+    images = [f.path for f in client.list_artifacts(stage1, "images")]
+    for token in (0, 1):
+        assert any(f"masks~level0~token{token}+step+3+" in path for path in images)
+    assert [f.path for f in client.list_artifacts(stage1, "tokens")] == ["tokens/tokens.pt"]
+    assert by_stage["stage1"].data.tags[FINGERPRINT_TAG] == stage1_fingerprint(job.spec)
+
+
+def test_artifacts_go_under_the_given_root_not_mlruns(job: TrackedJob) -> None:
+    experiment = MlflowClient(job.tracking_uri).get_experiment_by_name(experiment_name(PROJECT))
+    assert experiment is not None
+    assert experiment.artifact_location.startswith((job.root / "mlartifacts").as_uri())
+    assert not Path("mlruns").exists()
+
+
+def test_registered_version_has_lineage_and_candidate_alias(job: TrackedJob) -> None:
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    assert job.version.name == f"{PROJECT}.tiny-student"
+    model = client.get_registered_model(job.version.name)
+    assert model.tags[PROJECT_TAG] == PROJECT
+    assert str(model.aliases["candidate"]) == job.version.version
+    version = client.get_model_version(job.version.name, job.version.version)
+    assert version.run_id == job.tracker.run_id
+    assert version.tags["maskd.job_id"] == "job-1"
+    assert version.tags["maskd.teacher.arch"] == "seg_tiny_teacher"
+    teacher_sha = version.tags["maskd.teacher.weights_sha256"]
+    assert len(teacher_sha) == 64
+    assert version.tags[FINGERPRINT_TAG] == stage1_fingerprint(job.spec)
+    assert float(version.tags["maskd.metric.student_miou"]) == pytest.approx(
+        job.metrics["student_miou"], rel=1e-5
+    )
+
+
+def test_pyfunc_student_matches_the_trained_student(job: TrackedJob) -> None:
+    student = build_model(
+        job.spec.student.model_copy(update={"weights": str(job.workdir / "student.pt")}), 5
+    ).eval()
+    mlflow.set_tracking_uri(job.tracking_uri)
+    loaded = mlflow.pyfunc.load_model(job.version.uri)
+    (input_spec,) = loaded.metadata.get_input_schema().inputs
+    assert input_spec.shape == (-1, 3, -1, -1)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 32, generator=generator)
+        with torch.no_grad():
+            expected = student(images)["out"].numpy()
+        predicted = loaded.predict(images.numpy())
+        assert predicted.shape == (batch, 5, 32, 32)
+        np.testing.assert_allclose(predicted, expected, atol=1e-5)
+
+
+def test_second_job_with_the_same_teacher_reuses_stage1(job: TrackedJob) -> None:
+    # Another student and stage 2, same teacher, data, seed and stage 1: reused.
+    spec = tiny_spec(
+        job.root / "teacher.pt",
+        name="tiny-wider",
+        student={
+            "arch": "seg_tiny_student",
+            "args": {"base_channels": 8, "context_blocks": 0},
+            "layers": ["head"],
+        },
+        stage2={"iterations": 2},
+    )
+    tracker, version, _, workdir = run_tracked(job.tracking_uri, job.root, spec, "job-2")
+    client = MlflowClient(job.tracking_uri)
+    parent = client.get_run(tracker.run_id)
+    assert parent.data.tags[REUSED_FROM_JOB_TAG] == "job-1"
+    stages = {
+        run.data.tags["stage"]
+        for run in client.search_runs(
+            [parent.info.experiment_id],
+            filter_string="tags.job_id = 'job-2' and tags.stage != 'job'",
+        )
+    }
+    assert stages == {"stage2"}
+    assert (workdir / "tokens.pt").read_bytes() == (job.workdir / "tokens.pt").read_bytes()
+    registered = client.get_model_version(version.name, version.version)
+    assert registered.tags[REUSED_FROM_JOB_TAG] == "job-1"
+
+
+def test_reuse_needs_same_fingerprint_project_and_consent(job: TrackedJob, tmp_path: Path) -> None:
+    uri, weights = job.tracking_uri, job.root / "teacher.pt"
+    assert reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights), tmp_path / "a") is not None
+    assert reuse_stage1_tokens(uri, "other", tiny_spec(weights), tmp_path / "b") is None
+    assert reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights, seed=1), tmp_path / "c") is None
+    relearn = tiny_spec(weights, stage1={"tokens": 2, "iterations": 3, "reuse": False})
+    assert stage1_fingerprint(relearn) == stage1_fingerprint(tiny_spec(weights))
+    assert reuse_stage1_tokens(uri, PROJECT, relearn, tmp_path / "d") is None
+    assert not (tmp_path / "d" / "tokens.pt").exists()
+
+
+def test_registry_weights_resolve_for_the_owner_only(job: TrackedJob, tmp_path: Path) -> None:
+    source = tiny_spec(job.root / "teacher.pt")
+    as_teacher = source.model_copy(
+        update={
+            "teacher": source.student.model_copy(
+                update={"weights": f"models:/{job.version.name}@candidate"}
+            )
+        }
+    )
+    resolved = resolve_registry_weights(as_teacher, PROJECT, job.tracking_uri, tmp_path)
+    assert resolved.teacher.weights is not None
+    path = Path(resolved.teacher.weights)
+    assert path.is_relative_to(tmp_path)
+    assert path.read_bytes() == (job.workdir / "student.pt").read_bytes()
+    assert as_teacher.teacher.weights == f"models:/{job.version.name}@candidate"
+
+    with pytest.raises(SpecError, match="does not name a registered model") as denied:
+        resolve_registry_weights(as_teacher, "other", job.tracking_uri, tmp_path)
+    assert denied.value.field == "teacher.weights"
+    wrong_arch = as_teacher.model_copy(
+        update={"teacher": as_teacher.teacher.model_copy(update={"arch": "seg_tiny_teacher"})}
+    )
+    with pytest.raises(SpecError, match="seg_tiny_student"):
+        resolve_registry_weights(wrong_arch, PROJECT, job.tracking_uri, tmp_path)
+    bad = as_teacher.model_copy(
+        update={"teacher": as_teacher.teacher.model_copy(update={"weights": "models:/x"})}
+    )
+    with pytest.raises(SpecError, match="models:/NAME@ALIAS"):
+        resolve_registry_weights(bad, PROJECT, job.tracking_uri, tmp_path)
+
+
+def test_a_redelivered_job_continues_its_runs(job: TrackedJob) -> None:
+    again = MlflowTracker(
+        job.tracking_uri,
+        experiment=experiment_name(PROJECT),
+        job_id="job-1",
+        project=PROJECT,
+        spec=job.spec,
+        workdir=job.workdir,
+        artifact_root=job.root / "mlartifacts",
+    )
+    assert again.run_id == job.tracker.run_id
+    again.finish()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = _free_port()
+    artifacts = tmp_path / "served"
+    argv, env = mlflow_server_command(
+        f"sqlite:///{tmp_path / 'server.db'}", str(artifacts), port=port
+    )
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
+                time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_tracking_over_the_server_serves_artifacts(
+    job: TrackedJob, mlflow_server: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, artifacts = mlflow_server
+    tracker = MlflowTracker(
+        url,
+        experiment=experiment_name(PROJECT),
+        job_id="job-http",
+        project=PROJECT,
+        spec=job.spec,
+        workdir=job.workdir,
+        artifact_root=tmp_path / "unused",
+    )
+    tracker.on_stage_start("stage2", 0, 2)
+    tracker.on_step("stage2", 1, {"kd_loss": 0.5})
+    tracker.on_masks("stage2", 1, {"level0/token0": np.zeros((8, 8, 3), np.uint8)})
+    tracker.on_stage_end("stage2", 1, {})
+    version = log_and_register_student(
+        url, tracker.run_id, PROJECT, job.spec, job.workdir, {"student_miou": 0.5}
+    )
+    tracker.finish()
+
+    assert not (tmp_path / "unused").exists()
+    assert any(path.name == "student.pt" for path in artifacts.rglob("*"))
+    assert any(path.name.endswith(".png") for path in artifacts.rglob("*"))
+    weights = ModelRegistry(url).download_weights(
+        PROJECT, version.name, version.version, tmp_path / "cache"
+    )
+    assert weights.read_bytes() == (job.workdir / "student.pt").read_bytes()
