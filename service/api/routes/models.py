@@ -1,0 +1,144 @@
+"""``/v1/models``: the project's registered students, their lineage, weights and aliases.
+
+Registration happens in the workers; these routes only read and move aliases (users promote a
+version by pointing ``champion`` at it). A model of another project answers 404 like a missing
+one. MLflow's client blocks on SQL or HTTP, so every call runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, status
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentProject, SettingsDep
+from service.config import Settings
+from service.registry import (
+    InvalidAliasError,
+    ModelNotFoundError,
+    ModelRegistry,
+    ModelVersionOut,
+    RegisteredModelOut,
+)
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+VersionPath = Annotated[
+    str, Field(description="A version number, or an alias written '@champion'.")
+]
+
+
+class ModelList(BaseModel):
+    data: list[RegisteredModelOut]
+    count: int
+
+
+class VersionList(BaseModel):
+    data: list[ModelVersionOut]
+    count: int
+
+
+class AliasUpdate(BaseModel):
+    version: str = Field(pattern=r"^[0-9]+$", examples=["3"], description="Version number.")
+
+
+@lru_cache(maxsize=4)
+def _registry(tracking_uri: str) -> ModelRegistry:
+    # One client per URI and process: MLflow caches its SQL engine per store anyway.
+    return ModelRegistry(tracking_uri)
+
+
+def model_cache_dir(settings: Settings) -> Path:
+    """Where downloaded registry weights are kept (versions are immutable, so forever)."""
+    return settings.data_dir / "model-cache"
+
+
+def _not_found(error: ModelNotFoundError) -> HTTPException:
+    return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=str(error))
+
+
+@router.get("", response_model=ModelList, summary="Registered models of the caller's project")
+async def list_models(project: CurrentProject, settings: SettingsDep) -> ModelList:
+    registry = _registry(settings.mlflow_tracking_uri)
+    models = await run_in_threadpool(registry.list_models, project.name)
+    return ModelList(data=models, count=len(models))
+
+
+@router.get("/{name}/versions", response_model=VersionList, summary="Versions, newest first")
+async def list_versions(name: str, project: CurrentProject, settings: SettingsDep) -> VersionList:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        versions = await run_in_threadpool(registry.list_versions, project.name, name)
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+    return VersionList(data=versions, count=len(versions))
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    response_model=ModelVersionOut,
+    summary="One version: lineage tags, the job's metrics and a link to its run",
+)
+async def get_version(
+    name: str, version: VersionPath, project: CurrentProject, settings: SettingsDep
+) -> ModelVersionOut:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        return await run_in_threadpool(registry.describe_version, project.name, name, version)
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+
+
+@router.get(
+    "/{name}/versions/{version}/weights",
+    response_class=FileResponse,
+    summary="The student's state dict (load with torch.load(path, weights_only=True))",
+)
+async def download_weights(
+    name: str, version: VersionPath, project: CurrentProject, settings: SettingsDep
+) -> FileResponse:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        found = await run_in_threadpool(registry.version, project.name, name, version)
+        path = await run_in_threadpool(
+            registry.download_weights,
+            project.name,
+            name,
+            str(found.version),
+            model_cache_dir(settings),
+        )
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{name}-v{found.version}.pt"
+    )
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    response_model=ModelVersionOut,
+    summary="Point an alias (e.g. champion) at a version; returns that version",
+)
+async def set_alias(
+    name: str,
+    alias: str,
+    update: Annotated[AliasUpdate, Body()],
+    project: CurrentProject,
+    settings: SettingsDep,
+) -> ModelVersionOut:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        return await run_in_threadpool(
+            registry.set_alias, project.name, name, alias, update.version
+        )
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+    except InvalidAliasError as error:
+        raise HTTPException(
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)
+        ) from None
