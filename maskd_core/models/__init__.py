@@ -92,4 +92,5 @@ def load_weights(model: nn.Module, path: str | Path, field: str = "weights") -> 
         )
 
 
+from maskd_core.models import detection as _detection  # noqa: E402,F401  (registers)
 from maskd_core.models import segmentation as _segmentation  # noqa: E402,F401  (registers)

@@ -1,0 +1,315 @@
+"""torchvision detectors (FCOS, RetinaNet, Faster R-CNN) with a backbone chosen by name.
+
+Registered names are the detector families, ``fcos``, ``retinanet`` and ``fasterrcnn``; the
+backbone is an argument (``{"backbone": "resnet50"}``), so one entry covers ``resnet18/34/50/101``,
+``mobilenet_v3_large`` and ``tiny`` (a small plain conv net for CPU runs and tests).
+
+**What to tap.** Every model has a ``backbone`` module (torchvision's ``BackboneWithFPN``) whose
+output is an ordered dict of all FPN levels, and the detector reads that dict as
+``list(features.values())`` (one-stage) or by key (Faster R-CNN), so a hook that replaces it
+changes what the heads see, in training and in evaluation alike. The levels are the ones MasKD
+distils in the paper:
+
+- ``fcos`` and ``retinanet``: P3-P7 (strides 8-128), keys ``0, 1, 2, p6, p7``; P6 and P7 are
+  computed from P5 as in torchvision's FCOS builder;
+- ``fasterrcnn``: P2-P6 (strides 4-64), keys ``0, 1, 2, 3, pool``.
+
+``backbone.fpn`` returns the same dict and may be tapped instead.
+
+**Classes.** Datasets number their classes ``1..K`` and keep ``0`` for background; the models
+are built with ``K + 1`` outputs, torchvision's convention (its COCO models have 91 outputs for
+category ids up to 90). For FCOS and RetinaNet, whose classifiers are sigmoid per class, output
+0 is simply never a target.
+
+**Sizes.** ``min_size``/``max_size`` set the detector's own resize (the paper's COCO setting is
+800/1333). A teacher and its student must use the same values, so that their FPN levels have the
+same sizes and cover the same pixels; both run their transform on the same batch images.
+
+No weights are ever downloaded: ``backbone_weights`` is a local file with the state dict of the
+torchvision classification network (e.g. ``resnet50`` ImageNet weights), loaded safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+
+from maskd_core.errors import SpecError
+from maskd_core.models import MODELS, read_state_dict
+
+BackboneName = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"
+]
+Levels = Literal["p3-p7", "p2-p6"]
+
+_RESNETS: dict[str, Callable[..., Any]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+}
+_RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+"""Stages from the deepest, the unit of ``trainable_backbone_layers`` (``tiny`` uses them too)."""
+_MAX_TRAINABLE = {"mobilenet_v3_large": 6}
+"""Stages a backbone has for ``trainable_backbone_layers``; 5 unless listed."""
+
+
+class DetectorArgs(BaseModel):
+    """Arguments every detector takes; the family-specific ones are in the subclasses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: BackboneName = Field(default="resnet50", description="Backbone network.")
+    tiny_width: int | None = Field(
+        default=None,
+        ge=8,
+        le=256,
+        description="Channels of the first stage of the 'tiny' backbone (doubling per stage); "
+        "default 16. Only for backbone 'tiny'.",
+    )
+    backbone_weights: str | None = Field(
+        default=None,
+        description="Local state-dict file of the torchvision classification network "
+        "(e.g. ImageNet resnet50) to start the backbone from; not for 'tiny'.",
+    )
+    norm: Literal["batchnorm", "frozen_batchnorm"] = Field(
+        default="batchnorm",
+        description="Backbone normalisation. 'frozen_batchnorm' (fixed statistics, as "
+        "torchvision and mmdetection use with ImageNet weights) also loads torchvision's "
+        "detection checkpoints, which lack BatchNorm's num_batches_tracked.",
+    )
+    trainable_backbone_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Backbone stages trained, counted from the deepest (resnet/tiny 0-5, "
+        "mobilenet 0-6); the rest are frozen. Default: 3 with backbone_weights, else all.",
+    )
+    fpn_channels: int = Field(default=256, ge=8, le=1024, description="FPN output channels.")
+    min_size: int = Field(default=800, ge=16, description="Resize the short image side to this.")
+    max_size: int = Field(default=1333, ge=16, description="...unless the long side exceeds this.")
+    score_thresh: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Drop detections below this score (COCO: 0.05)."
+    )
+    detections_per_image: int = Field(default=100, gt=0, description="Keep the best N per image.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DetectorArgs:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) is below min_size ({self.min_size})")
+        if self.tiny_width is not None and self.backbone != "tiny":
+            raise ValueError(f"tiny_width applies to backbone 'tiny' only, not {self.backbone!r}")
+        if self.backbone_weights is not None and self.backbone == "tiny":
+            raise ValueError("backbone 'tiny' has no pretrained weights; drop backbone_weights")
+        limit = _MAX_TRAINABLE.get(self.backbone, 5)
+        if self.trainable_backbone_layers is not None and self.trainable_backbone_layers > limit:
+            raise ValueError(
+                f"trainable_backbone_layers is {self.trainable_backbone_layers}; {self.backbone} "
+                f"has {limit} stages"
+            )
+        return self
+
+
+class FCOSArgs(DetectorArgs):
+    head_convs: int = Field(
+        default=4, ge=0, le=8, description="3x3 conv+GroupNorm layers per head branch."
+    )
+
+    @model_validator(mode="after")
+    def _group_norm_fits(self) -> FCOSArgs:
+        if self.fpn_channels % 32:
+            raise ValueError(
+                f"fpn_channels ({self.fpn_channels}) must be a multiple of 32: the FCOS head "
+                "normalises with GroupNorm(32)"
+            )
+        return self
+
+
+class RetinaNetArgs(DetectorArgs):
+    pass
+
+
+class FasterRCNNArgs(DetectorArgs):
+    pass
+
+
+class TinyBackbone(nn.Module):
+    """A plain conv net with ResNet's stage names and strides (2, 4, 8, 16, 32).
+
+    Every stage is two 3x3 conv+norm+ReLU layers, the first strided. Naming the stages like a
+    ResNet lets the same FPN wiring and layer freezing serve both. It has no ``forward`` of its
+    own: ``BackboneWithFPN`` runs its children in order and keeps the stage outputs it needs.
+    """
+
+    def __init__(self, width: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        widths = [width, width, 2 * width, 4 * width, 8 * width]
+        self.stage_channels = widths[1:]
+        self.conv1 = _conv_block(3, widths[0], norm, stride=2, layers=1)
+        self.layer1 = _conv_block(widths[0], widths[1], norm, stride=2, layers=2)
+        self.layer2 = _conv_block(widths[1], widths[2], norm, stride=2, layers=2)
+        self.layer3 = _conv_block(widths[2], widths[3], norm, stride=2, layers=2)
+        self.layer4 = _conv_block(widths[3], widths[4], norm, stride=2, layers=2)
+
+
+def _conv_block(
+    c_in: int, c_out: int, norm: Callable[[int], nn.Module], stride: int, layers: int
+) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for index in range(layers):
+        modules += [
+            nn.Conv2d(c_in if index == 0 else c_out, c_out, 3, stride if index == 0 else 1, 1),
+            norm(c_out),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*modules)
+
+
+def _norm_layer(args: DetectorArgs) -> Callable[[int], nn.Module]:
+    return FrozenBatchNorm2d if args.norm == "frozen_batchnorm" else nn.BatchNorm2d
+
+
+def _load_backbone_weights(network: nn.Module, path: str) -> None:
+    state = read_state_dict(path, field="args.backbone_weights")
+    own = network.state_dict()
+    # BatchNorm's step counters are not weights; FrozenBatchNorm2d has none and ignores them.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise SpecError(
+            f"backbone_weights {path!r} do not fit the backbone: {len(missing)} missing keys "
+            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected keys "
+            f"({', '.join(unexpected[:3])}), {len(wrong_shape)} of the wrong shape "
+            f"({', '.join(wrong_shape[:3])}); give the state dict of the torchvision "
+            "classification network named by 'backbone'",
+            field="args.backbone_weights",
+        )
+    network.load_state_dict(state, strict=False)
+
+
+def _freeze(network: nn.Module, trainable_prefixes: list[str]) -> None:
+    for name, parameter in network.named_parameters():
+        if not any(name.startswith(prefix) for prefix in trainable_prefixes):
+            parameter.requires_grad_(False)
+
+
+def _extra_blocks(levels: Levels, channels: int) -> ExtraFPNBlock:
+    # P6/P7 from P5 (in == out channels) as torchvision's FCOS/RetinaNet builders; Faster
+    # R-CNN's P6 is a stride-2 max pool of P5.
+    return LastLevelP6P7(channels, channels) if levels == "p3-p7" else LastLevelMaxPool()
+
+
+def backbone_with_fpn(args: DetectorArgs, levels: Levels) -> BackboneWithFPN:
+    """The backbone body, frozen as asked, under an FPN giving ``levels``."""
+    norm = _norm_layer(args)
+    trainable = args.trainable_backbone_layers
+    if trainable is None:
+        trainable = 3 if args.backbone_weights else _MAX_TRAINABLE.get(args.backbone, 5)
+    first_stage = 2 if levels == "p3-p7" else 1  # ResNet layerN is C(N+1)
+    if args.backbone == "mobilenet_v3_large":
+        return _mobilenet_fpn(args, norm, trainable, levels)
+    body: nn.Module
+    if args.backbone == "tiny":
+        body = TinyBackbone(args.tiny_width or 16, norm)
+        in_channels = body.stage_channels[first_stage - 1 :]
+    else:
+        resnet = _RESNETS[args.backbone](weights=None, norm_layer=norm)
+        if args.backbone_weights:
+            _load_backbone_weights(resnet, args.backbone_weights)
+        body = resnet
+        stage2 = resnet.inplanes // 8  # 64 for BasicBlock nets, 256 for Bottleneck ones
+        in_channels = [stage2 * 2 ** (i - 1) for i in range(first_stage, 5)]
+    prefixes = list(_RESNET_STAGES[:trainable]) + (["bn1"] if trainable == 5 else [])
+    _freeze(body, prefixes)
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i}": str(k) for k, i in enumerate(range(first_stage, 5))},
+        in_channels_list=in_channels,
+        out_channels=args.fpn_channels,
+        extra_blocks=_extra_blocks(levels, args.fpn_channels),
+    )
+
+
+def _mobilenet_fpn(
+    args: DetectorArgs, norm: Callable[[int], nn.Module], trainable: int, levels: Levels
+) -> BackboneWithFPN:
+    """MobileNetV3-Large under an FPN on the last block of each stride (8/16/32, or 4-32).
+
+    torchvision's own mobilenet FPN taps the first block of the last stage and the last block,
+    two stride-32 maps; taking the end of every stride instead gives the same P3-P7/P2-P6
+    pyramid as the ResNets, so tokens and levels mean the same across backbones.
+    """
+    network = mobilenet_v3_large(weights=None, norm_layer=norm)
+    if args.backbone_weights:
+        _load_backbone_weights(network, args.backbone_weights)
+    features = network.features
+    starts = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
+    stage_ends = [start - 1 for start in starts[1:]] + [len(features) - 1]  # strides 2..32
+    first_stage = 2 if levels == "p3-p7" else 1
+    chosen = stage_ends[first_stage:]
+    freeze_before = len(features) if trainable == 0 else starts[len(starts) - trainable]
+    for block in features[:freeze_before]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+    return BackboneWithFPN(
+        features,
+        return_layers={str(index): str(k) for k, index in enumerate(chosen)},
+        in_channels_list=[features[index].out_channels for index in chosen],
+        out_channels=args.fpn_channels,
+        extra_blocks=_extra_blocks(levels, args.fpn_channels),
+    )
+
+
+@MODELS.register("fcos", args=FCOSArgs)
+def build_fcos(args: FCOSArgs, num_classes: int) -> FCOS:
+    """FCOS (anchor-free, P3-P7); tap 'backbone' for the five FPN levels."""
+    backbone = backbone_with_fpn(args, "p3-p7")
+    head = FCOSHead(args.fpn_channels, 1, num_classes + 1, num_convs=args.head_convs)
+    return FCOS(
+        backbone,
+        num_classes + 1,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        head=head,
+        score_thresh=args.score_thresh,
+        detections_per_img=args.detections_per_image,
+    )
+
+
+@MODELS.register("retinanet", args=RetinaNetArgs)
+def build_retinanet(args: RetinaNetArgs, num_classes: int) -> RetinaNet:
+    """RetinaNet (anchors, focal loss, P3-P7); tap 'backbone' for the five FPN levels."""
+    return RetinaNet(
+        backbone_with_fpn(args, "p3-p7"),
+        num_classes + 1,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        score_thresh=args.score_thresh,
+        detections_per_img=args.detections_per_image,
+    )
+
+
+@MODELS.register("fasterrcnn", args=FasterRCNNArgs)
+def build_fasterrcnn(args: FasterRCNNArgs, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN (RPN + RoI head, P2-P6); tap 'backbone' for the five FPN levels."""
+    return FasterRCNN(
+        backbone_with_fpn(args, "p2-p6"),
+        num_classes + 1,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        box_score_thresh=args.score_thresh,
+        box_detections_per_img=args.detections_per_image,
+    )
