@@ -21,5 +21,8 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 __all__ = ["DATASETS", "DatasetBuilder", "DenseDataset"]
 
+from maskd_core.data import coco as _coco  # noqa: E402,F401  (registers)
 from maskd_core.data import folder as _folder  # noqa: E402,F401  (registers)
 from maskd_core.data import procedural as _procedural  # noqa: E402,F401  (registers)
+from maskd_core.data import procedural_boxes as _procedural_boxes  # noqa: E402,F401  (registers)
+from maskd_core.data import voc as _voc  # noqa: E402,F401  (registers)
