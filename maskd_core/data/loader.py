@@ -128,6 +128,16 @@ class _PlainView(Dataset[Any]):
         return self.dataset[index]
 
 
+def _private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from this instead of the global RNG.
+
+    Otherwise every new loader iterator (a resume, each evaluation) would advance the global
+    RNG that dropout and initialisation draw from, and a resumed run would drift from an
+    uninterrupted one. Nothing here uses the base seed: samples carry their own seeds.
+    """
+    return torch.Generator().manual_seed(0)
+
+
 def train_batches(
     dataset: DenseDataset,
     task: Task,
@@ -148,6 +158,7 @@ def train_batches(
         batch_sampler=_StepBatchSampler(len(dataset), batch_size, seed, start_step),
         num_workers=num_workers,
         collate_fn=task.collate,
+        generator=_private_generator(),
     )
     yield from loader
 
@@ -162,4 +173,5 @@ def val_batches(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=task.collate,
+        generator=_private_generator(),
     )

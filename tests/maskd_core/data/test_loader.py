@@ -107,3 +107,15 @@ def test_val_batches_are_plain_ordered_and_reiterable(task: Task) -> None:
     assert [len(images) for images, _ in first] == [2, 2, 1]
     assert_same(first, second)
     assert torch.equal(first[2][0][0], dataset[4][0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loading_leaves_the_global_rng_alone(task: Task, num_workers: int) -> None:
+    """Dropout and friends draw from the global RNG; starting a loader must not advance it."""
+    dataset = shapes()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    take(dataset, task, 2, seed=0, num_workers=num_workers)
+    list(val_batches(dataset, task, batch_size=4, num_workers=num_workers))
+    assert torch.equal(torch.rand(3), expected)
