@@ -226,15 +226,11 @@ class JobStore:
         """The project a key belongs to, or None for an unknown, malformed or wrong key."""
         prefix = security.key_prefix(key)
         with self._sessions.begin() as session:
-            row = (
-                session.execute(
-                    select(ApiKey, Project)
-                    .join(Project, Project.id == ApiKey.project_id)
-                    .where(ApiKey.prefix == (prefix or ""))
-                )
-                .tuples()
-                .one_or_none()
-            )
+            row = session.execute(
+                select(ApiKey, Project)
+                .join(Project, Project.id == ApiKey.project_id)
+                .where(ApiKey.prefix == (prefix or ""))
+            ).one_or_none()
         if row is None:
             security.key_matches(key, _UNKNOWN_KEY_HASH)
             return None
@@ -558,7 +554,9 @@ class JobStore:
         with self._sessions.begin() as session:
             return list(
                 session.scalars(
-                    select(Job.id).where(or_(stale_queued, lost_running)).order_by(Job.created_at)
+                    select(Job.id)
+                    .where(or_(stale_queued, lost_running))
+                    .order_by(Job.created_at, Job.id)
                 )
             )
 
