@@ -13,13 +13,13 @@ with any number of loader workers, and no sampler or RNG state has to be checkpo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maskd_core.data._seeding import derive_seed, generator_for
+from maskd_core.data._seeding import SeededPermutation, derive_seed
 from maskd_core.data.base import DenseDataset
 from maskd_core.errors import SpecError
 from maskd_core.tasks.base import Batch, Task
@@ -32,11 +32,17 @@ a generator even when their other parts coincide."""
 
 
 class DatasetSubset(DenseDataset):
-    """The samples of ``base`` at ``indices``, augmented the way ``base`` augments."""
+    """Positions ``start <= p < stop`` of a seeded permutation of ``base``, augmented the way
+    ``base`` augments. Holds no index list, so splitting a lazily generated dataset of any size
+    costs nothing."""
 
-    def __init__(self, base: DenseDataset, indices: Sequence[int]) -> None:
+    def __init__(
+        self, base: DenseDataset, permutation: SeededPermutation, start: int, stop: int
+    ) -> None:
         self.base = base
-        self.indices = list(indices)
+        self.permutation = permutation
+        self.start = start
+        self.stop = stop
         self.num_classes = base.num_classes
 
     # A subset's task is its base's, known per instance rather than per class.
@@ -44,11 +50,17 @@ class DatasetSubset(DenseDataset):
     def task(self) -> str:  # type: ignore[override]
         return self.base.task
 
+    def base_index(self, index: int) -> int:
+        """The index in ``base`` of this subset's sample ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a subset of {len(self)}")
+        return self.permutation[self.start + index]
+
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.stop - self.start
 
     def __getitem__(self, index: int) -> Any:
-        return self.base[self.indices[index]]
+        return self.base[self.base_index(index)]
 
     def augment(self, sample: Any, generator: torch.Generator) -> Any:
         return self.base.augment(sample, generator)
@@ -68,8 +80,10 @@ def split_dataset(
             field="dataset",
         )
     val_count = min(max(round(total * val_fraction), 1), total - 1)
-    order = torch.randperm(total, generator=generator_for(_SPLIT_STREAM, seed)).tolist()
-    return DatasetSubset(dataset, order[val_count:]), DatasetSubset(dataset, order[:val_count])
+    order = SeededPermutation(total, _SPLIT_STREAM, seed)
+    return DatasetSubset(dataset, order, val_count, total), DatasetSubset(
+        dataset, order, 0, val_count
+    )
 
 
 class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -81,23 +95,19 @@ class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.seed = seed
         self.start_step = start_step
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        generator = generator_for(_EPOCH_STREAM, self.seed, epoch)
-        order: list[int] = torch.randperm(self.length, generator=generator).tolist()
-        return order
-
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
-        epoch, order = -1, []
+        order: SeededPermutation | None = None
+        order_epoch = 0
         while True:
             batch = []
             for position in range(self.batch_size):
-                sample_number = step * self.batch_size + position
-                if sample_number // self.length != epoch:
-                    epoch = sample_number // self.length
-                    order = self._epoch_order(epoch)
+                epoch, offset = divmod(step * self.batch_size + position, self.length)
+                if order is None or epoch != order_epoch:
+                    order = SeededPermutation(self.length, _EPOCH_STREAM, self.seed, epoch)
+                    order_epoch = epoch
                 sample_seed = derive_seed(_AUGMENT_STREAM, self.seed, step, position)
-                batch.append((order[sample_number % self.length], sample_seed))
+                batch.append((order[offset], sample_seed))
             yield batch
             step += 1
 

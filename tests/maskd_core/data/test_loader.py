@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maskd_core.data import DATASETS, DenseDataset
+from maskd_core.data._seeding import SeededPermutation
 from maskd_core.data.loader import split_dataset, train_batches, val_batches
 from maskd_core.errors import SpecError
 from maskd_core.tasks import TASKS, Task
@@ -41,11 +42,33 @@ def test_split_is_a_seeded_partition() -> None:
     dataset = shapes(20)
     train, val = split_dataset(dataset, 0.25, seed=3)
     assert (len(train), len(val)) == (15, 5)
-    assert sorted(train.indices + val.indices) == list(range(20))
-    assert split_dataset(dataset, 0.25, seed=3)[1].indices == val.indices
-    assert split_dataset(dataset, 0.25, seed=4)[1].indices != val.indices
+    train_indices = [train.base_index(i) for i in range(15)]
+    val_indices = [val.base_index(i) for i in range(5)]
+    assert sorted(train_indices + val_indices) == list(range(20))
+    again, other = split_dataset(dataset, 0.25, seed=3)[1], split_dataset(dataset, 0.25, seed=4)[1]
+    assert [again.base_index(i) for i in range(5)] == val_indices
+    assert [other.base_index(i) for i in range(5)] != val_indices
     assert train.task == "segmentation" and train.num_classes == dataset.num_classes
-    assert torch.equal(val[0][0], dataset[val.indices[0]][0])
+    assert torch.equal(val[0][0], dataset[val_indices[0]][0])
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 64, 1000, 1025])
+def test_seeded_permutation_is_a_bijection_that_depends_on_the_seed(length: int) -> None:
+    orders = [[SeededPermutation(length, seed)[i] for i in range(length)] for seed in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(length))
+    if length >= 7:
+        assert orders[0] != orders[1] != orders[2]
+
+
+def test_huge_datasets_split_and_batch_without_index_lists(task: Task) -> None:
+    huge = DATASETS.get("procedural_shapes")(
+        DATASETS.parse_args("procedural_shapes", {"num_samples": 10**9, "image_size": 16}), 0
+    )
+    train, val = split_dataset(huge, 0.2, seed=0)
+    assert (len(train), len(val)) == (800_000_000, 200_000_000)
+    images, _ = next(train_batches(train, task, 2, seed=0, start_step=10**8))
+    assert images.shape == (2, 3, 16, 16)
 
 
 def test_split_keeps_a_sample_on_each_side_and_refuses_one_sample() -> None:
