@@ -12,6 +12,7 @@ from torch import nn
 
 from maskd_core.data.loader import split_dataset, train_batches, val_batches
 from maskd_core.models import MODELS
+from maskd_core.runner import run_job, train_teacher
 from maskd_core.spec import JobSpec
 from maskd_core.stages import TrainContext, build_aligns, run_stage1, run_stage2
 from maskd_core.taps import Taps
@@ -275,3 +276,21 @@ def test_both_stages_cover_every_fpn_level_and_stage1_trains_only_the_tokens(
     assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key]), key
+
+
+def test_a_detection_job_runs_end_to_end_with_a_trained_teacher(tmp_path: Path) -> None:
+    spec = detection_spec()
+    teacher_file = tmp_path / "teacher.pt"
+    teacher_metrics = train_teacher(spec, teacher_file, iterations=2)
+    assert "teacher_map" in teacher_metrics
+    job = spec.model_copy(
+        update={"teacher": spec.teacher.model_copy(update={"weights": str(teacher_file)})}
+    )
+    result = run_job(job, tmp_path / "job", baseline=True)
+    metrics = result.summary["metrics"]
+    for name in ("teacher", "masked_teacher", "student", "baseline"):
+        assert 0.0 <= metrics[f"{name}_map"] <= 1.0
+    assert metrics["teacher_map"] == pytest.approx(teacher_metrics["teacher_map"])
+    assert result.summary["primary_metric"] == "map"
+    assert result.student_path.is_file() and result.tokens_path.is_file()
+    assert len(result.summary["plan"]["levels"]) == 5
