@@ -12,6 +12,7 @@ REGISTERING step) and the stage-1 token reuse (``stage1_fingerprint``, ``reuse_s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 # Set before MLflow is imported anywhere in this process: see service/registry.py.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -42,6 +44,7 @@ from mlflow.utils.validation import (
 )
 
 from maskd_core.callbacks import Callback, Stage
+from maskd_core.errors import JobCancelled
 from maskd_core.spec import JobSpec
 from service.registry import (
     CANDIDATE_ALIAS,
@@ -153,6 +156,35 @@ def _metric_key(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # The tracker
 
+P = ParamSpec("P")
+TrackerT = TypeVar("TrackerT", bound="MlflowTracker")
+
+
+def _best_effort(
+    method: Callable[Concatenate[TrackerT, P], None],
+) -> Callable[Concatenate[TrackerT, P], None]:
+    """Logs and swallows MLflow failures inside the training loop.
+
+    The client already retries transient HTTP errors; what still fails means the tracking
+    server is down for a while, and that must not cost hours of training. The job's state and
+    metrics live in SQL regardless, and registration (not best effort) fails the job if MLflow
+    is still unreachable at the end.
+    """
+
+    @functools.wraps(method)
+    def guarded(tracker: TrackerT, /, *args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(tracker, *args, **kwargs)
+        except Exception:
+            logger.warning(
+                "job %s: MLflow %s failed; training continues without it",
+                tracker.job_id,
+                method.__name__,
+                exc_info=True,
+            )
+
+    return guarded
+
 
 class MlflowTracker(Callback):
     """Logs one job to MLflow: parent run, a nested run per stage, curves, masks, tokens.
@@ -255,6 +287,7 @@ class MlflowTracker(Callback):
 
     # -- callbacks ----------------------------------------------------------------------------
 
+    @_best_effort
     def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
         self._totals[stage] = total_steps
         self._every[stage] = max(1, math.ceil(total_steps / self._max_points))
@@ -263,6 +296,7 @@ class MlflowTracker(Callback):
             self._stage_runs[stage] = run_id
             self._running.add(run_id)
 
+    @_best_effort
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         every = self._every.get(stage, 1)
         if step % every and step != self._totals.get(stage):
@@ -274,17 +308,20 @@ class MlflowTracker(Callback):
         ):
             self.flush()
 
+    @_best_effort
     def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         """Evaluations are rare and what users wait for, so they are sent at once."""
         self._queue(stage, step, metrics)
         self.flush()
 
+    @_best_effort
     def on_masks(self, stage: Stage, step: int, images: Mapping[str, np.ndarray]) -> None:
         run_id = self._run_for(stage)
         for name, image in images.items():
             key = _metric_key(f"masks/{name}")
             self.client.log_image(run_id, image, key=key, step=step)
 
+    @_best_effort
     def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
         """Files go on their stage's run; the student's weights travel in the model instead."""
         if path.name == WEIGHTS_FILE or not path.is_file():
@@ -294,6 +331,7 @@ class MlflowTracker(Callback):
             return
         self.client.log_artifact(self._run_for(stage), str(path))
 
+    @_best_effort
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         """Ends the stage's run; its last step's metrics were already logged by ``on_step``."""
         self.flush()
@@ -313,6 +351,27 @@ class MlflowTracker(Callback):
                 RunTag(REUSED_FROM_RUN_TAG, reused.run_id),
             ],
         )
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Ends the runs as the job ended: FINISHED, KILLED (cancelled) or FAILED."""
+        if exc is None:
+            status = "FINISHED"
+        else:
+            status = "KILLED" if isinstance(exc, JobCancelled) else "FAILED"
+        try:
+            self.finish(status)
+        except Exception:
+            if exc is None:
+                raise
+            logger.warning("job %s: could not end its MLflow runs", self.job_id, exc_info=True)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the job's runs: FINISHED, FAILED or KILLED (cancelled). Safe to call twice."""
