@@ -239,6 +239,12 @@ class JobStore:
             return None
         return _project_record(project)
 
+    def get_project(self, project_id: str) -> ProjectRecord | None:
+        """The project by id: workers need its name, the tenant key in MLflow's registry."""
+        with self._sessions.begin() as session:
+            project = session.get(Project, project_id)
+            return None if project is None else _project_record(project)
+
     def _project_by_name(self, name: str) -> ProjectRecord | None:
         with self._sessions.begin() as session:
             project = session.scalars(select(Project).where(Project.name == name)).one_or_none()
