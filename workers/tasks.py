@@ -17,8 +17,10 @@ import os
 import socket
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,6 +36,7 @@ from workers.reporting import StoreReporter, format_metrics
 
 if TYPE_CHECKING:
     from maskd_core.runner import JobResult
+    from workers.tracking import MlflowTracker
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,14 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
     try:
         with lease:
             return _run_claimed(
-                store, settings, job_id, worker_id, record.spec, record.state, lease
+                store,
+                settings,
+                job_id,
+                worker_id,
+                record.spec,
+                record.state,
+                lease,
+                project_id=record.project_id,
             )
     finally:
         store.release_lease(job_id, worker_id)
@@ -99,6 +109,8 @@ def _run_claimed(
     spec: JobSpec,
     state: JobState,
     lease: LeaseKeeper,
+    *,
+    project_id: str,
 ) -> str:
     workdir = settings.jobs_dir / job_id
     workdir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +133,11 @@ def _run_claimed(
     from maskd_core.runner import run_job as run_core_job
 
     try:
-        result = run_core_job(spec, workdir, callbacks=[reporter])
-        return _register(store, job_id, worker_id, result)
+        with _tracked(store, settings, job_id, project_id, spec, workdir) as (tracker, resolved):
+            result = run_core_job(resolved, workdir, callbacks=[reporter, tracker])
+            return _register(
+                store, job_id, worker_id, result, publish=_publisher(settings, tracker)
+            )
     except JobCancelled as stopped:
         if lease.stop_reason is StopReason.LEASE_LOST:
             logger.warning("job %s: stopped at %s after losing the lease", job_id, stopped)
@@ -154,10 +169,22 @@ def _run_claimed(
         return fail(FailureKind.INFRASTRUCTURE, f"{type(error).__name__}: {error}")
 
 
-def _register(store: JobStore, job_id: str, worker_id: str, result: JobResult) -> str:
-    """Records where the outputs are and the summary metrics, then marks the job succeeded."""
+def _register(
+    store: JobStore,
+    job_id: str,
+    worker_id: str,
+    result: JobResult,
+    publish: Callable[[JobResult], dict[str, Any]] | None = None,
+) -> str:
+    """Records where the outputs are and the summary metrics, then marks the job succeeded.
+
+    ``publish`` (the MLflow registration) runs in REGISTERING; what it returns joins the
+    job's outputs.
+    """
     if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
         return "lease_lost"
+    if publish is not None:
+        store.record_outputs(job_id, publish(result))
     metrics = {name: float(value) for name, value in result.metrics.items()}
     files = {
         "student": result.student_path,
@@ -174,3 +201,63 @@ def _register(store: JobStore, job_id: str, worker_id: str, result: JobResult) -
         message=f"succeeded: {format_metrics(metrics)}",
     )
     return JobState.SUCCEEDED.value
+
+
+@contextmanager
+def _tracked(
+    store: JobStore,
+    settings: Settings,
+    job_id: str,
+    project_id: str,
+    spec: JobSpec,
+    workdir: Path,
+) -> Iterator[tuple[MlflowTracker, JobSpec]]:
+    """MLflow around one run: registry weights resolved, stage 1 reused if it can be, and the
+    tracker whose runs end as the job ends.
+
+    Yields the tracker and the spec to run (``models:/`` weights replaced by cached files).
+    """
+    from service.model_uris import resolve_registry_weights
+    from workers.tracking import MlflowTracker, experiment_name, reuse_stage1_tokens
+
+    project = store.get_project(project_id)
+    if project is None:
+        raise RuntimeError(f"job {job_id} belongs to unknown project {project_id}")
+    uri = settings.mlflow_tracking_uri
+    resolved = resolve_registry_weights(spec, project.name, uri, settings.data_dir / "model-cache")
+    reused = reuse_stage1_tokens(uri, project.name, resolved, workdir)
+    with MlflowTracker(
+        uri,
+        experiment=experiment_name(project.name),
+        job_id=job_id,
+        project=project.name,
+        spec=resolved,
+        source_spec=spec,
+        workdir=workdir,
+        artifact_root=settings.data_dir / "mlartifacts",
+    ) as tracker:
+        if reused is not None:
+            tracker.mark_stage1_reused(reused)
+            store.add_event(job_id, f"stage 1 reused from job {reused.job_id}")
+        yield tracker, resolved
+
+
+def _publisher(settings: Settings, tracker: MlflowTracker) -> Callable[[JobResult], dict[str, Any]]:
+    """Registers the student on the job's MLflow run; returns the links for the job outputs."""
+    from workers.tracking import log_and_register_student
+
+    def publish(result: JobResult) -> dict[str, Any]:
+        version = log_and_register_student(
+            settings.mlflow_tracking_uri,
+            tracker.run_id,
+            tracker.project,
+            tracker.spec,
+            result.workdir,
+            result.metrics,
+        )
+        return {
+            "mlflow": {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id},
+            "model": {"name": version.name, "version": version.version, "uri": version.uri},
+        }
+
+    return publish
