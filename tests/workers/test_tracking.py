@@ -353,3 +353,43 @@ def test_tracking_over_the_server_serves_artifacts(
         PROJECT, version.name, version.version, tmp_path / "cache"
     )
     assert weights.read_bytes() == (job.workdir / "student.pt").read_bytes()
+
+
+def test_the_worker_task_tracks_reuses_and_registers(job: TrackedJob, tmp_path: Path) -> None:
+    """``maskd.run_job``'s body end to end: the second job of the project reuses stage 1."""
+    from service.config import Settings
+    from service.db import make_engine, make_sessionmaker, upgrade_to_head
+    from service.lifecycle import JobState
+    from service.store import JobStore
+    from workers.tasks import execute_job
+
+    database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
+    upgrade_to_head(database_url)
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "var",
+        mlflow_tracking_uri=job.tracking_uri,
+    )
+    engine = make_engine(database_url)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        project = store.create_project(PROJECT)
+        spec = tiny_spec(job.root / "teacher.pt", name="via-worker", stage2={"iterations": 2})
+        created, _ = store.create_job(project.id, spec)
+        assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
+        record = store.get_job_unscoped(created.id)
+        assert record is not None
+        assert record.state is JobState.SUCCEEDED
+        events = [event.message for event in store.list_events(project.id, created.id)]
+    finally:
+        engine.dispose()
+    assert "stage 1 reused from job job-1" in events
+    model = record.outputs["model"]
+    assert model["name"] == f"{PROJECT}.via-worker-student"
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    version = client.get_model_version(model["name"], model["version"])
+    assert version.tags["maskd.job_id"] == created.id
+    assert version.tags[REUSED_FROM_JOB_TAG] == "job-1"
+    run = client.get_run(record.outputs["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["name"] == "via-worker"
