@@ -23,8 +23,11 @@ from kombu.exceptions import OperationalError as BrokerError
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
 from service.api.deps import CurrentProject, DispatcherDep, SettingsDep, StoreDep
+from service.api.routes.models import model_cache_dir
 from service.api.schemas import EventOut, EventPage, JobOut, JobPage
+from service.config import Settings
 from service.lifecycle import JobState
+from service.model_uris import resolve_registry_weights
 from service.store import (
     IdempotencyConflict,
     InvalidCursor,
@@ -49,8 +52,12 @@ def job_not_found(job_id: str) -> HTTPException:
     )
 
 
-def validate_spec(spec: JobSpec) -> None:
+def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
     """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
+
+    ``models:/`` weights are checked against the project's registry and validated as the
+    downloaded files; the stored spec keeps the URIs (the worker resolves them again, as an
+    alias may move before the job runs).
 
     Imported here rather than at module level because it pulls in torch, which the API should
     only load once a job is actually submitted.
@@ -58,7 +65,11 @@ def validate_spec(spec: JobSpec) -> None:
     from maskd_core.validate import validate_job
 
     try:
-        validate_job(spec)
+        validate_job(
+            resolve_registry_weights(
+                spec, project, settings.mlflow_tracking_uri, model_cache_dir(settings)
+            )
+        )
     except SpecError as error:
         loc = ["body", *error.field.split(".")] if error.field else ["body"]
         raise RequestValidationError(
@@ -80,6 +91,7 @@ def submit_job(
     project: CurrentProject,
     store: StoreDep,
     dispatcher: DispatcherDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -95,7 +107,7 @@ def submit_job(
     Nothing is stored when validation fails. If the broker is unreachable the job is still
     accepted: it stays QUEUED and the reconciler sends it once the broker is back.
     """
-    validate_spec(spec)
+    validate_spec(spec, project.name, settings)
     try:
         job, created = store.create_job(project.id, spec, idempotency_key)
     except IdempotencyConflict as error:
