@@ -190,3 +190,28 @@ def test_another_project_gets_404_for_everything(
         ).status_code
         == 404
     )
+
+
+def test_jobs_take_teacher_weights_from_their_own_registry(models_api: ModelsApi) -> None:
+    uri = f"models:/{models_api.version.name}@candidate"
+    body = {
+        "name": "from-registry",
+        "teacher": {
+            "arch": "seg_tiny_student",
+            "args": {"base_channels": 4, "context_blocks": 0},
+            "weights": uri,
+            "layers": ["head"],
+        },
+        "student": {"arch": "seg_tiny_student", "layers": ["head"]},
+        "dataset": {"args": {"num_samples": 4, "image_size": 32}},
+        "stage1": {"iterations": 1},
+        "stage2": {"iterations": 1},
+        "batch_size": 2,
+    }
+    accepted = models_api.http.post("/v1/jobs", json=body, headers=models_api.acme)
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["spec"]["teacher"]["weights"] == uri
+
+    refused = models_api.http.post("/v1/jobs", json=body, headers=models_api.globex)
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "teacher", "weights"]
