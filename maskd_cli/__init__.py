@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from maskd_cli import core_commands, service_commands
+from maskd_cli import core_commands, mlflow_command, service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     core_commands.register(subparsers)
     service_commands.register(subparsers)
+    mlflow_command.register(subparsers)
     return parser
 
 
