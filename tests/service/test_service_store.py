@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from service_fakes import FakeClock, make_spec
+from service_testkit import FakeClock, make_spec
 from sqlalchemy import text
 
 from service.db import make_engine

@@ -1,0 +1,1 @@
+"""Test packages; this file puts the repository root (not tests/) on sys.path for conftest."""
