@@ -36,14 +36,15 @@ _unavailable_services: dict[str, str] = {}
 
 def _service_unavailable(name: str, url: str, error: Exception, how_to_start: str) -> None:
     """Skip (or, with MASKD_REQUIRE_SERVICES=1, fail) the test, saying how to fix it."""
+    required = os.environ.get("MASKD_REQUIRE_SERVICES") == "1"
+    reason = str(error).splitlines()[0]
     message = (
-        f"{name.upper()} NOT REACHABLE at {url} ({type(error).__name__}: {error}). "
-        f"Tests that need it are SKIPPED. Start it with:  {how_to_start}  "
-        f"(or point MASKD_TEST_{name.upper()}_URL elsewhere; set MASKD_REQUIRE_SERVICES=1 "
-        "to make this a failure)"
+        f"{name.upper()} NOT REACHABLE at {url} ({type(error).__name__}: {reason}). "
+        f"Tests that need it {'FAIL (MASKD_REQUIRE_SERVICES=1)' if required else 'are SKIPPED'}. "
+        f"Start it with:  {how_to_start}  (or point MASKD_TEST_{name.upper()}_URL elsewhere)"
     )
     _unavailable_services[name] = message
-    if os.environ.get("MASKD_REQUIRE_SERVICES") == "1":
+    if required:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
