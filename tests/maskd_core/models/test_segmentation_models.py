@@ -10,6 +10,7 @@ from torch import nn
 
 from maskd_core.errors import SpecError
 from maskd_core.models import MODELS
+from maskd_core.models.segmentation import DilatedResidualBlock
 
 TORCHVISION_NAMES = [
     "deeplabv3_resnet50",
@@ -104,3 +105,10 @@ def test_resnet_classifier_gives_stride_8_logits() -> None:
     outputs = capture(model, ["backbone.layer4", "classifier"], torch.randn(1, 3, 64, 64))
     assert outputs["backbone.layer4"].shape == (1, 2048, 8, 8)
     assert outputs["classifier"].shape == (1, 4, 8, 8)
+
+
+def test_context_blocks_start_as_the_identity() -> None:
+    block = DilatedResidualBlock(8, dilation=2, norm="batchnorm").eval()
+    features = torch.rand(2, 8, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(block(features), features)
