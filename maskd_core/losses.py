@@ -6,6 +6,8 @@ are sums over every pixel of a feature map, which half precision cannot hold acc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 DICE_EPS = 1e-12
@@ -31,6 +33,29 @@ def dice_diversity(masks: torch.Tensor) -> torch.Tensor:
         return dice[:, off_diagonal].mean()
 
 
+class _ChannelMeanSquaredError(torch.autograd.Function):
+    """D[n,hw] = mean_c (S−F)², keeping only S−F alive for the backward pass.
+
+    Autograd through ``(S − F).pow(2).mean(1)`` holds the difference and its square, and its
+    backward builds further [N,C,H,W] temporaries; these dominate the loss's memory on large
+    FPN levels. Here the forward takes a norm (no squared copy) and the backward writes the
+    student's gradient directly.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        diff = student - teacher
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff, dim=1).pow(2) / diff.shape[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (diff,) = ctx.saved_tensors
+        grad_student = diff * (grad * (2.0 / diff.shape[1])).unsqueeze(1)
+        grad_teacher = -grad_student if ctx.needs_input_grad[1] else None
+        return grad_student if ctx.needs_input_grad[0] else None, grad_teacher
+
+
 def maskd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -47,7 +72,8 @@ def maskd_loss(
     """
     n, t = masks.shape[:2]
     with torch.autocast(student.device.type, enabled=False):
-        error = (student.float() - teacher.float()).pow(2).mean(dim=1).reshape(n, -1)  # [N,HW]
+        error: torch.Tensor = _ChannelMeanSquaredError.apply(student.float(), teacher.float())
+        error = error.reshape(n, -1)  # [N,HW]
         flat = masks.float().reshape(n, t, -1)  # [N,T,HW]
         per_token = torch.einsum("nth,nh->nt", flat.pow(2), error) / (flat.sum(dim=2) + eps)
         if weights is None:

@@ -1,0 +1,138 @@
+"""Stage-2 step time ÷ (teacher no-grad forward + student training step), target ≤ 1.05.
+
+The denominator is the least any feature distillation must do each step: a teacher forward
+without gradients and an ordinary student training step. The numerator is ``run_stage2``'s real
+loop (taps, aligns, masks, custom masks, token weights, the MasKD loss, LR setting, callbacks),
+on the same pre-made batches so that data loading is left out of both. Rounds of the two
+alternate and the medians of per-step times are compared, which keeps a shared machine's load
+drift out of the ratio.
+
+    .venv/bin/python bench/stage2_overhead.py [--rounds 5 --steps 20 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from maskd_core.callbacks import Callback
+from maskd_core.data import DATASETS
+from maskd_core.models import MODELS
+from maskd_core.optim import build_optimizer
+from maskd_core.spec import JobSpec
+from maskd_core.stages import TrainContext, run_stage2
+from maskd_core.tasks import TASKS
+from maskd_core.tokens import TokenSet
+from maskd_core.validate import validate_job
+
+
+class StepClock(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        self.times.append(time.perf_counter())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    spec = JobSpec.model_validate(
+        {
+            "teacher": {"arch": "seg_tiny_teacher", "layers": ["backbone", "head"]},
+            "student": {"arch": "seg_tiny_student", "layers": ["backbone", "head"]},
+            "dataset": {"args": {"num_samples": 64, "image_size": args.image_size}},
+            "stage1": {"iterations": 1, "mask_weighting": True},
+            "stage2": {
+                "iterations": args.steps + 1,
+                "custom_mask": True,
+                "custom_mask_warmup": 0,
+            },
+            "device": args.device,
+            "batch_size": args.batch_size,
+        }
+    )
+    plan = validate_job(spec)
+    task = TASKS.get("segmentation")()
+    dataset_args = DATASETS.parse_args("procedural_shapes", spec.dataset.args)
+    dataset = DATASETS.get("procedural_shapes")(dataset_args, 0)
+    batches = [
+        task.to_device(
+            task.collate(
+                [dataset[(i * args.batch_size + j) % len(dataset)] for j in range(args.batch_size)]
+            ),
+            device,
+        )
+        for i in range(4)
+    ]
+
+    def build(name: str) -> torch.nn.Module:
+        return MODELS.get(name)(MODELS.parse_args(name, {}), plan.num_classes).to(device)
+
+    teacher = build("seg_tiny_teacher").eval().requires_grad_(False)
+    tokens = TokenSet([lv.teacher_channels for lv in plan.levels], 8, weighting=True)
+
+    def cycle(start: int) -> Iterator[Any]:
+        return itertools.cycle(batches)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def maskd_steps() -> list[float]:
+        clock = StepClock()
+        ctx = TrainContext(spec, task, cycle, lambda: batches[:1], device, clock)
+        run_stage2(ctx, teacher, build("seg_tiny_student"), tokens, plan, None)
+        return [b - a for a, b in itertools.pairwise(clock.times)]  # first step is warm-up
+
+    def reference_steps() -> list[float]:
+        student = build("seg_tiny_student").train()
+        optimizer = build_optimizer(student.parameters(), spec.stage2.optimizer)
+        times = []
+        for batch in itertools.islice(itertools.cycle(batches), args.steps + 1):
+            with torch.no_grad():
+                task.forward(teacher, batch)
+            loss, _ = task.training_loss(student, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            sync()
+            times.append(time.perf_counter())
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    ours: list[float] = []
+    reference: list[float] = []
+    for _ in range(args.rounds):
+        ours += maskd_steps()
+        reference += reference_steps()
+    ratio = statistics.median(ours) / statistics.median(reference)
+    print(
+        f"seg_tiny_teacher → seg_tiny_student, taps backbone+head (2 levels, conv1x1 aligns, "
+        f"8 tokens, weighting, custom masks), batch {args.batch_size} at {args.image_size}px, "
+        f"{args.device}, {args.rounds}×{args.steps} steps each"
+    )
+    print(
+        f"stage-2 step {1000 * statistics.median(ours):.1f} ms, teacher no-grad forward + "
+        f"student step {1000 * statistics.median(reference):.1f} ms, ratio {ratio:.3f} "
+        "(target <= 1.05)"
+    )
+
+
+if __name__ == "__main__":
+    main()
