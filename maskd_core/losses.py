@@ -46,7 +46,8 @@ class _ChannelMeanSquaredError(torch.autograd.Function):
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         diff = student - teacher
         ctx.save_for_backward(diff)
-        return torch.linalg.vector_norm(diff, dim=1).pow(2) / diff.shape[1]
+        norm: torch.Tensor = torch.linalg.vector_norm(diff, dim=1)
+        return norm.pow(2) / diff.shape[1]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
