@@ -98,7 +98,7 @@ def _context(spec: JobSpec, task: Task, dataset: DenseDataset, callbacks: Callba
 
 def _evaluate(ctx: TrainContext, model: nn.Module, name: str, step: int) -> dict[str, float]:
     """Evaluate and report ``model``; metric names are prefixed by what was evaluated."""
-    metrics = {f"{name}_{k}": v for k, v in ctx.evaluate(model).items()}
+    metrics = ctx.evaluate(model, name)
     ctx.callbacks.on_eval("eval", step, metrics)
     return metrics
 
@@ -175,10 +175,7 @@ def _stage1(
 def _evaluate_masked(
     ctx: TrainContext, teacher: nn.Module, tokens: TokenSet, plan: JobPlan
 ) -> dict[str, float]:
-    metrics = {
-        f"masked_teacher_{k}": v
-        for k, v in evaluate_masked_teacher(ctx, teacher, tokens, plan).items()
-    }
+    metrics = evaluate_masked_teacher(ctx, teacher, tokens, plan)
     ctx.callbacks.on_eval("stage1", ctx.spec.stage1.iterations, metrics)
     return metrics
 

@@ -109,8 +109,12 @@ class TrainContext:
         dtype = torch.float16 if self.spec.mixed_precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """The task's metrics for ``model`` in eval mode on (at most max_eval_batches of) val."""
+    def evaluate(self, model: nn.Module, name: str) -> dict[str, float]:
+        """The task's metrics for ``model`` in eval mode on (at most max_eval_batches of) val.
+
+        Metric names are prefixed by ``name`` (``student_miou``), so reports from different
+        models of one job never collide.
+        """
         was_training = model.training
         model.eval()
         batches: Iterable[Batch] = self.val_batches()
@@ -119,7 +123,7 @@ class TrainContext:
         with torch.no_grad():
             metrics = self.task.evaluate(model, batches, self.device)
         model.train(was_training)
-        return metrics
+        return {f"{name}_{key}": value for key, value in metrics.items()}
 
 
 @dataclass
@@ -271,7 +275,7 @@ def run_stage1(
             optimizer_spec=spec.optimizer,
             iterations=spec.iterations,
             checkpoint=checkpoint,
-            evaluate=lambda: ctx.evaluate(teacher),
+            evaluate=lambda: ctx.evaluate(teacher, "masked_teacher"),
         )
 
 
@@ -304,7 +308,7 @@ def evaluate_masked_teacher(
     """The teacher's metrics when its head sees only masked features (the stage-1 check)."""
     tokens.to(ctx.device)
     with masking(teacher, ctx.spec.teacher.layers, tokens, plan), torch.no_grad():
-        return ctx.evaluate(teacher)
+        return ctx.evaluate(teacher, "masked_teacher")
 
 
 def build_aligns(plan: JobPlan, kind: str) -> nn.ModuleList:
@@ -395,7 +399,7 @@ def run_stage2(
             optimizer_spec=spec.optimizer,
             iterations=spec.iterations,
             checkpoint=checkpoint,
-            evaluate=lambda: ctx.evaluate(student),
+            evaluate=lambda: ctx.evaluate(student, "student"),
         )
 
 
@@ -423,5 +427,5 @@ def train_supervised(
         optimizer_spec=optimizer_spec,
         iterations=iterations,
         checkpoint=checkpoint,
-        evaluate=lambda: ctx.evaluate(model),
+        evaluate=lambda: ctx.evaluate(model, stage),
     )
