@@ -149,9 +149,8 @@ def train_teacher_command(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.job)
-        metrics = train_teacher(spec, args.out, args.iterations, _progress())
+        train_teacher(spec, args.out, args.iterations, _progress())  # progress prints metrics
     except SpecError as error:
         return _report_spec_error(error)
-    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"teacher weights written to {args.out}")
     return 0
