@@ -163,6 +163,8 @@ def _print_result(job: Mapping[str, Any], seconds: float) -> None:
             print(f"      {name:<20} {metrics[name]:.3f}")
     for name, path in job["outputs"].get("files", {}).items():
         print(f"      {name:<20} {path}")
+    if "model" in job["outputs"]:
+        print(f"      {'registered model':<20} {job['outputs']['model']['uri']}")
 
 
 class _StepPrinter(Callback):

@@ -164,6 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
         upgrade_to_head(settings.database_url)
     engine, store = open_store(settings)
     worker = start_worker_subprocess() if args.embedded else None
+    if worker is not None:
+        logger.info("started a Celery worker subprocess, pid %d", worker.pid)
     dispatcher = Dispatcher(make_celery_app(settings, name="maskd-reconciler"), store)
     _thread, stop_reconciler = start_reconciler_thread(store, dispatcher, settings)
     try:
