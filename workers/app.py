@@ -1,9 +1,15 @@
 """The Celery application that GPU workers run: ``celery -A workers.app worker -Q gpu -c 1``.
 
-Broker, queues, time limits and acknowledgement settings come from
-``service.dispatch.celery_config`` so the API (which sends) and the workers (which receive)
-cannot disagree. What is set here concerns only the receiving side: one fresh child process
-per job, so CUDA contexts and leaked host memory die with the job.
+Broker, queues, acknowledgement, prefetch and process-recycling settings come from
+``service.dispatch.celery_config``, so the API (which sends) and the workers (which receive)
+cannot disagree. The one thing changed here is the receiving side's soft time limit, because a
+job gets three chances to end on time, from gentlest to hardest:
+
+1. at ``job_soft_time_limit_seconds`` the lease keeper asks the training loop to stop; it
+   writes a checkpoint and the job ends FAILED (timeout);
+2. halfway from there to the hard limit Celery's soft limit raises ``SoftTimeLimitExceeded``,
+   in case the loop stopped polling (stuck in an evaluation, say);
+3. at ``job_time_limit_seconds`` Celery kills the process.
 
 This module must stay free of torch: the prefork parent imports it before forking children.
 """
@@ -12,14 +18,17 @@ from __future__ import annotations
 
 from celery import Celery
 
-from service.config import get_settings
+from service.config import Settings, get_settings
 from service.dispatch import celery_config
 
+
+def backstop_soft_time_limit(settings: Settings) -> int:
+    """Celery's soft limit: after the cooperative stop, with time left before the hard kill."""
+    soft, hard = settings.job_soft_time_limit_seconds, settings.job_time_limit_seconds
+    return soft + (hard - soft) // 2
+
+
+settings = get_settings()
 app = Celery("maskd", include=["workers.tasks"])
-app.conf.update(celery_config(get_settings()))
-app.conf.update(
-    # Reserve exactly one job per process (acks_late + multiplier 1): a long GPU job must not
-    # hold a second one hostage in its prefetch buffer.
-    worker_prefetch_multiplier=1,
-    worker_max_tasks_per_child=1,
-)
+app.conf.update(celery_config(settings))
+app.conf.update(task_soft_time_limit=backstop_soft_time_limit(settings))

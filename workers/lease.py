@@ -2,9 +2,14 @@
 
 The database, not the broker, decides who runs a job: a worker holds a lease that expires unless
 renewed. A background thread renews it so the training loop never waits on SQL, and turns the
-answers into a stop request the loop polls through ``should_stop``: either the user asked to
-cancel, or the lease was lost (another worker may own the job now, so this one must stop
-writing to it).
+answers into a stop request the loop polls through ``should_stop``: the user asked to cancel,
+the lease was lost (another worker may own the job now, so this one must stop writing to it),
+or the job's time is up.
+
+The time limit is enforced here, cooperatively, rather than by Celery's soft limit alone: a
+``SoftTimeLimitExceeded`` lands wherever the process happens to be (possibly inside a library
+that catches broad exceptions) and unwinds the stage without a checkpoint, while a stop polled
+once per step always leaves one. Celery's limits stay as the backstop (see ``workers.app``).
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 class StopReason(StrEnum):
+    """Why a run must stop, in increasing precedence: a later reason replaces an earlier one."""
+
+    TIME_LIMIT = "time_limit"
     CANCEL_REQUESTED = "cancel_requested"
     LEASE_LOST = "lease_lost"
+    """Outranks everything: without the lease the worker may not even record the outcome."""
+
+
+_PRECEDENCE = list(StopReason)
 
 
 class LeaseKeeper:
@@ -30,7 +42,9 @@ class LeaseKeeper:
 
     A failing heartbeat (database briefly unreachable) is retried on the next tick; once no
     heartbeat has succeeded for ``lease_seconds`` the lease must be presumed expired and taken
-    over, so the keeper reports it lost even though the database never said so.
+    over, so the keeper reports it lost even though the database never said so. With
+    ``time_limit_seconds`` it also asks the run to stop once that long has passed since
+    ``start``.
     """
 
     def __init__(
@@ -41,6 +55,7 @@ class LeaseKeeper:
         *,
         lease_seconds: float,
         interval_seconds: float,
+        time_limit_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -48,6 +63,7 @@ class LeaseKeeper:
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._interval_seconds = interval_seconds
+        self._time_limit_seconds = time_limit_seconds
         self._clock = clock
         self._finished = threading.Event()
         self._lock = threading.Lock()
@@ -80,14 +96,16 @@ class LeaseKeeper:
 
     def _set_reason(self, reason: StopReason) -> None:
         with self._lock:
-            # A lost lease outranks a cancel: without the lease the worker may not even
-            # record the cancellation.
-            if self._stop_reason is None or reason is StopReason.LEASE_LOST:
+            current = self._stop_reason
+            if current is None or _PRECEDENCE.index(reason) > _PRECEDENCE.index(current):
                 self._stop_reason = reason
 
     def _run(self) -> None:
-        last_renewed = self._clock()
+        started = last_renewed = self._clock()
         while not self._finished.wait(self._interval_seconds):
+            limit = self._time_limit_seconds
+            if limit is not None and self._clock() - started >= limit:
+                self._set_reason(StopReason.TIME_LIMIT)
             try:
                 result = self._store.heartbeat(self._job_id, self._worker_id, self._lease_seconds)
             except Exception:

@@ -49,6 +49,14 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+def time_limit_message(settings: Settings) -> str:
+    return (
+        f"the job ran past its time limit of {settings.job_soft_time_limit_seconds} s; "
+        "resubmit it with fewer iterations, or ask an operator to raise "
+        "MASKD_JOB_SOFT_TIME_LIMIT_SECONDS"
+    )
+
+
 def resume_state(workdir: Path) -> JobState:
     """Stage 1 is done once its tokens were written; a rerun then starts in stage 2."""
     return JobState.STAGE2 if (workdir / TOKENS_FILE).exists() else JobState.STAGE1
@@ -84,6 +92,7 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
         worker_id,
         lease_seconds=settings.lease_seconds,
         interval_seconds=settings.heartbeat_seconds,
+        time_limit_seconds=settings.job_soft_time_limit_seconds,
     )
     try:
         with lease:
@@ -142,6 +151,8 @@ def _run_claimed(
         if lease.stop_reason is StopReason.LEASE_LOST:
             logger.warning("job %s: stopped at %s after losing the lease", job_id, stopped)
             return "lease_lost"
+        if lease.stop_reason is StopReason.TIME_LIMIT:
+            return fail(FailureKind.TIMEOUT, f"{time_limit_message(settings)} ({stopped})")
         # The API normally set CANCELLING already; this covers a stop the worker initiated.
         store.transition(job_id, JobState.CANCELLING, worker_id=worker_id)
         cancelled = store.transition(
@@ -157,12 +168,8 @@ def _run_claimed(
     except DataError as error:
         return fail(FailureKind.USER, str(error))
     except SoftTimeLimitExceeded:
-        return fail(
-            FailureKind.TIMEOUT,
-            f"the job ran past its time limit of {settings.job_soft_time_limit_seconds} s; "
-            "resubmit it with fewer iterations, or ask an operator to raise "
-            "MASKD_JOB_SOFT_TIME_LIMIT_SECONDS",
-        )
+        # The backstop fired: the loop stopped polling (stuck in an evaluation, say).
+        return fail(FailureKind.TIMEOUT, time_limit_message(settings))
     except Exception as error:
         logger.exception("job %s failed", job_id)
         store.add_event(job_id, traceback.format_exc(), kind="error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,8 +26,8 @@ CLAIM_EVENT = re.compile(r"^claimed by worker ")
 RESUME_EVENT = re.compile(r"^stage2 resumed from checkpoint at step (\d+) of (\d+)$")
 
 
-def transitions(job: dict[str, object]) -> list[str]:
-    return [t["to_state"] for t in job["transitions"]]  # type: ignore[attr-defined]
+def transitions(job: dict[str, Any]) -> list[str]:
+    return [t["to_state"] for t in job["transitions"]]
 
 
 def test_job_runs_end_to_end_through_api_and_worker(stack: Stack) -> None:
@@ -137,3 +138,16 @@ def test_cancel_stops_a_running_job_at_its_next_step_with_a_checkpoint(stack: St
     assert re.match(r"cancelled during stage2 at step \d+", job["message"])
     assert (stack.workdir(job_id) / "stage2" / "checkpoint.pt").is_file()
     assert transitions(job)[-2:] == ["CANCELLING", "CANCELLED"]
+
+
+def test_time_limit_stops_the_run_with_a_checkpoint_and_fails_it_as_timeout(stack: Stack) -> None:
+    stack.start_worker(MASKD_JOB_SOFT_TIME_LIMIT_SECONDS="8", MASKD_JOB_TIME_LIMIT_SECONDS="60")
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000))["id"]
+
+    job = stack.wait_terminal(job_id, timeout=60)
+
+    assert job["state"] == "FAILED", job["message"]
+    assert job["failure_kind"] == "timeout"
+    assert "time limit of 8 s" in job["message"]
+    stage = job["stage"]
+    assert (stack.workdir(job_id) / stage / "checkpoint.pt").is_file()

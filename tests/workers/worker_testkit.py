@@ -119,12 +119,12 @@ class Stack:
     log_dir: Path
     workers: list[Worker] = field(default_factory=list)
 
-    def start_worker(self, concurrency: int = 1) -> Worker:
+    def start_worker(self, concurrency: int = 1, **env_overrides: str) -> Worker:
+        """A worker on this stack's settings, with ``env_overrides`` (``MASKD_*=...``) on top."""
         log_path = self.log_dir / f"worker-{len(self.workers)}.log"
+        env = {**settings_environment(self.settings), **env_overrides}
         with log_path.open("wb") as log:
-            process = start_worker_subprocess(
-                settings_environment(self.settings), concurrency=concurrency, log=log
-            )
+            process = start_worker_subprocess(env, concurrency=concurrency, log=log)
         worker = Worker(process, log_path)
         self.workers.append(worker)
         return worker

@@ -1,0 +1,169 @@
+"""The lease keeper and the store reporter against the real store (SQLite and PostgreSQL).
+
+These are the pieces the job task leans on for "at most one run at a time" and for what users
+read while a job trains, checked directly and fast, without a Celery worker.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from worker_testkit import tiny_spec, wait_for
+
+from maskd_core.spec import JobSpec
+from service.db import make_engine, make_sessionmaker
+from service.lifecycle import JobState
+from service.store import JobRecord, JobStore
+from workers.lease import LeaseKeeper, StopReason
+from workers.reporting import StoreReporter
+
+UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:9/nothing?connect_timeout=1"
+
+
+def running_job(store: JobStore, worker_id: str = "w1", lease_seconds: float = 30) -> JobRecord:
+    """A job in STAGE1 whose lease ``worker_id`` holds, as the task leaves it after claiming."""
+    project = store.create_project("p")
+    job, _ = store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
+    assert store.claim(job.id, worker_id, lease_seconds) is not None
+    assert store.transition(job.id, JobState.STAGE1, worker_id=worker_id)
+    return job
+
+
+def keeper(store: JobStore, job_id: str, worker_id: str = "w1", **limits: float) -> LeaseKeeper:
+    return LeaseKeeper(
+        store,
+        job_id,
+        worker_id,
+        lease_seconds=limits.pop("lease_seconds", 30),
+        interval_seconds=0.05,
+        **limits,
+    )
+
+
+def current(store: JobStore, job_id: str) -> JobRecord:
+    record = store.get_job_unscoped(job_id)
+    assert record is not None
+    return record
+
+
+def test_keeper_renews_the_lease_and_reports_a_cancel(job_store: JobStore) -> None:
+    job = running_job(job_store, lease_seconds=1)
+    claimed_until = current(job_store, job.id).lease_expires_at
+    assert claimed_until is not None
+
+    with keeper(job_store, job.id, lease_seconds=30) as lease:
+        wait_for(
+            lambda: (current(job_store, job.id).lease_expires_at or claimed_until) > claimed_until,
+            10,
+            "a heartbeat",
+        )
+        assert not lease.should_stop()
+        job_store.request_cancel(job.project_id, job.id)
+        wait_for(lease.should_stop, 10, "the cancel to reach the keeper")
+
+    assert lease.stop_reason is StopReason.CANCEL_REQUESTED
+    assert current(job_store, job.id).lease_owner == "w1"
+
+
+def test_keeper_stops_the_run_when_another_worker_took_the_job(job_store: JobStore) -> None:
+    job = running_job(job_store, lease_seconds=0.2)
+    time.sleep(0.3)
+    assert job_store.claim(job.id, "w2", 30) is not None  # w1 looked dead
+
+    with keeper(job_store, job.id) as lease:
+        wait_for(lease.should_stop, 10, "the keeper to notice")
+
+    assert lease.stop_reason is StopReason.LEASE_LOST
+
+
+def test_keeper_presumes_the_lease_lost_when_the_database_stays_unreachable() -> None:
+    engine = make_engine(UNREACHABLE_DATABASE)
+    try:
+        with keeper(JobStore(make_sessionmaker(engine)), "job", lease_seconds=0.5) as lease:
+            wait_for(lease.should_stop, 20, "the keeper to give up")
+    finally:
+        engine.dispose()
+    assert lease.stop_reason is StopReason.LEASE_LOST
+
+
+def test_keeper_asks_to_stop_at_the_time_limit_and_a_cancel_outranks_it(
+    job_store: JobStore,
+) -> None:
+    job = running_job(job_store)
+    with keeper(job_store, job.id, time_limit_seconds=0.2) as lease:
+        wait_for(lease.should_stop, 10, "the time limit")
+        assert lease.stop_reason is StopReason.TIME_LIMIT
+        job_store.request_cancel(job.project_id, job.id)
+        wait_for(lambda: lease.stop_reason is StopReason.CANCEL_REQUESTED, 10, "the cancel")
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def reporter_parts(job_store: JobStore) -> tuple[JobRecord, StoreReporter, ManualClock]:
+    job = running_job(job_store)
+    clock = ManualClock()
+    lease = keeper(job_store, job.id)  # never started: only its stop flag is read
+    reporter = StoreReporter(job_store, job.id, "w1", lease, state=JobState.STAGE1, clock=clock)
+    return job, reporter, clock
+
+
+def test_reporter_turns_stages_into_transitions_and_events(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, _ = reporter_parts
+
+    reporter.on_stage_start("stage1", 0, 10)
+    reporter.on_stage_end("stage1", 10, {"loss": 0.5})
+    reporter.on_stage_start("stage2", 120, 200)
+    reporter.on_eval("eval", 200, {"student_miou": 0.75})
+
+    record = current(job_store, job.id)
+    assert [t.to_state for t in record.transitions][-2:] == [JobState.STAGE1, JobState.STAGE2]
+    assert reporter.state is JobState.STAGE2
+    messages = [e.message for e in job_store.list_events(job.project_id, job.id)]
+    assert "stage1 started at step 0 of 10" in messages
+    assert "stage2 resumed from checkpoint at step 120 of 200" in messages
+    assert "eval evaluation at step 200: student_miou=0.75" in messages
+    assert record.progress == {
+        "stage1": {"step": 10, "total": 10},
+        "stage2": {"step": 120, "total": 200},
+    }
+    assert record.metrics["student_miou"] == 0.75
+    assert record.stage == "stage2"
+
+
+def test_reporter_writes_progress_about_once_a_second(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, clock = reporter_parts
+    reporter.on_stage_start("stage1", 0, 100)
+
+    def step_written() -> int:
+        return current(job_store, job.id).progress["stage1"]["step"]
+
+    for step in range(1, 6):
+        reporter.on_step("stage1", step, {"loss": 1.0 / step})
+    assert step_written() == 0
+    clock.now = 1.0
+    reporter.on_step("stage1", 6, {"loss": 0.1})
+    assert step_written() == 6
+
+
+def test_reporter_stops_the_run_when_its_transition_is_refused(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, _ = reporter_parts
+    job_store.request_cancel(job.project_id, job.id)  # STAGE1 -> CANCELLING meanwhile
+
+    reporter.on_stage_start("stage2", 0, 10)
+
+    assert reporter.should_stop()
+    assert reporter.state is JobState.STAGE1
