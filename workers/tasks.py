@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_ATTEMPTS = 3
+"""Starts a job gets before it is failed instead of re-run. A job that kills its worker every
+time (out of memory, the hard time limit) would otherwise be re-queued by the reconciler
+forever; a worker lost now and then is well within it."""
+
 TOKENS_FILE = "tokens.pt"
 """Written by the core when stage 1 finishes (see docs/architecture.md)."""
 
@@ -86,6 +91,17 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
         )
         return "skipped"
     logger.info("job %s: claimed by %s (attempt %s)", job_id, worker_id, record.attempt)
+    if record.attempt > MAX_ATTEMPTS:
+        store.transition(
+            job_id,
+            JobState.FAILED,
+            worker_id=worker_id,
+            failure_kind=FailureKind.INFRASTRUCTURE,
+            message=f"its worker was lost {record.attempt - 1} times (crash, out of memory or "
+            "the hard time limit); not retried again. The job's events say where each "
+            "attempt stopped",
+        )
+        return JobState.FAILED.value
     lease = LeaseKeeper(
         store,
         job_id,

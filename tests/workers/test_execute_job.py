@@ -1,0 +1,51 @@
+"""``execute_job`` decisions that need no training: what a delivery does before any work."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from worker_testkit import tiny_spec
+
+from maskd_core.spec import JobSpec
+from service.config import Settings
+from service.lifecycle import FailureKind, JobState
+from service.store import JobStore
+from workers.tasks import MAX_ATTEMPTS, execute_job
+
+
+def test_a_job_whose_workers_keep_dying_is_failed_instead_of_rerun(
+    job_store: JobStore, database_url: str, tmp_path: Path
+) -> None:
+    project = job_store.create_project("p")
+    job, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
+    for attempt in range(MAX_ATTEMPTS):
+        # Each of these workers claims the job and vanishes; its lease runs out at once.
+        assert job_store.claim(job.id, f"lost-{attempt}", lease_seconds=0.01) is not None
+        time.sleep(0.02)
+
+    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    outcome = execute_job(job_store, settings, job.id, delivery="redelivered")
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert outcome == "FAILED"
+    assert (record.state, record.failure_kind) == (JobState.FAILED, FailureKind.INFRASTRUCTURE)
+    assert f"lost {MAX_ATTEMPTS} times" in (record.message or "")
+    assert record.lease_owner is None
+
+
+def test_a_delivery_for_a_finished_job_does_nothing(
+    job_store: JobStore, database_url: str, tmp_path: Path
+) -> None:
+    project = job_store.create_project("p")
+    job, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
+    job_store.request_cancel(project.id, job.id)
+
+    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    assert execute_job(job_store, settings, job.id, delivery="late") == "skipped"
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert (record.state, record.attempt) == (JobState.CANCELLED, 0)
+    assert not (tmp_path / "jobs" / job.id).exists()
