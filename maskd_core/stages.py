@@ -40,8 +40,10 @@ from maskd_core.tasks import Batch, Task
 from maskd_core.tokens import ReceptiveTokens, TokenSet
 from maskd_core.validate import JobPlan
 
-StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, float]]]
-"""``step_fn(batch, global_step) -> (loss, scalar metrics)`` for one optimiser step."""
+StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``step_fn(batch, global_step) -> (loss, named scalar tensors)`` for one optimiser step.
+
+Metrics stay tensors so the loop reads them all with one device synchronisation per step."""
 
 FROZEN_IN_STAGE1 = (
     nn.BatchNorm1d,
@@ -110,19 +112,17 @@ class TrainContext:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def evaluate(self, model: nn.Module, name: str) -> dict[str, float]:
-        """The task's metrics for ``model`` in eval mode on (at most max_eval_batches of) val.
+        """The task's metrics for ``model`` on (at most max_eval_batches of) the validation data.
 
-        Metric names are prefixed by ``name`` (``student_miou``), so reports from different
-        models of one job never collide.
+        Leaves ``model`` in eval mode. Metric names are prefixed by ``name`` (``student_miou``),
+        so reports from different models of one job never collide.
         """
-        was_training = model.training
         model.eval()
         batches: Iterable[Batch] = self.val_batches()
         if self.spec.max_eval_batches is not None:
             batches = itertools.islice(batches, self.spec.max_eval_batches)
         with torch.no_grad():
             metrics = self.task.evaluate(model, batches, self.device)
-        model.train(was_training)
         return {f"{name}_{key}": value for key, value in metrics.items()}
 
 
@@ -144,9 +144,15 @@ def _train(
     optimizer_spec: OptimizerSpec,
     iterations: int,
     checkpoint: Path | None,
-    evaluate: Callable[[], dict[str, float]] | None = None,
+    set_modes: Callable[[], object],
+    evaluate: Callable[[], dict[str, float]],
 ) -> StageResult:
-    """Optimise ``trainable`` with ``step_fn`` for ``iterations`` global steps, resumably."""
+    """Optimise ``trainable`` with ``step_fn`` for ``iterations`` global steps, resumably.
+
+    ``set_modes`` puts the models in their training modes; it runs before the first step and
+    after every evaluation rather than every step, since ``Module.train()`` walks every
+    submodule and costs a noticeable share of a small model's step.
+    """
     params = [p for module in trainable.values() for p in module.parameters()]
     optimizer = build_optimizer(params, optimizer_spec)
     scaler = torch.amp.GradScaler("cuda") if ctx.spec.mixed_precision == "fp16" else None
@@ -166,6 +172,7 @@ def _train(
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     batches = ctx.train_batches(start)
+    set_modes()
     try:
         for step in range(start, iterations):
             if ctx.callbacks.should_stop():
@@ -183,19 +190,26 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             with ctx.autocast():
                 loss, parts = step_fn(batch, step)
-            _optimise(loss, optimizer, scaler, optimizer_spec.grad_clip, f"{stage} step {done}")
+            values = torch.stack([t.detach().float() for t in (loss, *parts.values())]).tolist()
+            scalars = dict(zip(["loss", *parts], values, strict=True))
+            if scaler is None and not math.isfinite(scalars["loss"]):
+                raise DataError(
+                    f"training diverged at {stage} step {done}: the loss is {scalars['loss']}; "
+                    "lower the learning rate or check the data"
+                )
+            _optimise(loss, optimizer, scaler, optimizer_spec.grad_clip)
             seconds = time.perf_counter() - tic
             metrics = {
-                "loss": loss.item(),
-                **parts,
+                **scalars,
                 "lr": lr,
                 "images_per_sec": ctx.task.batch_size(batch) / max(seconds, 1e-9),
             }
             ctx.callbacks.on_step(stage, done, metrics)
             if done % ctx.spec.checkpoint_every == 0 or done == iterations:
                 write_checkpoint(done)
-            if evaluate is not None and ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
+            if ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
                 ctx.callbacks.on_eval(stage, done, evaluate())
+                set_modes()
     finally:
         if isinstance(batches, Generator):  # shuts down loader workers
             batches.close()
@@ -210,15 +224,9 @@ def _optimise(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     grad_clip: float | None,
-    where: str,
 ) -> None:
     """Backward, clip and step; with fp16 the scaler skips steps whose gradients overflowed."""
     if scaler is None:
-        if not math.isfinite(loss.item()):
-            raise DataError(
-                f"training diverged at {where}: the loss is {loss.item()}; lower the learning "
-                "rate or check the data"
-            )
         torch.autograd.backward(loss)
         clip_gradients(optimizer, grad_clip)
         optimizer.step()
@@ -258,13 +266,12 @@ def run_stage1(
     tokens.to(ctx.device)
     step_masks: list[torch.Tensor] = []
 
-    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        train_with_frozen_norms(teacher)
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         step_masks.clear()
         task_loss, _ = ctx.task.training_loss(teacher, batch)
         dice = torch.stack([dice_diversity(m) for m in step_masks]).sum()
         loss = task_loss + spec.dice_weight * dice
-        return loss, {"task_loss": task_loss.item(), "dice": dice.item()}
+        return loss, {"task_loss": task_loss.detach(), "dice": dice.detach()}
 
     with masking(teacher, ctx.spec.teacher.layers, tokens, plan, record=step_masks):
         return _train(
@@ -275,6 +282,7 @@ def run_stage1(
             optimizer_spec=spec.optimizer,
             iterations=spec.iterations,
             checkpoint=checkpoint,
+            set_modes=lambda: train_with_frozen_norms(teacher),
             evaluate=lambda: ctx.evaluate(teacher, "masked_teacher"),
         )
 
@@ -370,9 +378,11 @@ def run_stage2(
     teacher_taps = Taps(teacher, ctx.spec.teacher.layers, field="teacher.layers")
     student_taps = Taps(student, ctx.spec.student.layers, field="student.layers")
 
-    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def set_modes() -> None:
         teacher.eval()
         student.train()
+
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             ctx.task.forward(teacher, batch)
         task_loss, _ = ctx.task.training_loss(student, batch)
@@ -388,7 +398,7 @@ def run_stage2(
         teacher_taps.clear()
         student_taps.clear()
         loss = task_loss + spec.loss_weight * kd
-        return loss, {"task_loss": task_loss.item(), "kd_loss": kd.item()}
+        return loss, {"task_loss": task_loss.detach(), "kd_loss": kd.detach()}
 
     with teacher_taps, student_taps:
         return _train(
@@ -399,6 +409,7 @@ def run_stage2(
             optimizer_spec=spec.optimizer,
             iterations=spec.iterations,
             checkpoint=checkpoint,
+            set_modes=set_modes,
             evaluate=lambda: ctx.evaluate(student, "student"),
         )
 
@@ -414,10 +425,9 @@ def train_supervised(
     """Plain task-loss training: teachers for the examples and the no-KD student baseline."""
     model.to(ctx.device)
 
-    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        model.train()
+    def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         task_loss, _ = ctx.task.training_loss(model, batch)
-        return task_loss, {"task_loss": task_loss.item()}
+        return task_loss, {"task_loss": task_loss.detach()}
 
     return _train(
         ctx,
@@ -427,5 +437,6 @@ def train_supervised(
         optimizer_spec=optimizer_spec,
         iterations=iterations,
         checkpoint=checkpoint,
+        set_modes=lambda: model.train(),
         evaluate=lambda: ctx.evaluate(model, stage),
     )
