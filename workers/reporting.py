@@ -6,6 +6,10 @@ checkpoint, which is what users and tests read to tell a resume from a restart),
 progress rows throttled to about one write a second so SQL never slows the training loop, and
 evaluations become metrics. ``should_stop`` answers from the lease keeper, so a cancel or a lost
 lease reaches the loop within one step without the loop touching SQL.
+
+Progress and notes are best effort: a database hiccup must not fail hours of training (the lease
+keeper decides when the database has been gone too long). Transitions are not: a job whose
+state cannot be recorded fails.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from maskd_core.callbacks import Callback, Stage
 from service.lifecycle import JobState, can_transition
@@ -73,7 +79,7 @@ class StoreReporter(Callback):
             message = f"{stage} resumed from checkpoint at step {start_step} of {total_steps}"
         else:
             message = f"{stage} started at step 0 of {total_steps}"
-        self._store.add_event(self._job_id, message)
+        self._note(message)
         self._write_progress(stage, start_step, {})
 
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
@@ -84,13 +90,11 @@ class StoreReporter(Callback):
         # Evaluations between stages ("eval") belong to the stage the job is in.
         owner = stage if stage in self._totals else _STAGE_NAMES.get(self.state, stage)
         self._write_progress(owner, self._steps.get(owner, step), metrics)
-        self._store.add_event(
-            self._job_id, f"{stage} evaluation at step {step}: {format_metrics(metrics)}"
-        )
+        self._note(f"{stage} evaluation at step {step}: {format_metrics(metrics)}")
 
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._write_progress(stage, step, metrics)
-        self._store.add_event(self._job_id, f"{stage} finished at step {step}")
+        self._note(f"{stage} finished at step {step}")
 
     def should_stop(self) -> bool:
         return self._transition_refused or self._lease.should_stop()
@@ -98,11 +102,20 @@ class StoreReporter(Callback):
     def _write_progress(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._last_progress_at = self._clock()
         self._steps[stage] = step
-        self._store.record_progress(
-            self._job_id,
-            self._worker_id,
-            stage,
-            step,
-            self._totals.get(stage, 0),
-            dict(metrics),
-        )
+        try:
+            self._store.record_progress(
+                self._job_id,
+                self._worker_id,
+                stage,
+                step,
+                self._totals.get(stage, 0),
+                dict(metrics),
+            )
+        except SQLAlchemyError:
+            logger.warning("job %s: progress not recorded", self._job_id, exc_info=True)
+
+    def _note(self, message: str) -> None:
+        try:
+            self._store.add_event(self._job_id, message)
+        except SQLAlchemyError:
+            logger.warning("job %s: event %r not recorded", self._job_id, message, exc_info=True)

@@ -167,3 +167,17 @@ def test_reporter_stops_the_run_when_its_transition_is_refused(
 
     assert reporter.should_stop()
     assert reporter.state is JobState.STAGE1
+
+
+def test_reporter_keeps_the_run_going_through_a_database_outage() -> None:
+    engine = make_engine(UNREACHABLE_DATABASE)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        lease = keeper(store, "job")  # never started: only its stop flag is read
+        reporter = StoreReporter(store, "job", "w1", lease, state=JobState.STAGE2)
+        reporter.on_step("stage2", 7, {"loss": 0.5})
+        reporter.on_eval("eval", 7, {"student_miou": 0.5})
+        reporter.on_stage_end("stage2", 7, {"loss": 0.5})
+    finally:
+        engine.dispose()
+    assert not reporter.should_stop()
