@@ -61,11 +61,34 @@ class ReceptiveTokens(nn.Module):
             return torch.sigmoid(logits).reshape(n, self.num_tokens, h, w)
 
     def weights(self, feature: torch.Tensor) -> torch.Tensor | None:
-        """Softmax over tokens of the weighting branch, fp32 [N,T]; None without the branch."""
+        """Softmax over tokens of the weighting branch, fp32 [N,T]; None without the branch.
+
+        The branch is linear up to the softmax, so GAP(conv3x3(F)) is computed in closed form:
+        each of the nine kernel taps sees the feature summed over a window that drops at most
+        one border row and column (the zero padding). That costs O(C·HW + 9·C²) instead of the
+        O(9·C²·HW) of running the convolution, which would otherwise dominate a stage-2 step
+        on small models; it is the same function, so the weights trained either way agree.
+        """
         if self.weighting is None:
             return None
+        conv3, _, conv1 = self.weighting
+        assert isinstance(conv3, nn.Conv2d) and isinstance(conv1, nn.Conv2d)
+        assert conv3.bias is not None and conv1.bias is not None
         with torch.autocast(feature.device.type, enabled=False):
-            return torch.softmax(self.weighting(feature.float()).flatten(1), dim=1)
+            x = feature.float()
+            h, w = x.shape[2:]
+            rows = x.sum(dim=2)  # [N,C,W]
+            # Kernel row i reads input rows shifted by i-1: tap 0 never sees the last row and
+            # tap 2 never sees the first one; likewise for columns.
+            by_row = torch.stack([rows - x[:, :, -1, :], rows, rows - x[:, :, 0, :]], dim=2)
+            totals = by_row.sum(dim=3, keepdim=True)  # [N,C,3,1]
+            window_sums = torch.cat(
+                [totals - by_row[..., -1:], totals, totals - by_row[..., :1]], dim=3
+            )  # [N,C,3,3]
+            pooled = torch.einsum("ocij,ncij->no", conv3.weight.float(), window_sums) / (h * w)
+            pooled = pooled + conv3.bias.float()
+            logits = pooled @ conv1.weight.float().flatten(1).T + conv1.bias.float()
+            return torch.softmax(logits, dim=1)
 
     def mask_feature(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1: the feature times the combined mask, and the masks [N,T,H,W] (for Dice).

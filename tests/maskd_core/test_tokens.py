@@ -108,3 +108,21 @@ def test_tokens_artifact_mismatches_are_spec_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SpecError, match="cannot be read"):
         load_tokens(tmp_path / "junk.pt", LEVELS, 3, False)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (4, 1), (7, 9)])
+def test_closed_form_weights_equal_the_branch_modules(size: tuple[int, int]) -> None:
+    """The closed-form GAP∘conv3x3 is the same function, values and gradients, at any size."""
+    torch.manual_seed(0)
+    module = ReceptiveTokens(6, 4, weighting=True)
+    assert module.weighting is not None
+    feature = torch.randn(3, 6, *size, requires_grad=True)
+    closed = module.weights(feature)
+    assert closed is not None
+    reference = torch.softmax(module.weighting(feature).flatten(1), dim=1)
+    torch.testing.assert_close(closed, reference, rtol=1e-5, atol=1e-6)
+    probe = torch.randn(3, 4)
+    grads = torch.autograd.grad((closed * probe).sum(), [feature, module.weighting[0].weight])
+    expected = torch.autograd.grad((reference * probe).sum(), [feature, module.weighting[0].weight])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
