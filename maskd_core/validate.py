@@ -18,6 +18,7 @@ from torch import nn
 from maskd_core.data import DATASETS, DenseDataset
 from maskd_core.errors import DataError, SpecError
 from maskd_core.models import MODELS, build_model
+from maskd_core.registry import input_path_values
 from maskd_core.spec import JobSpec
 from maskd_core.taps import Taps
 from maskd_core.tasks import TASKS, Task
@@ -149,6 +150,26 @@ def _level_shapes(
                     )
             shapes.append([(lv.shape[1], lv.shape[2], lv.shape[3]) for lv in levels])
     return shapes
+
+
+def input_paths(spec: JobSpec) -> dict[str, str]:
+    """Every local file or folder the job would read, by spec field, without reading any.
+
+    A service calls this before ``validate_job`` to decide whether the submitter may read those
+    paths at all: validation itself opens them, and its errors would otherwise tell a tenant
+    which files exist elsewhere on the worker. Registry URIs (``models:/…``) are not local.
+    """
+    found: dict[str, str] = {}
+    for role, model in (("teacher", spec.teacher), ("student", spec.student)):
+        if model.weights is not None and not model.weights.startswith("models:/"):
+            found[f"{role}.weights"] = model.weights
+        args = MODELS.parse_args(model.arch, model.args, field=f"{role}.args")
+        for name, value in input_path_values(args).items():
+            found[f"{role}.args.{name}"] = value
+    args = DATASETS.parse_args(spec.dataset.name, spec.dataset.args, field="dataset.args")
+    for name, value in input_path_values(args).items():
+        found[f"dataset.args.{name}"] = value
+    return found
 
 
 def validate_job(spec: JobSpec) -> JobPlan:

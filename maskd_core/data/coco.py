@@ -25,15 +25,16 @@ from maskd_core.data.detection_common import (
     load_image,
 )
 from maskd_core.errors import DataError, SpecError
+from maskd_core.registry import LocalPath
 
 
 class CocoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    annotations: str = Field(
+    annotations: LocalPath = Field(
         description="COCO instances JSON, e.g. /data/coco/annotations/instances_train2017.json."
     )
-    images: str = Field(description="Folder holding the files named by images[].file_name.")
+    images: LocalPath = Field(description="Folder holding the files named by images[].file_name.")
     keep_empty_images: bool = Field(
         default=True, description="Keep images without (non-crowd) objects as negatives."
     )

@@ -31,6 +31,7 @@ from maskd_core.data.transforms import (
     resize_sample,
 )
 from maskd_core.errors import DataError, SpecError
+from maskd_core.registry import LocalPath
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _ROOT_FIELD = "dataset.args.root"
@@ -41,7 +42,7 @@ class ImageFolderArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    root: str = Field(description="Folder holding the images and masks subfolders.")
+    root: LocalPath = Field(description="Folder holding the images and masks subfolders.")
     num_classes: int = Field(
         ge=2, le=255, description="Classes including background; mask values 0..num_classes-1."
     )

@@ -25,6 +25,7 @@ from maskd_core.data.detection_common import (
     load_image,
 )
 from maskd_core.errors import DataError, SpecError
+from maskd_core.registry import LocalPath
 
 VOC_CLASSES = (
     "aeroplane",
@@ -53,7 +54,7 @@ VOC_CLASSES = (
 class VocArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: str = Field(
+    root: LocalPath = Field(
         description="VOC year folder (e.g. /data/VOCdevkit/VOC2007) holding Annotations/ and "
         "JPEGImages/ (and ImageSets/Main/ when split is given)."
     )

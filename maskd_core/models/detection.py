@@ -49,6 +49,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from maskd_core.errors import SpecError
 from maskd_core.models import MODELS, read_state_dict
+from maskd_core.registry import LocalPath
 
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"
@@ -80,7 +81,7 @@ class DetectorArgs(BaseModel):
         description="Channels of the first stage of the 'tiny' backbone (doubling per stage); "
         "default 16. Only for backbone 'tiny'.",
     )
-    backbone_weights: str | None = Field(
+    backbone_weights: LocalPath | None = Field(
         default=None,
         description="Local state-dict file of the torchvision classification network "
         "(e.g. ImageNet resnet50) to start the backbone from; not for 'tiny'.",

@@ -38,7 +38,9 @@ class Task(ABC):
         """Number of images in a batch (for images/second)."""
 
     @abstractmethod
-    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self, model: nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward ``model`` on ``batch`` and return its own task loss plus named components.
 
         Stage 1 calls it on the teacher with taps replacing features by masked ones (so the

@@ -13,7 +13,7 @@ from torch import nn
 from maskd_core.errors import SpecError, UnknownNameError
 from maskd_core.models import MODELS
 from maskd_core.spec import JobSpec
-from maskd_core.validate import validate_job
+from maskd_core.validate import input_paths, validate_job
 
 if "test_fpn_toy" not in MODELS:
 
@@ -121,3 +121,28 @@ def test_weights_that_are_not_a_state_dict_are_refused(tmp_path: Path) -> None:
 def test_mixed_precision_on_cpu_is_refused() -> None:
     err = refused(seg_spec(mixed_precision="bf16"))
     assert err.field == "mixed_precision" and "CUDA" in str(err)
+
+
+def test_input_paths_lists_every_local_file_without_reading_it() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "task": "detection",
+            "dataset": {
+                "name": "coco",
+                "args": {"annotations": "/nowhere/a.json", "images": "/nowhere/img"},
+            },
+            "teacher": {
+                "arch": "fcos",
+                "args": {"backbone": "resnet18", "backbone_weights": "/nowhere/r18.pt"},
+                "weights": "/nowhere/teacher.pt",
+                "layers": ["backbone"],
+            },
+            "student": {"arch": "fcos", "weights": "models:/p.s@champion", "layers": ["backbone"]},
+        }
+    )
+    assert input_paths(spec) == {
+        "teacher.weights": "/nowhere/teacher.pt",
+        "teacher.args.backbone_weights": "/nowhere/r18.pt",
+        "dataset.args.annotations": "/nowhere/a.json",
+        "dataset.args.images": "/nowhere/img",
+    }
