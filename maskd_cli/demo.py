@@ -63,7 +63,8 @@ def run_demo(directory: str | None) -> int:
     print(f"[1/5] database at {settings.database_url}; project {PROJECT!r} has a new API key")
 
     spec = yaml.safe_load(QUICKSTART_SPEC.read_text())
-    teacher_path = root / "teacher.pt"
+    # The one folder under the data directory a project's specs may read from.
+    teacher_path = settings.project_inputs_dir(PROJECT) / "teacher.pt"
     print(
         f"[2/5] training the quickstart teacher ({spec['teacher']['arch']}, "
         f"{TEACHER_ITERATIONS} steps) - no pretrained weights are downloaded"

@@ -95,6 +95,13 @@ class Settings(BaseSettings):
         description="MLflow tracking URI the workers log runs, masks and models to; keep "
         "it a separate database from database_url (MLflow runs its own migrations).",
     )
+    input_roots: list[Path] | None = Field(
+        default=None,
+        description="Folders job specs may read local files from (weights, dataset roots), as "
+        "a JSON list, e.g. '[\"/data\"]'. Unset (embedded default): any path outside data_dir. "
+        "Set it in production so a spec cannot point a job at arbitrary files on a worker. "
+        "Paths under data_dir are always refused, except data_dir/inputs/<project>.",
+    )
     sse_poll_interval_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -134,6 +141,10 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         """Parent of the per-job work directories."""
         return self.data_dir / "jobs"
+
+    def project_inputs_dir(self, project: str) -> Path:
+        """The one place under data_dir where a project's own input files may live."""
+        return self.data_dir / "inputs" / project
 
 
 @lru_cache(maxsize=1)

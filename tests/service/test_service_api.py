@@ -109,6 +109,34 @@ def test_spec_validation_errors_are_422_and_nothing_is_stored(api: Api) -> None:
     assert job_ids(api) == [] and api.queued_messages() == []
 
 
+def test_specs_cannot_read_other_projects_files_or_leave_the_input_roots(
+    api: Api, tmp_path: Path
+) -> None:
+    """A spec naming a file in the data directory (another job's student, say) is refused
+    before anything opens it, as is a path outside MASKD_INPUT_ROOTS when that is set."""
+    stolen = api.settings.jobs_dir / "someone-elses-job" / "student.pt"
+    body = spec_body(
+        teacher={"arch": "seg_tiny_teacher", "layers": ["backbone"], "weights": str(stolen)}
+    )
+    response = api.http.post("/v1/jobs", json=body, headers=api.headers())
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "teacher", "weights"]
+    assert "data directory" in problem["msg"]
+    assert str(api.settings.project_inputs_dir("acme").resolve()) in problem["msg"]
+    folder = {"name": "image_folder", "args": {"root": "/etc", "num_classes": 2}}
+    restricted = api.settings.model_copy(update={"input_roots": [tmp_path]})
+    with open_api(restricted, api.store) as guarded:
+        response = guarded.http.post(
+            "/v1/jobs", json=spec_body(dataset=folder), headers=guarded.headers()
+        )
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "dataset", "args", "root"]
+    assert "MASKD_INPUT_ROOTS" in problem["msg"]
+    assert job_ids(api) == [] and api.queued_messages() == []
+
+
 def test_submission_survives_an_unreachable_broker(
     service_settings: Settings, job_store: JobStore
 ) -> None:

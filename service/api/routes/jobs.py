@@ -26,6 +26,7 @@ from service.api.deps import CurrentProject, DispatcherDep, SettingsDep, StoreDe
 from service.api.routes.models import model_cache_dir
 from service.api.schemas import EventOut, EventPage, JobOut, JobPage
 from service.config import Settings
+from service.inputs import check_input_paths
 from service.lifecycle import JobState
 from service.model_uris import resolve_registry_weights
 from service.store import (
@@ -55,6 +56,8 @@ def job_not_found(job_id: str) -> HTTPException:
 def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
     """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
 
+    Local paths are checked against the input policy first, before anything opens them.
+
     ``models:/`` weights are checked against the project's registry and validated as the
     downloaded files; the stored spec keeps the URIs (the worker resolves them again, as an
     alias may move before the job runs).
@@ -65,6 +68,7 @@ def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
     from maskd_core.validate import validate_job
 
     try:
+        check_input_paths(spec, project, settings)
         validate_job(
             resolve_registry_weights(
                 spec, project, settings.mlflow_tracking_uri, model_cache_dir(settings)
