@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from maskd_cli import core_commands, mlflow_command, service_commands
+from maskd_cli import client_commands, core_commands, mlflow_command, service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     core_commands.register(subparsers)
     service_commands.register(subparsers)
     mlflow_command.register(subparsers)
+    client_commands.register(subparsers)
     return parser
 
 

@@ -75,7 +75,7 @@ def run_demo(directory: str | None) -> int:
 
     with ExitStack() as stack:
         stack.callback(engine.dispose)
-        base_url = _start_api(stack, settings)
+        base_url = start_api_thread(stack, settings)
         _start_worker(stack, env, root / "worker.log")
         _start_reconciler(stack, store, settings)
         print(f"[3/5] API on {base_url}, a Celery worker (log: {root / 'worker.log'})")
@@ -186,7 +186,7 @@ class _StepPrinter(Callback):
         print(f"      {stage} step {step}/{total}  loss {metrics.get('loss', float('nan')):.4f}")
 
 
-def _start_api(stack: ExitStack, settings: Settings) -> str:
+def start_api_thread(stack: ExitStack, settings: Settings) -> str:
     """Uvicorn in a thread on a free loopback port; stopped when ``stack`` closes."""
     import uvicorn
 
