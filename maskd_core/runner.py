@@ -8,6 +8,10 @@ directory after a crash or a cancel picks up where it stopped.
 Files written under ``workdir`` (each atomically): ``stage1/checkpoint.pt``,
 ``stage2/checkpoint.pt``, ``baseline/checkpoint.pt`` (with ``baseline=True``), ``tokens.pt``,
 ``student.pt`` (a state dict) and ``summary.json``.
+
+Stage 1 runs only for methods that need tokens (``stage2.method`` MasKD); for the others no
+``stage1/`` or ``tokens.pt`` is written, and ``JobResult.tokens_path`` names a file that does not
+exist.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from maskd_core.callbacks import Callback, CallbackList
 from maskd_core.checkpoint import atomic_save
 from maskd_core.data import DenseDataset
 from maskd_core.data.loader import split_dataset, train_batches, val_batches
+from maskd_core.methods import METHODS
 from maskd_core.models import build_model
 from maskd_core.spec import JobSpec
 from maskd_core.stages import (
@@ -196,8 +201,12 @@ def run_job(
     teacher = build_model(spec.teacher, plan.num_classes, field="teacher").to(ctx.device)
     metrics = _evaluate(ctx, teacher, "teacher", 0)
 
-    tokens, stage1 = _stage1(ctx, teacher, plan, workdir)
-    metrics.update(_evaluate_masked(ctx, teacher, tokens, plan))
+    tokens: TokenSet | None = None
+    stage1: StageResult | None = None
+    needs_tokens = METHODS.get(spec.stage2.method.name, field="stage2.method.name").needs_tokens
+    if needs_tokens:
+        tokens, stage1 = _stage1(ctx, teacher, plan, workdir)
+        metrics.update(_evaluate_masked(ctx, teacher, tokens, plan))
 
     torch.manual_seed(spec.seed)
     student = build_model(spec.student, plan.num_classes, field="student")
@@ -227,7 +236,11 @@ def run_job(
         "task": spec.task,
         "primary_metric": task.primary_metric,
         "metrics": metrics,
-        "steps": {"stage1": spec.stage1.iterations, "stage2": spec.stage2.iterations},
+        "method": spec.stage2.method.name,
+        "steps": {
+            "stage1": spec.stage1.iterations if needs_tokens else 0,
+            "stage2": spec.stage2.iterations,
+        },
         "seconds_per_step": {
             name: result.seconds_per_step if result is not None else None
             for name, result in stages.items()

@@ -87,8 +87,37 @@ class Stage1Spec(StrictModel):
     )
 
 
+class MethodSpec(StrictModel):
+    """The stage-2 distillation method, by name in ``maskd_core.methods.METHODS``.
+
+    ``params`` are checked against the method's own argument model by ``maskd_core.validate``
+    (the registry needs torch; this module does not). A bare string is accepted as the name.
+    """
+
+    name: str = Field(
+        default="maskd",
+        description="'maskd' (default), 'none', 'fitnet', 'mgd' or 'amd'; see docs/methods.md.",
+    )
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="The method's hyperparameters; loss scales differ by orders of magnitude "
+        "between methods, so never carry a weight from one method to another.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
 class Stage2Spec(StrictModel):
-    """Distilling the student through the frozen masks."""
+    """Distilling the student into the teacher's features, by default through the frozen masks.
+
+    ``loss_weight``, ``custom_mask``, ``custom_mask_warmup`` and ``mask_eps`` are MasKD's
+    settings; they stay here rather than in ``method.params`` so that every existing spec keeps
+    its meaning, and the other methods ignore them (validation refuses ``loss_weight`` set with
+    another method, whose weights live on a different scale).
+    """
 
     iterations: int = Field(default=40000, gt=0)
     optimizer: OptimizerSpec
@@ -102,6 +131,7 @@ class Stage2Spec(StrictModel):
         description="Student→teacher adaptation per level; 'identity' needs equal channels.",
     )
     mask_eps: float = Field(default=1e-6, gt=0.0, description="Added to the mask area.")
+    method: MethodSpec = Field(default_factory=MethodSpec)
 
 
 class JobSpec(StrictModel):

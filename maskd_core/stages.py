@@ -20,24 +20,24 @@ import math
 import random
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from maskd_core.callbacks import Callback
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
 from maskd_core.errors import DataError, JobCancelled, SpecError
-from maskd_core.losses import dice_diversity, maskd_loss
+from maskd_core.losses import dice_diversity
+from maskd_core.methods import MethodSetup, build_distiller
 from maskd_core.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from maskd_core.spec import JobSpec, OptimizerSpec
 from maskd_core.taps import Taps
 from maskd_core.tasks import Batch, Task
-from maskd_core.tokens import ReceptiveTokens, TokenSet
+from maskd_core.tokens import TokenSet
 from maskd_core.validate import JobPlan
 
 StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -329,50 +329,28 @@ def build_aligns(plan: JobPlan, kind: str) -> nn.ModuleList:
     )
 
 
-def distill_level(
-    tokens: ReceptiveTokens,
-    aligned: torch.Tensor,
-    teacher: torch.Tensor,
-    custom_mask: bool,
-    eps: float,
-) -> torch.Tensor:
-    """The MasKD loss of one level from the aligned student and the teacher feature.
-
-    Masks and token weights come from the frozen tokens on the teacher feature; with
-    ``custom_mask`` each mask is multiplied by the one the same tokens give on the aligned
-    student, computed without gradient as in the paper. The student is resized to the teacher's
-    H×W when their strides differ.
-    """
-    if aligned.shape[-2:] != teacher.shape[-2:]:
-        aligned = F.interpolate(
-            aligned, size=teacher.shape[-2:], mode="bilinear", align_corners=False
-        )
-    masks = tokens.masks(teacher)
-    if custom_mask:
-        with torch.no_grad():
-            masks = masks * tokens.masks(aligned)
-    return maskd_loss(aligned, teacher, masks, tokens.weights(teacher), eps)
-
-
 def run_stage2(
     ctx: TrainContext,
     teacher: nn.Module,
     student: nn.Module,
-    tokens: TokenSet,
+    tokens: TokenSet | None,
     plan: JobPlan,
     checkpoint: Path | None,
 ) -> StageResult:
-    """Distil ``teacher`` into ``student`` through the frozen ``tokens``' masks.
+    """Distil ``teacher`` into ``student`` with the job's method (``stage2.method``).
 
-    Trains the student and the per-level aligns on task loss + loss_weight · Σ_levels MasKD
-    loss; the teacher runs in eval mode under no_grad and the tokens are frozen.
+    Trains the student, the per-level aligns and the method's own modules on task loss +
+    weight · the method's loss over levels; the teacher runs in eval mode under no_grad, and the
+    ``tokens`` (MasKD's; None for methods without stage 1) are frozen.
     """
     spec = ctx.spec.stage2
     freeze(teacher)
-    freeze(tokens)
+    if tokens is not None:
+        freeze(tokens)
     torch.manual_seed(ctx.spec.seed)
     aligns = build_aligns(plan, spec.align)
-    for module in (teacher, student, tokens, aligns):
+    distiller = build_distiller(MethodSetup(plan.levels, ctx.spec.task, spec, tokens))
+    for module in (teacher, student, aligns, distiller):
         module.to(ctx.device)
 
     teacher_taps = Taps(teacher, ctx.spec.teacher.layers, field="teacher.layers")
@@ -383,29 +361,33 @@ def run_stage2(
         student.train()
 
     def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not distiller.uses_teacher:
+            task_loss, _ = ctx.task.training_loss(student, batch)
+            return task_loss, {"task_loss": task_loss.detach(), "kd_loss": task_loss.new_zeros(())}
         with torch.no_grad():
             ctx.task.forward(teacher, batch)
         task_loss, _ = ctx.task.training_loss(student, batch)
-        custom = spec.custom_mask and step >= spec.custom_mask_warmup
-        kd = torch.stack(
-            [
-                distill_level(tokens.level(k), align(s), t, custom, spec.mask_eps)
-                for k, (align, s, t) in enumerate(
-                    zip(aligns, student_taps.levels(), teacher_taps.levels(), strict=True)
-                )
-            ]
-        ).sum()
+        aligned = [align(s) for align, s in zip(aligns, student_taps.levels(), strict=True)]
+        kd = distiller.loss(aligned, teacher_taps.levels(), step)
         teacher_taps.clear()
         student_taps.clear()
-        loss = task_loss + spec.loss_weight * kd
+        loss = task_loss + distiller.weight * kd
         return loss, {"task_loss": task_loss.detach(), "kd_loss": kd.detach()}
 
-    with teacher_taps, student_taps:
+    # Methods without trainable modules of their own (MasKD: frozen tokens) add nothing to the
+    # optimiser or the checkpoint, so checkpoints written before methods existed still resume.
+    trainable: dict[str, nn.Module] = {"student": student, "aligns": aligns}
+    if any(p.requires_grad for p in distiller.parameters()):
+        trainable["method"] = distiller
+    with ExitStack() as taps:
+        if distiller.uses_teacher:
+            taps.enter_context(teacher_taps)
+            taps.enter_context(student_taps)
         return _train(
             ctx,
             stage="stage2",
             step_fn=step_fn,
-            trainable={"student": student, "aligns": aligns},
+            trainable=trainable,
             optimizer_spec=spec.optimizer,
             iterations=spec.iterations,
             checkpoint=checkpoint,

@@ -17,6 +17,7 @@ from torch import nn
 
 from maskd_core.data import DATASETS, DenseDataset
 from maskd_core.errors import DataError, SpecError
+from maskd_core.methods import METHODS
 from maskd_core.models import MODELS, build_model
 from maskd_core.registry import input_path_values
 from maskd_core.spec import JobSpec
@@ -118,6 +119,25 @@ def _check_layer_lists(spec: JobSpec) -> None:
         seen[name] = index
 
 
+def _check_method(spec: JobSpec) -> None:
+    """The method's name and params through its registry entry; MasKD's weight kept to MasKD.
+
+    ``stage2.loss_weight`` weighs MasKD's per-element mean; the other methods' weights sit in
+    their params on their own scale (MGD's sums make it O(1e-5)), so a ``loss_weight`` given
+    beside another method is refused rather than silently ignored.
+    """
+    method = spec.stage2.method
+    METHODS.entry(method.name, field="stage2.method.name")
+    METHODS.parse_args(method.name, method.params, field="stage2.method.params")
+    if method.name != "maskd" and "loss_weight" in spec.stage2.model_fields_set:
+        raise SpecError(
+            f"stage2.loss_weight is MasKD's weight and method {method.name!r} does not use it; "
+            "remove it and set the method's own weight in stage2.method.params (loss scales "
+            "differ by orders of magnitude between methods, see docs/methods.md)",
+            field="stage2.loss_weight",
+        )
+
+
 def _level_shapes(
     task: Task, model: nn.Module, batch: Any, layers: list[str], field: str
 ) -> list[list[Shape]]:
@@ -176,6 +196,7 @@ def validate_job(spec: JobSpec) -> JobPlan:
     """Check everything about ``spec`` that can fail before training and describe its levels."""
     _check_mixed_precision(spec)
     _check_layer_lists(spec)
+    _check_method(spec)
     task = build_task(spec)
     dataset = build_dataset(spec)
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskd_core.losses import dice_diversity, maskd_loss
-from maskd_core.stages import distill_level
+from maskd_core.methods import distill_level
 from maskd_core.tokens import ReceptiveTokens
 
 

@@ -1,0 +1,331 @@
+"""Stage-2 distillation methods, chosen by ``stage2.method``: MasKD and the baselines beside it.
+
+Each method is a ``Distiller`` subclass registered in ``METHODS`` with a pydantic model of its
+hyperparameters (unknown ones are refused). Stage 2 owns what every method shares: the frozen
+teacher's forward, the taps, and one student→teacher align per level (``stage2.align``). A
+distiller turns the aligned student levels and the teacher levels into one unweighted loss; the
+stage adds ``weight · loss`` to the student's task loss and reports the unweighted value as
+``kd_loss``. A distiller's own parameters (MGD's generators, for instance) train with the student
+and the aligns, in the same optimiser and checkpoint.
+
+The weights of these methods live on different scales (docs/methods.md): MasKD and FitNet are
+per-element means, O(1–10); MGD and AMD sum squared errors over C·H·W and divide by the batch,
+so their weights are O(1e-5). A weight is never carried across methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from maskd_core.losses import maskd_loss
+from maskd_core.registry import Registry
+from maskd_core.spec import Stage2Spec
+from maskd_core.tokens import ReceptiveTokens, TokenSet
+
+if TYPE_CHECKING:
+    from maskd_core.validate import LevelPlan
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyperparameters: a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """What a distiller is built from besides its params: the job's levels, task and stage 2.
+
+    ``tokens`` are the stage-1 tokens for methods that need them and None for the others.
+    """
+
+    levels: Sequence[LevelPlan]
+    task: str
+    stage2: Stage2Spec
+    tokens: TokenSet | None
+
+
+class Distiller(nn.Module):
+    """One method's loss over the distilled levels, and whatever it trains besides the student.
+
+    ``needs_tokens``: stage 1 must run first (the runner skips it otherwise). ``uses_teacher``:
+    stage 2 runs the teacher and taps the levels; a method without it trains on the task loss
+    alone.
+    """
+
+    needs_tokens: ClassVar[bool] = False
+    uses_teacher: ClassVar[bool] = True
+    weight: float
+    """Multiplies ``loss`` in the student's objective."""
+
+    def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
+        super().__init__()
+
+    def loss(
+        self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
+    ) -> torch.Tensor:
+        """The unweighted loss summed over levels; ``students`` are already aligned."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Distiller]] = Registry("distillation method")
+
+
+def build_distiller(setup: MethodSetup) -> Distiller:
+    """The method ``setup.stage2.method`` names, with its params checked by its model."""
+    method = setup.stage2.method
+    build = METHODS.get(method.name, field="stage2.method.name")
+    return build(
+        METHODS.parse_args(method.name, method.params, field="stage2.method.params"), setup
+    )
+
+
+def _to_teacher_size(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The student resized to the teacher's H×W when their strides differ."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student
+    return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def distill_level(
+    tokens: ReceptiveTokens,
+    aligned: torch.Tensor,
+    teacher: torch.Tensor,
+    custom_mask: bool,
+    eps: float,
+) -> torch.Tensor:
+    """The MasKD loss of one level from the aligned student and the teacher feature.
+
+    Masks and token weights come from the frozen tokens on the teacher feature; with
+    ``custom_mask`` each mask is multiplied by the one the same tokens give on the aligned
+    student, computed without gradient as in the paper. The student is resized to the teacher's
+    H×W when their strides differ.
+    """
+    aligned = _to_teacher_size(aligned, teacher)
+    masks = tokens.masks(teacher)
+    if custom_mask:
+        with torch.no_grad():
+            masks = masks * tokens.masks(aligned)
+    return maskd_loss(aligned, teacher, masks, tokens.weights(teacher), eps)
+
+
+class MaskdParams(MethodParams):
+    """MasKD takes its settings from ``stage2`` itself (loss_weight, custom_mask, ...)."""
+
+
+@METHODS.register("maskd", args=MaskdParams, summary="MasKD: masked distillation (default)")
+class MaskdDistiller(Distiller):
+    """loss_weight · Σ_levels MasKD loss through the frozen stage-1 tokens (docs/method.md)."""
+
+    needs_tokens = True
+
+    def __init__(self, params: MaskdParams, setup: MethodSetup) -> None:
+        super().__init__(params, setup)
+        tokens = setup.tokens
+        if tokens is None:
+            raise ValueError("MasKD needs the stage-1 tokens")
+        self.weight = setup.stage2.loss_weight
+        # A submodule so it follows the distiller's device; frozen, so stage 2 neither trains
+        # nor checkpoints it.
+        self.tokens = tokens
+        self.custom_mask = setup.stage2.custom_mask
+        self.custom_mask_warmup = setup.stage2.custom_mask_warmup
+        self.eps = setup.stage2.mask_eps
+
+    def loss(
+        self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
+    ) -> torch.Tensor:
+        # Tied to the global step, not a counter, so a resumed run switches at the same step.
+        custom = self.custom_mask and step >= self.custom_mask_warmup
+        return torch.stack(
+            [
+                distill_level(self.tokens.level(k), s, t, custom, self.eps)
+                for k, (s, t) in enumerate(zip(students, teachers, strict=True))
+            ]
+        ).sum()
+
+
+@METHODS.register("none", summary="no distillation: the student's task loss alone")
+class NoDistiller(Distiller):
+    """The no-KD baseline: same student, data and schedule, task loss only."""
+
+    uses_teacher = False
+
+    weight = 0.0
+
+
+class FitnetParams(MethodParams):
+    weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Multiplies Σ_levels mean (A(S) − F)²: a per-element mean, on MasKD's "
+        "scale (O(1–10)), not MGD's.",
+    )
+
+
+@METHODS.register("fitnet", args=FitnetParams, summary="FitNet: MSE on aligned features")
+class FitnetDistiller(Distiller):
+    """FitNets (Romero et al., ICLR 2015) hint loss: weight · Σ_levels mean_{n,c,h,w}(A(S) − F)².
+
+    The mean over every element keeps the weight independent of feature size, like MasKD's.
+    """
+
+    def __init__(self, params: FitnetParams, setup: MethodSetup) -> None:
+        super().__init__(params, setup)
+        self.weight = params.weight
+
+    def loss(
+        self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
+    ) -> torch.Tensor:
+        return torch.stack(
+            [
+                F.mse_loss(_to_teacher_size(s, t).float(), t.float())
+                for s, t in zip(students, teachers, strict=True)
+            ]
+        ).sum()
+
+
+MASK_RATIO_BY_TASK = {"detection": 0.65, "segmentation": 0.75}
+"""MGD's λ when left out: RetinaNet/RepPoints (one-stage) detection and Cityscapes segmentation."""
+
+
+class MgdParams(MethodParams):
+    alpha: float = Field(
+        default=2e-5,
+        ge=0.0,
+        description="Multiplies Σ(G(A(S)⊙R) − F)²/N, a sum over C·H·W: hence O(1e-5). MGD uses "
+        "2e-5 for one-stage detectors and segmentation, 5e-7 for two-stage detectors.",
+    )
+    mask_ratio: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="λ, the share of masked pixels; none: 0.65 for detection (one-stage), "
+        "0.75 for segmentation, as in the MGD configs (0.45 for two-stage detectors).",
+    )
+
+
+def _generator(channels: int) -> nn.Sequential:
+    """MGD's generation block, Conv3×3 → ReLU → Conv3×3 at the teacher's width."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, 3, padding=1),
+    )
+
+
+def generation_loss(generated: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Σ_{c,h,w,n} (G − F)² / N in fp32: MGD's summed squared error over the batch size."""
+    diff = generated.float() - teacher.float()
+    return diff.pow(2).sum() / generated.shape[0]
+
+
+@METHODS.register("mgd", args=MgdParams, summary="MGD: masked generative distillation")
+class MgdDistiller(Distiller):
+    """MGD (Yang et al., ECCV 2022): regenerate the teacher feature from a masked student one.
+
+    Per level, R ∈ {0,1}^{N×1×H×W} with P(R=0) = λ, drawn fresh every call from the global RNG
+    (so a resumed run draws the same masks); one generator G per level; loss
+    α · Σ_levels Σ (G(A(S) ⊙ R) − F)² / N.
+    """
+
+    def __init__(self, params: MgdParams, setup: MethodSetup) -> None:
+        super().__init__(params, setup)
+        self.weight = params.alpha
+        ratio = params.mask_ratio
+        self.mask_ratio = MASK_RATIO_BY_TASK[setup.task] if ratio is None else ratio
+        self.generators = nn.ModuleList(_generator(lv.teacher_channels) for lv in setup.levels)
+
+    def spatial_mask(self, student: torch.Tensor) -> torch.Tensor:
+        """R [N,1,H,W] of the student (float 0/1), 0 where a pixel is hidden."""
+        n, _, h, w = student.shape
+        draw = torch.rand((n, 1, h, w), device=student.device)
+        return (draw >= self.mask_ratio).to(student.dtype)
+
+    def regenerate(self, level: int, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """G(A(S) ⊙ R) of one level."""
+        generated: torch.Tensor = self.generators[level](student * mask)
+        return generated
+
+    def loss(
+        self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
+    ) -> torch.Tensor:
+        total = []
+        for k, (s, t) in enumerate(zip(students, teachers, strict=True)):
+            s = _to_teacher_size(s, t)
+            total.append(generation_loss(self.regenerate(k, s, self.spatial_mask(s)), t))
+        return torch.stack(total).sum()
+
+
+class AmdParams(MgdParams):
+    reduction: int = Field(
+        default=16,
+        gt=0,
+        description="Channel reduction of the channel-adaptive (squeeze-excitation) module.",
+    )
+
+
+class ChannelAdaptive(nn.Module):
+    """Squeeze-excitation: x ⊙ sigmoid(W2 · ReLU(W1 · GAP(x))), one weight per channel."""
+
+    def __init__(self, channels: int, reduction: int) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.squeeze = nn.Linear(channels, hidden)
+        self.excite = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+@METHODS.register(
+    "amd", args=AmdParams, summary="AMD (our reading of the paper): attention-masked MGD"
+)
+class AmdDistiller(MgdDistiller):
+    """AMD (our reading of Yang et al., arXiv 2301.13538; no public code exists).
+
+    MGD with two changes, per level:
+
+    1. Attention-guided mask instead of a random one: the spatial attention of the aligned
+       student is a = mean_c |A(S)| (computed without gradient); the ⌊λ·H·W⌋ pixels of each
+       image with the highest attention are hidden (R = 0), the rest kept (R = 1), so the
+       generator must rebuild the teacher's most salient regions from their context. (An
+       FGD-style softmax over H·W with a temperature ranks pixels identically, so it is left
+       out.)
+    2. A channel-adaptive module CA (squeeze-excitation, reduction r) on the generated feature.
+
+    Loss α · Σ_levels Σ (CA(G(A(S) ⊙ R)) − F)² / N, with MGD's α and λ as defaults since the
+    paper builds on MGD's settings.
+    """
+
+    def __init__(self, params: AmdParams, setup: MethodSetup) -> None:
+        super().__init__(params, setup)
+        self.channel_adaptive = nn.ModuleList(
+            ChannelAdaptive(lv.teacher_channels, params.reduction) for lv in setup.levels
+        )
+
+    def spatial_mask(self, student: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = student.shape
+        hidden = math.floor(self.mask_ratio * h * w)
+        with torch.no_grad():
+            attention = student.abs().mean(dim=1).reshape(n, h * w)
+            mask = torch.ones_like(attention)
+            if hidden:
+                top = attention.topk(hidden, dim=1).indices
+                mask.scatter_(1, top, 0.0)
+        return mask.reshape(n, 1, h, w).to(student.dtype)
+
+    def regenerate(self, level: int, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        adapted: torch.Tensor = self.channel_adaptive[level](
+            super().regenerate(level, student, mask)
+        )
+        return adapted
