@@ -15,7 +15,7 @@ venv: $(STAMP)
 # complete environment reinstalls without touching the network.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "pip>=24" "setuptools>=69"
+	$(BIN)/python -m pip install --quiet "pip>=24" "setuptools>=77"
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[service,detection,dev]"
 	touch $(STAMP)
 
