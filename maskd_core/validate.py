@@ -128,6 +128,12 @@ def _check_method(spec: JobSpec) -> None:
     """
     method = spec.stage2.method
     METHODS.entry(method.name, field="stage2.method.name")
+    if method.name == "maskd" and method.params:
+        raise SpecError(
+            "method 'maskd' takes no params: its settings are stage2.loss_weight, "
+            "stage2.custom_mask, stage2.custom_mask_warmup and stage2.mask_eps; set them there",
+            field="stage2.method.params",
+        )
     METHODS.parse_args(method.name, method.params, field="stage2.method.params")
     if method.name != "maskd" and "loss_weight" in spec.stage2.model_fields_set:
         raise SpecError(

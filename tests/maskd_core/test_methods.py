@@ -169,6 +169,9 @@ def test_unknown_methods_and_params_are_refused_with_what_exists() -> None:
     assert "Allowed arguments: alpha, mask_ratio" in str(err)
     err = refused(seg_spec(stage2={"iterations": 2, "method": "mgd", "loss_weight": 7}))
     assert err.field == "stage2.loss_weight" and "stage2.method.params" in str(err)
+    maskd = {"name": "maskd", "params": {"loss_weight": 7}}
+    err = refused(seg_spec(stage2={"iterations": 2, "method": maskd}))
+    assert err.field == "stage2.method.params" and "stage2.loss_weight" in str(err)
 
 
 def test_method_defaults_to_maskd_and_a_bare_name_is_accepted() -> None:
