@@ -10,8 +10,7 @@ Files written under ``workdir`` (each atomically): ``stage1/checkpoint.pt``,
 ``student.pt`` (a state dict) and ``summary.json``.
 
 Stage 1 runs only for methods that need tokens (``stage2.method`` MasKD); for the others no
-``stage1/`` or ``tokens.pt`` is written, and ``JobResult.tokens_path`` names a file that does not
-exist.
+``stage1/`` or ``tokens.pt`` is written, and ``JobResult.tokens_path`` is None.
 """
 
 from __future__ import annotations
@@ -62,7 +61,8 @@ class JobResult:
 
     workdir: Path
     plan: JobPlan
-    tokens_path: Path
+    tokens_path: Path | None
+    """None for methods that learn no tokens."""
     student_path: Path
     summary_path: Path
     summary: dict[str, Any]
@@ -252,7 +252,8 @@ def run_job(
     summary_path = workdir / "summary.json"
     _write_json(summary_path, summary)
     ctx.callbacks.on_artifact("eval", "summary", summary_path)
-    return JobResult(workdir, plan, workdir / "tokens.pt", student_path, summary_path, summary)
+    tokens_path = workdir / "tokens.pt" if needs_tokens else None
+    return JobResult(workdir, plan, tokens_path, student_path, summary_path, summary)
 
 
 def train_teacher(

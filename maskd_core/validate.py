@@ -123,8 +123,10 @@ def _check_method(spec: JobSpec) -> None:
     """The method's name and params through its registry entry; MasKD's weight kept to MasKD.
 
     ``stage2.loss_weight`` weighs MasKD's per-element mean; the other methods' weights sit in
-    their params on their own scale (MGD's sums make it O(1e-5)), so a ``loss_weight`` given
-    beside another method is refused rather than silently ignored.
+    their params on their own scale (MGD's sums make it O(1e-5)), so a ``loss_weight`` other
+    than the default beside another method is refused rather than silently ignored. The value is
+    compared, not whether the field was given: stored specs are saved with every default
+    spelled out, and must validate the same when a worker reads them back.
     """
     method = spec.stage2.method
     METHODS.entry(method.name, field="stage2.method.name")
@@ -135,7 +137,8 @@ def _check_method(spec: JobSpec) -> None:
             field="stage2.method.params",
         )
     METHODS.parse_args(method.name, method.params, field="stage2.method.params")
-    if method.name != "maskd" and "loss_weight" in spec.stage2.model_fields_set:
+    default_weight = type(spec.stage2).model_fields["loss_weight"].default
+    if method.name != "maskd" and spec.stage2.loss_weight != default_weight:
         raise SpecError(
             f"stage2.loss_weight is MasKD's weight and method {method.name!r} does not use it; "
             "remove it and set the method's own weight in stage2.method.params (loss scales "

@@ -62,9 +62,14 @@ def time_limit_message(settings: Settings) -> str:
     )
 
 
-def resume_state(workdir: Path) -> JobState:
-    """Stage 1 is done once its tokens were written; a rerun then starts in stage 2."""
-    return JobState.STAGE2 if (workdir / TOKENS_FILE).exists() else JobState.STAGE1
+def resume_state(workdir: Path, spec: JobSpec) -> JobState:
+    """Where a run starts: stage 2 once stage 1's tokens exist, or for a method without any."""
+    from maskd_core.methods import METHODS
+
+    needs_tokens = METHODS.get(spec.stage2.method.name).needs_tokens
+    if not needs_tokens or (workdir / TOKENS_FILE).exists():
+        return JobState.STAGE2
+    return JobState.STAGE1
 
 
 # Celery ships no type hints, so its decorator is untyped to mypy.
@@ -139,7 +144,7 @@ def _run_claimed(
 ) -> str:
     workdir = settings.jobs_dir / job_id
     workdir.mkdir(parents=True, exist_ok=True)
-    start = resume_state(workdir)
+    start = resume_state(workdir, spec)
     if state != start and can_transition(state, start):
         if not store.transition(job_id, start, worker_id=worker_id):
             logger.warning("job %s: could not start %s, leaving it", job_id, start)
@@ -215,7 +220,11 @@ def _register(
         "summary": result.summary_path,
     }
     store.record_outputs(
-        job_id, {"files": {name: str(path) for name, path in files.items()}, "metrics": metrics}
+        job_id,
+        {
+            "files": {name: str(path) for name, path in files.items() if path is not None},
+            "metrics": metrics,
+        },
     )
     store.transition(
         job_id,

@@ -481,8 +481,11 @@ def reuse_stage1_tokens(
     SHA-256 recorded with it and moved into place atomically, so the core either sees a whole
     artifact or none and then runs stage 1 itself.
     """
+    from maskd_core.methods import METHODS
+
     target = workdir / TOKENS_FILE
-    if not spec.stage1.reuse or target.exists():
+    needs_tokens = METHODS.get(spec.stage2.method.name).needs_tokens
+    if not needs_tokens or not spec.stage1.reuse or target.exists():
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name(project))

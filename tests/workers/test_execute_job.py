@@ -49,3 +49,29 @@ def test_a_delivery_for_a_finished_job_does_nothing(
     assert record is not None
     assert (record.state, record.attempt) == (JobState.CANCELLED, 0)
     assert not (tmp_path / "jobs" / job.id).exists()
+
+
+def test_a_method_without_tokens_skips_stage_one_end_to_end(
+    job_store: JobStore, database_url: str, tmp_path: Path
+) -> None:
+    """FitNet learns no receptive tokens: the job goes straight to STAGE2 and records no
+    tokens file, and stage-1 reuse is not attempted."""
+    project = job_store.create_project("p")
+    body = tiny_spec(stage2_iterations=2)
+    body["stage2"] = {**body["stage2"], "method": "fitnet"}
+    job, _ = job_store.create_job(project.id, JobSpec.model_validate(body))
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    outcome = execute_job(job_store, settings, job.id, delivery="first")
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert outcome == "SUCCEEDED", record.message
+    states = [t.to_state for t in record.transitions]
+    assert JobState.STAGE1 not in states
+    assert states[-3:] == [JobState.STAGE2, JobState.REGISTERING, JobState.SUCCEEDED]
+    assert set(record.outputs["files"]) == {"student", "summary"}
+    assert not (tmp_path / "jobs" / job.id / "tokens.pt").exists()
