@@ -134,8 +134,43 @@ class Stage2Spec(StrictModel):
     method: MethodSpec = Field(default_factory=MethodSpec)
 
 
+class ComparisonSpec(StrictModel):
+    """Several stage-2 methods side by side on one teacher, one data split and one step budget.
+
+    Every (method, seed) pair trains its own student for ``stage2.iterations`` steps; the seed
+    drives the student's initialisation and batch order, while the dataset and its split stay
+    those of the job's ``seed`` so every run sees the same data. Method names are unique: a run
+    is named by its method and seed (``runs/<method>-seed<seed>``), and two configurations of
+    one method belong in two jobs, where they cannot be confused in the table.
+    """
+
+    methods: list[MethodSpec] = Field(
+        min_length=1, description="The methods to compare, e.g. [maskd, none, fitnet]."
+    )
+    seeds: list[int] = Field(
+        min_length=1, description="Student seeds, e.g. [0, 1, 2]; each method runs once per seed."
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ComparisonSpec:
+        names = [method.name for method in self.methods]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"comparison.methods lists {', '.join(twice)} more than once; list each method "
+                "once (compare two settings of one method in two jobs)"
+            )
+        if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
+            raise ValueError("comparison.seeds must be distinct non-negative integers")
+        return self
+
+
 class JobSpec(StrictModel):
-    """Everything a MasKD job needs, from models and data to both stages' settings."""
+    """Everything a MasKD job needs, from models and data to both stages' settings.
+
+    With ``comparison`` the job trains one student per (method, seed) listed there instead of
+    one with ``stage2.method``; see ``run_spec``.
+    """
 
     name: str = Field(default="maskd-job", min_length=1, max_length=128)
     task: TaskName = "segmentation"
@@ -152,6 +187,27 @@ class JobSpec(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at the end).")
     checkpoint_every: int = Field(default=200, gt=0)
     max_eval_batches: int | None = Field(default=None, gt=0)
+    comparison: ComparisonSpec | None = Field(
+        default=None,
+        description="Compare stage-2 methods over seeds in one job (stage2.method is then "
+        "not used); see docs/methods.md.",
+    )
+
+    def methods(self) -> list[MethodSpec]:
+        """The stage-2 methods this job runs: the comparison's, or ``stage2.method`` alone."""
+        return list(self.comparison.methods) if self.comparison else [self.stage2.method]
+
+    def run_spec(self, method: MethodSpec, seed: int) -> JobSpec:
+        """The single-method job one comparison run amounts to.
+
+        ``stage2.loss_weight`` is MasKD's weight, so runs of other methods get its default
+        back (each method's weight is in its own params, on its own scale).
+        """
+        stage2 = self.stage2.model_copy(update={"method": method})
+        if method.name != "maskd":
+            default_weight = type(self.stage2).model_fields["loss_weight"].default
+            stage2 = stage2.model_copy(update={"loss_weight": default_weight})
+        return self.model_copy(update={"stage2": stage2, "seed": seed, "comparison": None})
 
     @model_validator(mode="before")
     @classmethod

@@ -119,24 +119,34 @@ def _check_layer_lists(spec: JobSpec) -> None:
         seen[name] = index
 
 
-def _check_method(spec: JobSpec) -> None:
+def _check_methods(spec: JobSpec) -> None:
+    """Every method the job runs: ``stage2.method``, or each entry of ``comparison.methods``."""
+    if spec.comparison is None:
+        _check_method(spec, "stage2.method")
+        return
+    for index, method in enumerate(spec.comparison.methods):
+        _check_method(spec.run_spec(method, spec.seed), f"comparison.methods[{index}]")
+
+
+def _check_method(spec: JobSpec, field: str) -> None:
     """The method's name and params through its registry entry; MasKD's weight kept to MasKD.
 
     ``stage2.loss_weight`` weighs MasKD's per-element mean; the other methods' weights sit in
     their params on their own scale (MGD's sums make it O(1e-5)), so a ``loss_weight`` other
     than the default beside another method is refused rather than silently ignored. The value is
     compared, not whether the field was given: stored specs are saved with every default
-    spelled out, and must validate the same when a worker reads them back.
+    spelled out, and must validate the same when a worker reads them back. ``field`` is where
+    the method sits in the submitted spec, so errors point there.
     """
     method = spec.stage2.method
-    METHODS.entry(method.name, field="stage2.method.name")
+    METHODS.entry(method.name, field=f"{field}.name")
     if method.name == "maskd" and method.params:
         raise SpecError(
             "method 'maskd' takes no params: its settings are stage2.loss_weight, "
             "stage2.custom_mask, stage2.custom_mask_warmup and stage2.mask_eps; set them there",
-            field="stage2.method.params",
+            field=f"{field}.params",
         )
-    METHODS.parse_args(method.name, method.params, field="stage2.method.params")
+    METHODS.parse_args(method.name, method.params, field=f"{field}.params")
     default_weight = type(spec.stage2).model_fields["loss_weight"].default
     if method.name != "maskd" and spec.stage2.loss_weight != default_weight:
         raise SpecError(
@@ -205,7 +215,7 @@ def validate_job(spec: JobSpec) -> JobPlan:
     """Check everything about ``spec`` that can fail before training and describe its levels."""
     _check_mixed_precision(spec)
     _check_layer_lists(spec)
-    _check_method(spec)
+    _check_methods(spec)
     task = build_task(spec)
     dataset = build_dataset(spec)
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
