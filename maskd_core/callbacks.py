@@ -12,7 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
-Stage = str  # "teacher", "stage1", "stage2" or "eval"
+Stage = str
+""""teacher", "stage1", "stage2", "baseline" or "eval"; in a comparison job each run's stage 2
+is ``comparison_stage(method, seed)``, e.g. "stage2/mgd/seed1"."""
+
+
+def comparison_stage(method: str, seed: int) -> Stage:
+    """The stage name of one comparison run: reporters tell runs apart by it."""
+    return f"stage2/{method}/seed{seed}"
+
+
+def parse_stage(stage: Stage) -> tuple[str, str | None, int | None]:
+    """``(kind, method, seed)``: ("stage2", "mgd", 1) for "stage2/mgd/seed1", ("stage1", None,
+    None) for a plain stage name."""
+    kind, _, rest = stage.partition("/")
+    method, _, seed = rest.partition("/")
+    if not method or not seed.startswith("seed") or not seed[4:].isdigit():
+        return kind, None, None
+    return kind, method, int(seed[4:])
 
 
 class Callback:

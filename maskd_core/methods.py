@@ -27,7 +27,7 @@ from torch import nn
 
 from maskd_core.losses import maskd_loss
 from maskd_core.registry import Registry
-from maskd_core.spec import Stage2Spec
+from maskd_core.spec import JobSpec, Stage2Spec
 from maskd_core.tokens import ReceptiveTokens, TokenSet
 
 if TYPE_CHECKING:
@@ -86,6 +86,11 @@ def build_distiller(setup: MethodSetup) -> Distiller:
     return build(
         METHODS.parse_args(method.name, method.params, field="stage2.method.params"), setup
     )
+
+
+def job_needs_tokens(spec: JobSpec) -> bool:
+    """Whether any method the job runs needs stage 1 (a comparison shares one stage 1)."""
+    return any(METHODS.get(m.name, field="stage2.method.name").needs_tokens for m in spec.methods())
 
 
 def _to_teacher_size(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

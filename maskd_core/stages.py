@@ -336,12 +336,14 @@ def run_stage2(
     tokens: TokenSet | None,
     plan: JobPlan,
     checkpoint: Path | None,
+    stage: str = "stage2",
 ) -> StageResult:
     """Distil ``teacher`` into ``student`` with the job's method (``stage2.method``).
 
     Trains the student, the per-level aligns and the method's own modules on task loss +
     weight · the method's loss over levels; the teacher runs in eval mode under no_grad, and the
-    ``tokens`` (MasKD's; None for methods without stage 1) are frozen.
+    ``tokens`` (MasKD's; None for methods without stage 1) are frozen. ``stage`` is the name
+    callbacks see (one per run in a comparison job).
     """
     spec = ctx.spec.stage2
     freeze(teacher)
@@ -385,7 +387,7 @@ def run_stage2(
             taps.enter_context(student_taps)
         return _train(
             ctx,
-            stage="stage2",
+            stage=stage,
             step_fn=step_fn,
             trainable=trainable,
             optimizer_spec=spec.optimizer,

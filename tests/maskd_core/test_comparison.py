@@ -1,0 +1,132 @@
+"""Comparison jobs: several methods over seeds on one teacher, one split and one stage 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_stages import Recorder
+from test_validate import refused, seg_spec
+
+from maskd_core.callbacks import comparison_stage, parse_stage
+from maskd_core.errors import JobCancelled, UnknownNameError
+from maskd_core.runner import comparison_markdown, run_comparison, run_job
+from maskd_core.spec import JobSpec
+
+
+def compare_spec(**comparison: Any) -> JobSpec:
+    body = seg_spec(stage1={"iterations": 1}, stage2={"iterations": 2})
+    body["comparison"] = {"methods": ["maskd", "fitnet"], "seeds": [0, 1], **comparison}
+    return JobSpec.model_validate(body)
+
+
+def test_two_methods_two_seeds_share_stage1_and_give_four_runs_and_a_table(
+    tmp_path: Path,
+) -> None:
+    recorder = Recorder()
+    result = run_comparison(compare_spec(), tmp_path, recorder)
+
+    starts = [event.split()[1] for event in recorder.events if event.startswith("start")]
+    assert starts == ["stage1"] + [
+        comparison_stage(m, s) for m in ("maskd", "fitnet") for s in (0, 1)
+    ]
+    assert [(run.method.name, run.seed) for run in result.runs] == [
+        ("maskd", 0),
+        ("maskd", 1),
+        ("fitnet", 0),
+        ("fitnet", 1),
+    ]
+    for run in result.runs:
+        assert run.workdir == tmp_path / "runs" / f"{run.method.name}-seed{run.seed}"
+        assert run.student_path.is_file()
+        assert run.summary["method"] == run.method.name and run.summary["seed"] == run.seed
+    assert result.tokens_path == tmp_path / "tokens.pt" and result.tokens_path.is_file()
+    # The seed changes the student: same method, different seeds, different weights.
+    assert result.runs[0].student_path.read_bytes() != result.runs[1].student_path.read_bytes()
+
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table == result.table
+    assert table["primary_metric"] == "miou" and table["seeds"] == [0, 1]
+    rows = {row["method"]: row for row in table["methods"]}
+    assert set(rows) == {"maskd", "fitnet"}
+    fitnet = rows["fitnet"]
+    assert fitnet["values"] == [r.metrics["student_miou"] for r in result.runs[2:]]
+    assert fitnet["mean"] == pytest.approx(sum(fitnet["values"]) / 2)
+    assert fitnet["params"] == {"weight": 1.0}  # registry defaults spelled out
+    assert fitnet["seconds_per_step"] > 0
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert markdown == comparison_markdown(table)
+    assert "| teacher |" in markdown and "| fitnet |" in markdown
+
+
+def test_a_half_finished_comparison_skips_finished_runs_and_resumes_the_cut_one(
+    tmp_path: Path,
+) -> None:
+    spec = compare_spec()
+    # Stops during the third run's first step (two runs of two steps finished, plus stage 1).
+    with pytest.raises(JobCancelled) as stopped:
+        run_comparison(spec, tmp_path, Recorder(stop_at=1 + 2 + 2 + 1))
+    assert stopped.value.stage == comparison_stage("fitnet", 0)
+    finished = (tmp_path / "runs" / "maskd-seed0" / "student.pt").read_bytes()
+
+    recorder = Recorder()
+    result = run_comparison(spec, tmp_path, recorder)
+    starts = [event for event in recorder.events if event.startswith("start")]
+    assert starts == [
+        f"start {comparison_stage('fitnet', 0)} 1/2",
+        f"start {comparison_stage('fitnet', 1)} 0/2",
+    ]
+    assert result.runs[0].student_path.read_bytes() == finished
+    assert len(result.table["methods"]) == 2
+
+
+def test_stage_names_of_comparison_runs_parse_back() -> None:
+    assert parse_stage(comparison_stage("mgd", 12)) == ("stage2", "mgd", 12)
+    assert parse_stage("stage2") == ("stage2", None, None)
+    assert parse_stage("stage1") == ("stage1", None, None)
+
+
+def test_methods_inside_a_comparison_are_checked_through_the_registry() -> None:
+    body = seg_spec()
+    body["comparison"] = {"methods": ["maskd", "mgdd"], "seeds": [0]}
+    err = refused(body)
+    assert isinstance(err, UnknownNameError) and err.field == "comparison.methods[1].name"
+    assert all(name in str(err) for name in ("amd", "fitnet", "maskd", "mgd", "none"))
+    body["comparison"] = {"methods": [{"name": "mgd", "params": {"a": 1}}], "seeds": [0]}
+    err = refused(body)
+    assert err.field == "comparison.methods[0].params"
+    assert "Allowed arguments: alpha, mask_ratio" in str(err)
+
+
+def test_maskd_weight_stays_with_maskd_runs_and_other_methods_keep_their_own() -> None:
+    body = seg_spec(stage2={"loss_weight": 0.1})
+    body["comparison"] = {"methods": ["maskd", "mgd"], "seeds": [0]}
+    spec = JobSpec.model_validate(body)
+    assert spec.run_spec(spec.methods()[0], 3).stage2.loss_weight == 0.1
+    mgd = spec.run_spec(spec.methods()[1], 3)
+    assert (mgd.stage2.loss_weight, mgd.seed, mgd.comparison) == (1.0, 3, None)
+
+
+@pytest.mark.parametrize(
+    ("comparison", "message"),
+    [
+        ({"methods": [], "seeds": [0]}, "at least 1"),
+        ({"methods": ["fitnet"], "seeds": []}, "at least 1"),
+        ({"methods": ["fitnet", {"name": "fitnet"}], "seeds": [0]}, "more than once"),
+        ({"methods": ["fitnet"], "seeds": [1, 1]}, "distinct"),
+    ],
+)
+def test_malformed_comparisons_are_refused_by_the_spec(
+    comparison: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        JobSpec.model_validate({**seg_spec(), "comparison": comparison})
+
+
+def test_single_jobs_and_comparisons_take_their_own_entry_point(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run_comparison"):
+        run_job(compare_spec(), tmp_path)
+    with pytest.raises(ValueError, match="comparison section"):
+        run_comparison(JobSpec.model_validate(seg_spec()), tmp_path)
