@@ -460,6 +460,19 @@ def comparison_table(
     }
 
 
+def comparison_metrics(table: Mapping[str, Any]) -> dict[str, float]:
+    """The table as flat metrics (``fitnet_miou_mean``, ``fitnet_miou_std``, ``teacher_miou``),
+    the shape MLflow's compare view and the job's metrics take."""
+    primary = table["primary_metric"]
+    metrics = {f"teacher_{primary}": float(table["teacher"])}
+    for row in table["methods"]:
+        metrics[f"{row['method']}_{primary}_mean"] = float(row["mean"])
+        metrics[f"{row['method']}_{primary}_std"] = float(row["std"])
+        if row["seconds_per_step"] is not None:
+            metrics[f"{row['method']}_seconds_per_step"] = float(row["seconds_per_step"])
+    return metrics
+
+
 def comparison_markdown(table: Mapping[str, Any]) -> str:
     """The table as markdown, for the CLI, MLflow's artifact view and the bench."""
     primary = table["primary_metric"]

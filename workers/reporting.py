@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from maskd_core.callbacks import Callback, Stage
+from maskd_core.callbacks import Callback, Stage, parse_stage
 from service.lifecycle import JobState, can_transition
 from service.store import JobStore
 from workers.lease import LeaseKeeper
@@ -67,7 +67,9 @@ class StoreReporter(Callback):
 
     def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
         self._totals[stage] = total_steps
-        target = _STAGE_STATES.get(stage)
+        # A comparison's runs ("stage2/mgd/seed1") all belong to STAGE2; progress stays keyed
+        # by the full name, so each run has its own row.
+        target = _STAGE_STATES.get(parse_stage(stage)[0])
         if target is not None and target != self.state and can_transition(self.state, target):
             if self._store.transition(self._job_id, target, worker_id=self._worker_id):
                 self.state = target

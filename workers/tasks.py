@@ -35,8 +35,10 @@ from workers.lease import LeaseKeeper, StopReason
 from workers.reporting import StoreReporter, format_metrics
 
 if TYPE_CHECKING:
-    from maskd_core.runner import JobResult
+    from maskd_core.runner import ComparisonResult, JobResult
     from workers.tracking import MlflowTracker
+
+    Result = JobResult | ComparisonResult
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +65,10 @@ def time_limit_message(settings: Settings) -> str:
 
 
 def resume_state(workdir: Path, spec: JobSpec) -> JobState:
-    """Where a run starts: stage 2 once stage 1's tokens exist, or for a method without any."""
-    from maskd_core.methods import METHODS
+    """Where a run starts: stage 2 once stage 1's tokens exist, or for methods without any."""
+    from maskd_core.methods import job_needs_tokens
 
-    needs_tokens = METHODS.get(spec.stage2.method.name).needs_tokens
-    if not needs_tokens or (workdir / TOKENS_FILE).exists():
+    if not job_needs_tokens(spec) or (workdir / TOKENS_FILE).exists():
         return JobState.STAGE2
     return JobState.STAGE1
 
@@ -160,11 +161,13 @@ def _run_claimed(
 
     # Imported here, in the child process: see the module docstring.
     from maskd_core.errors import DataError, JobCancelled, SpecError
+    from maskd_core.runner import run_comparison
     from maskd_core.runner import run_job as run_core_job
 
     try:
         with _tracked(store, settings, job_id, project_id, spec, workdir) as (tracker, resolved):
-            result = run_core_job(resolved, workdir, callbacks=[reporter, tracker])
+            run = run_core_job if resolved.comparison is None else run_comparison
+            result: Result = run(resolved, workdir, callbacks=[reporter, tracker])
             return _register(
                 store, job_id, worker_id, result, publish=_publisher(settings, tracker)
             )
@@ -201,8 +204,8 @@ def _register(
     store: JobStore,
     job_id: str,
     worker_id: str,
-    result: JobResult,
-    publish: Callable[[JobResult], dict[str, Any]] | None = None,
+    result: Result,
+    publish: Callable[[Result], dict[str, Any]] | None = None,
 ) -> str:
     """Records where the outputs are and the summary metrics, then marks the job succeeded.
 
@@ -213,19 +216,9 @@ def _register(
         return "lease_lost"
     if publish is not None:
         store.record_outputs(job_id, publish(result))
-    metrics = {name: float(value) for name, value in result.metrics.items()}
-    files = {
-        "student": result.student_path,
-        "tokens": result.tokens_path,
-        "summary": result.summary_path,
-    }
-    store.record_outputs(
-        job_id,
-        {
-            "files": {name: str(path) for name, path in files.items() if path is not None},
-            "metrics": metrics,
-        },
-    )
+    outputs = _outputs(result)
+    store.record_outputs(job_id, outputs)
+    metrics = outputs["metrics"]
     store.transition(
         job_id,
         JobState.SUCCEEDED,
@@ -233,6 +226,35 @@ def _register(
         message=f"succeeded: {format_metrics(metrics)}",
     )
     return JobState.SUCCEEDED.value
+
+
+def _outputs(result: Result) -> dict[str, Any]:
+    """Files and metrics for the job record; a comparison adds its table (``comparison``) and
+    reports the table's flat metrics (``fitnet_miou_mean`` ...)."""
+    from maskd_core.runner import JobResult, comparison_metrics
+
+    files: dict[str, Path | None]
+    if isinstance(result, JobResult):
+        files = {
+            "student": result.student_path,
+            "tokens": result.tokens_path,
+            "summary": result.summary_path,
+        }
+        extra: dict[str, Any] = {}
+        metrics = result.metrics
+    else:
+        files = {
+            "comparison": result.table_path,
+            "comparison_markdown": result.markdown_path,
+            "tokens": result.tokens_path,
+        }
+        extra = {"comparison": result.table}
+        metrics = comparison_metrics(result.table)
+    return {
+        "files": {name: str(path) for name, path in files.items() if path is not None},
+        "metrics": {name: float(value) for name, value in metrics.items()},
+        **extra,
+    }
 
 
 @contextmanager
@@ -274,22 +296,54 @@ def _tracked(
         yield tracker, resolved
 
 
-def _publisher(settings: Settings, tracker: MlflowTracker) -> Callable[[JobResult], dict[str, Any]]:
-    """Registers the student on the job's MLflow run; returns the links for the job outputs."""
+def _publisher(settings: Settings, tracker: MlflowTracker) -> Callable[[Result], dict[str, Any]]:
+    """Registers the student(s) on the job's MLflow runs; returns the links for the outputs.
+
+    A comparison registers every (method, seed) student as a version of the job's one
+    registered model, logged on its own nested run and told apart by the version tags
+    ``maskd.method`` and ``maskd.seed``; no alias moves (see ``log_and_register_student``).
+    """
+    from maskd_core.runner import JobResult, comparison_metrics
     from workers.tracking import log_and_register_student
 
-    def publish(result: JobResult) -> dict[str, Any]:
-        version = log_and_register_student(
-            settings.mlflow_tracking_uri,
-            tracker.run_id,
-            tracker.project,
-            tracker.spec,
-            result.workdir,
-            result.metrics,
-        )
-        return {
-            "mlflow": {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id},
-            "model": {"name": version.name, "version": version.version, "uri": version.uri},
+    def publish(result: Result) -> dict[str, Any]:
+        links: dict[str, Any] = {
+            "mlflow": {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id}
         }
+        if isinstance(result, JobResult):
+            version = log_and_register_student(
+                settings.mlflow_tracking_uri,
+                tracker.run_id,
+                tracker.project,
+                tracker.spec,
+                result.workdir,
+                result.metrics,
+            )
+            links["model"] = {"name": version.name, "version": version.version, "uri": version.uri}
+            return links
+        models = []
+        for run in result.runs:
+            version = log_and_register_student(
+                settings.mlflow_tracking_uri,
+                tracker.run_id,
+                tracker.project,
+                tracker.spec.run_spec(run.method, run.seed),
+                run.workdir,
+                run.metrics,
+                model_run_id=tracker.stage_run(run.stage),
+                alias=None,
+            )
+            models.append(
+                {
+                    "method": run.method.name,
+                    "seed": run.seed,
+                    "name": version.name,
+                    "version": version.version,
+                    "uri": version.uri,
+                }
+            )
+        tracker.log_comparison(comparison_metrics(result.table))
+        links["models"] = models
+        return links
 
     return publish

@@ -2,7 +2,9 @@
 
 The core reports through ``Callback``; ``MlflowTracker`` turns that into one MLflow parent run
 per job with a nested run per stage, so the UI's compare view lines jobs up by their parameters
-and final metrics while each stage keeps its own curves. Everything talks to MLflow through an
+and final metrics while each stage keeps its own curves. A comparison job gets one nested run
+per (method, seed), tagged ``method`` and ``seed``, beside its one stage-1 run, and its table on
+the parent (``log_comparison``). Everything talks to MLflow through an
 explicit ``MlflowClient(tracking_uri)``: no fluent "active run" state leaks between jobs of one
 worker process, and nothing ever falls back to ``./mlruns``.
 
@@ -43,7 +45,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from maskd_core.callbacks import Callback, Stage
+from maskd_core.callbacks import Callback, Stage, parse_stage
 from maskd_core.errors import JobCancelled
 from maskd_core.spec import JobSpec
 from service.registry import (
@@ -58,7 +60,8 @@ from service.registry import (
 logger = logging.getLogger(__name__)
 
 STAGE_RUNS = ("stage1", "stage2", "baseline")
-"""Stages with a nested run of their own; anything else ("teacher", "eval") logs on the parent."""
+"""Stages with a nested run of their own; anything else ("teacher", "eval") logs on the parent.
+A comparison run's stage ("stage2/mgd/seed1") counts as "stage2" and gets a run of its own."""
 
 PARENT_STAGE = "job"
 """Value of the ``stage`` tag on a job's parent run."""
@@ -242,16 +245,21 @@ class MlflowTracker(Callback):
     # -- runs ---------------------------------------------------------------------------------
 
     def _tags(self, stage: str) -> dict[str, str]:
-        return {
+        """A comparison's parent is tagged with every method it runs, each run with its own."""
+        _, method, seed = parse_stage(stage)
+        tags = {
             "job_id": self.job_id,
             "project": self.project,
             PROJECT_TAG: self.project,
             "teacher": self.spec.teacher.arch,
             "student": self.spec.student.arch,
-            "method": "maskd",
+            "method": method or ",".join(m.name for m in self.spec.methods()),
             "task": self.spec.task,
             "stage": stage,
         }
+        if seed is not None:
+            tags["seed"] = str(seed)
+        return tags
 
     def _find_run(self, stage: str) -> str | None:
         runs = self.client.search_runs(
@@ -277,7 +285,8 @@ class MlflowTracker(Callback):
         run_id = str(run.info.run_id)
         params = flatten_spec(params_spec)
         if parent is not None:
-            params = {k: v for k, v in params.items() if k.startswith(f"{stage}.")}
+            kind = parse_stage(stage)[0]
+            params = {k: v for k, v in params.items() if k.startswith(f"{kind}.")}
         for chunk in _chunks(list(params.items()), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
         return run_id
@@ -285,13 +294,17 @@ class MlflowTracker(Callback):
     def _run_for(self, stage: Stage) -> str:
         return self._stage_runs.get(stage, self.run_id)
 
+    def stage_run(self, stage: Stage) -> str | None:
+        """The nested run of ``stage``, also one an earlier delivery of the job opened."""
+        return self._stage_runs.get(stage) or self._find_run(stage)
+
     # -- callbacks ----------------------------------------------------------------------------
 
     @_best_effort
     def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
         self._totals[stage] = total_steps
         self._every[stage] = max(1, math.ceil(total_steps / self._max_points))
-        if stage in STAGE_RUNS:
+        if parse_stage(stage)[0] in STAGE_RUNS:
             run_id = self._open_run(stage, self.spec, parent=self.run_id)
             self._stage_runs[stage] = run_id
             self._running.add(run_id)
@@ -351,6 +364,14 @@ class MlflowTracker(Callback):
                 RunTag(REUSED_FROM_RUN_TAG, reused.run_id),
             ],
         )
+
+    def log_comparison(self, metrics: Mapping[str, float]) -> None:
+        """A comparison's table as parent-run metrics (``fitnet_miou_mean`` ...), so the compare
+        view lines the methods up; the table files reach the parent through ``on_artifact``."""
+        now = int(time.time() * 1000)
+        rows = [Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
+        for chunk in _chunks(rows, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
 
     def __enter__(self) -> MlflowTracker:
         return self
@@ -481,11 +502,10 @@ def reuse_stage1_tokens(
     SHA-256 recorded with it and moved into place atomically, so the core either sees a whole
     artifact or none and then runs stage 1 itself.
     """
-    from maskd_core.methods import METHODS
+    from maskd_core.methods import job_needs_tokens
 
     target = workdir / TOKENS_FILE
-    needs_tokens = METHODS.get(spec.stage2.method.name).needs_tokens
-    if not needs_tokens or not spec.stage1.reuse or target.exists():
+    if not job_needs_tokens(spec) or not spec.stage1.reuse or target.exists():
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name(project))
@@ -577,12 +597,18 @@ def log_and_register_student(
     spec: JobSpec,
     workdir: Path,
     metrics: Mapping[str, float],
+    *,
+    model_run_id: str | None = None,
+    alias: str | None = CANDIDATE_ALIAS,
 ) -> RegisteredVersion:
     """Logs ``workdir/student.pt`` as a pyfunc model on the job's run, registers a version
-    with lineage tags and points the ``candidate`` alias at it.
+    with lineage tags and points ``alias`` (``candidate``) at it.
 
-    ``spec`` is the resolved spec (local paths); the weights source the user wrote is read back
-    from the run's ``teacher.weights`` parameter.
+    ``spec`` is the resolved spec (local paths) of this student, whose method and seed the
+    version's tags record; the weights source the user wrote is read back from the job's run
+    (``run_id``) ``teacher.weights`` parameter. A comparison logs each student on its own
+    nested run (``model_run_id``) and moves no alias: which method wins is for the user to read
+    from the table, not for the last run to decide.
     """
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     # pyfunc.log_model resolves the store from the process-wide URI; set it explicitly so it
@@ -604,8 +630,12 @@ def log_and_register_student(
             indent=2,
         )
     )
+    model_run_id = model_run_id or run_id
     logged = client.create_logged_model(
-        run.info.experiment_id, name="student", source_run_id=run_id, model_type="maskd-student"
+        run.info.experiment_id,
+        name="student",
+        source_run_id=model_run_id,
+        model_type="maskd-student",
     )
     # Batch, height and width are free: the networks are fully convolutional.
     signature = ModelSignature(
@@ -625,7 +655,7 @@ def log_and_register_student(
         input_example=example,
         model_id=logged.model_id,
     )
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    client.log_outputs(model_run_id, [LoggedModelOutput(logged.model_id, step=0)])
 
     name = registered_model_name(project, spec.name)
     _get_or_create_registered_model(client, name, project)
@@ -633,7 +663,8 @@ def log_and_register_student(
     lineage = {
         "maskd.job_id": str(run.data.tags.get("job_id", "")),
         PROJECT_TAG: project,
-        "maskd.method": "maskd",
+        "maskd.method": spec.stage2.method.name,
+        "maskd.seed": str(spec.seed),
         "maskd.task": spec.task,
         "maskd.arch": spec.student.arch,
         "maskd.teacher.arch": spec.teacher.arch,
@@ -649,9 +680,10 @@ def log_and_register_student(
     if reused:
         lineage[REUSED_FROM_JOB_TAG] = reused
     version = client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, tags=lineage, model_id=logged.model_id
+        name, source=info.model_uri, run_id=model_run_id, tags=lineage, model_id=logged.model_id
     )
-    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
     return RegisteredVersion(
         name=name, version=str(version.version), uri=f"models:/{name}/{version.version}"
     )

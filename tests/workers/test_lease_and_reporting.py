@@ -140,6 +140,24 @@ def test_reporter_turns_stages_into_transitions_and_events(
     assert record.stage == "stage2"
 
 
+def test_reporter_moves_a_comparison_to_stage2_with_progress_per_run(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, _ = reporter_parts
+
+    reporter.on_stage_start("stage2/mgd/seed0", 0, 20)
+    reporter.on_stage_end("stage2/mgd/seed0", 20, {"loss": 0.5})
+    reporter.on_stage_start("stage2/mgd/seed1", 0, 20)
+
+    record = current(job_store, job.id)
+    assert [t.to_state for t in record.transitions][-1] is JobState.STAGE2
+    assert reporter.state is JobState.STAGE2
+    assert record.progress == {
+        "stage2/mgd/seed0": {"step": 20, "total": 20},
+        "stage2/mgd/seed1": {"step": 0, "total": 20},
+    }
+
+
 def test_reporter_writes_progress_about_once_a_second(
     job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
 ) -> None:

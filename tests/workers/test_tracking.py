@@ -393,3 +393,81 @@ def test_the_worker_task_tracks_reuses_and_registers(job: TrackedJob, tmp_path: 
     run = client.get_run(record.outputs["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["name"] == "via-worker"
+
+
+def test_a_comparison_job_tracks_registers_and_records_every_run(
+    job: TrackedJob, tmp_path: Path
+) -> None:
+    """Two methods × two seeds through ``maskd.run_job``'s body: one stage-1 run, four student
+    runs under the parent, four registered versions and the table in the job outputs."""
+    from service.config import Settings
+    from service.db import make_engine, make_sessionmaker, upgrade_to_head
+    from service.lifecycle import JobState
+    from service.store import JobStore
+    from workers.tasks import execute_job
+
+    database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
+    upgrade_to_head(database_url)
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "var",
+        mlflow_tracking_uri=job.tracking_uri,
+    )
+    spec = tiny_spec(
+        job.root / "teacher.pt",
+        name="compare",
+        stage1={"tokens": 2, "iterations": 2},  # not job-1's stage 1: this one runs it
+        stage2={"iterations": 2},
+        comparison={"methods": ["maskd", "fitnet"], "seeds": [0, 1]},
+    )
+    engine = make_engine(database_url)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        project = store.create_project(PROJECT)
+        created, _ = store.create_job(project.id, spec)
+        assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
+        record = store.get_job_unscoped(created.id)
+    finally:
+        engine.dispose()
+    assert record is not None and record.state is JobState.SUCCEEDED
+
+    table = record.outputs["comparison"]
+    assert [row["method"] for row in table["methods"]] == ["maskd", "fitnet"]
+    assert record.outputs["metrics"]["fitnet_miou_mean"] == table["methods"][1]["mean"]
+
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    parent_id = record.outputs["mlflow"]["run_id"]
+    children = client.search_runs(
+        [record.outputs["mlflow"]["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    stages = sorted(run.data.tags["stage"] for run in children)
+    assert stages == [
+        "stage1",
+        "stage2/fitnet/seed0",
+        "stage2/fitnet/seed1",
+        "stage2/maskd/seed0",
+        "stage2/maskd/seed1",
+    ]
+    students = {
+        (run.data.tags["method"], run.data.tags["seed"]): run
+        for run in children
+        if run.data.tags["stage"] != "stage1"
+    }
+    assert set(students) == {(m, s) for m in ("maskd", "fitnet") for s in ("0", "1")}
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert "student_miou" in students["fitnet", "1"].data.metrics
+
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["maskd_miou_mean"] == pytest.approx(table["methods"][0]["mean"])
+    assert "maskd_miou_std" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"comparison.json", "comparison.md"} <= artifacts
+
+    models = record.outputs["models"]
+    assert len(models) == 4 and len({m["version"] for m in models}) == 4
+    for model in models:
+        version = client.get_model_version(model["name"], model["version"])
+        assert version.tags["maskd.method"] == model["method"]
+        assert version.tags["maskd.seed"] == str(model["seed"])
+        assert version.run_id == students[model["method"], str(model["seed"])].info.run_id
