@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
         "run",
         help="run a MasKD job locally: stage 1 (tokens) then stage 2 (distillation)",
         description="Validate JOB.yaml, learn receptive tokens on the teacher, distil the "
-        "student and print the metrics. Rerunning with the same --workdir resumes.",
+        "student and print the metrics. A spec with a comparison section trains one student "
+        "per (method, seed) and prints the comparison table. Rerunning with the same "
+        "--workdir resumes.",
     )
     run.add_argument("job", type=Path, metavar="JOB.yaml")
     run.add_argument(
@@ -130,11 +132,22 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     from maskd_core.errors import SpecError
-    from maskd_core.runner import run_job
+    from maskd_core.runner import comparison_markdown, run_comparison, run_job
 
     try:
         spec = load_spec(args.job)
         workdir = args.workdir or Path("runs") / spec.name
+        if spec.comparison is not None:
+            if args.baseline:
+                raise SpecError(
+                    "--baseline is for single-method jobs; a comparison lists method 'none' "
+                    "instead, trained on the same seeds",
+                    field="comparison.methods",
+                )
+            comparison = run_comparison(spec, workdir, _progress())
+            print(comparison_markdown(comparison.table), end="")
+            print(f"outputs in {workdir}: comparison.json, comparison.md, runs/<method>-seed<n>/")
+            return 0
         result = run_job(spec, workdir, _progress(), baseline=args.baseline)
     except SpecError as error:
         return _report_spec_error(error)

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from test_stages import Recorder
 from test_validate import refused, seg_spec
 
+from maskd_cli import main
 from maskd_core.callbacks import comparison_stage, parse_stage
 from maskd_core.errors import JobCancelled, UnknownNameError
 from maskd_core.runner import comparison_markdown, run_comparison, run_job
@@ -130,3 +132,18 @@ def test_single_jobs_and_comparisons_take_their_own_entry_point(tmp_path: Path) 
         run_job(compare_spec(), tmp_path)
     with pytest.raises(ValueError, match="comparison section"):
         run_comparison(JobSpec.model_validate(seg_spec()), tmp_path)
+
+
+def test_maskd_run_prints_the_table_of_a_comparison_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = compare_spec(methods=["none", "fitnet"], seeds=[0])
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        comparison_markdown(json.loads((tmp_path / "work" / "comparison.json").read_text()))
+        in printed
+    )
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work"), "--baseline"]) == 2
