@@ -253,6 +253,8 @@ def _train_student(
     student_path = workdir / "student.pt"
     atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, student_path)
     ctx.callbacks.on_artifact(stage, "student", student_path)
+    # A job's one student is evaluated as "eval" (the job's final numbers, on the parent run);
+    # a comparison run's evaluation stays with its own stage so reporters keep runs apart.
     eval_stage = "eval" if stage == "stage2" else stage
     return student_path, result, _evaluate(ctx, student, "student", result.step, eval_stage)
 
