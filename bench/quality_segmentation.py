@@ -20,6 +20,7 @@ import torch
 
 from maskd_cli.core_commands import load_spec
 from maskd_core.runner import run_job, train_teacher
+from maskd_core.spec import JobSpec
 
 ROWS = [
     ("teacher", "teacher"),
@@ -27,6 +28,16 @@ ROWS = [
     ("student, no KD", "baseline"),
     ("student, MasKD", "student"),
 ]
+
+
+def with_trained_teacher(spec: JobSpec, teacher_path: Path, iterations: int) -> JobSpec:
+    """``spec`` pointing at ``teacher_path``, trained on the spec's own data if not there yet."""
+    spec = spec.model_copy(
+        update={"teacher": spec.teacher.model_copy(update={"weights": str(teacher_path)})}
+    )
+    if not teacher_path.is_file():
+        train_teacher(spec, teacher_path, iterations)
+    return spec
 
 
 def main() -> None:
@@ -47,15 +58,9 @@ def main() -> None:
     started = time.perf_counter()
     for seed in args.seeds:
         workdir = args.workdir / f"seed{seed}"
-        teacher_path = workdir / "teacher.pt"
-        spec = base.model_copy(
-            update={
-                "seed": seed,
-                "teacher": base.teacher.model_copy(update={"weights": str(teacher_path)}),
-            }
+        spec = with_trained_teacher(
+            base.model_copy(update={"seed": seed}), workdir / "teacher.pt", args.teacher_iterations
         )
-        if not teacher_path.is_file():
-            train_teacher(spec, teacher_path, args.teacher_iterations)
         summary = run_job(spec, workdir / "job", baseline=True).summary
         metric = summary["primary_metric"]
         for _, key in ROWS:
