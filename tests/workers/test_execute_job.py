@@ -75,3 +75,48 @@ def test_a_method_without_tokens_skips_stage_one_end_to_end(
     assert states[-3:] == [JobState.STAGE2, JobState.REGISTERING, JobState.SUCCEEDED]
     assert set(record.outputs["files"]) == {"student", "summary"}
     assert not (tmp_path / "jobs" / job.id / "tokens.pt").exists()
+
+
+def test_a_detection_job_runs_through_the_worker_logs_map_and_registers_its_student(
+    job_store: JobStore, database_url: str, tmp_path: Path
+) -> None:
+    model_args = {"backbone": "tiny", "min_size": 64, "max_size": 64}
+    spec = JobSpec.model_validate(
+        {
+            "name": "tiny-detection",
+            "task": "detection",
+            "teacher": {
+                "arch": "fcos",
+                "args": {**model_args, "fpn_channels": 32, "tiny_width": 8, "head_convs": 1},
+                "layers": ["backbone"],
+            },
+            "student": {
+                "arch": "fcos",
+                "args": {**model_args, "fpn_channels": 32, "tiny_width": 8, "head_convs": 1},
+                "layers": ["backbone"],
+            },
+            "dataset": {
+                "name": "procedural_boxes",
+                "args": {"num_samples": 8, "image_size": 64},
+                "val_fraction": 0.25,
+            },
+            "stage1": {"iterations": 2},
+            "stage2": {"iterations": 2, "custom_mask_warmup": 1},
+            "batch_size": 2,
+            "device": "cpu",
+        }
+    )
+    project = job_store.create_project("p")
+    job, _ = job_store.create_job(project.id, spec)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Settings(
+        database_url=database_url, data_dir=tmp_path, mlflow_tracking_uri=tracking_uri
+    )
+    outcome = execute_job(job_store, settings, job.id, delivery="first")
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert outcome == "SUCCEEDED", record.message
+    assert {"teacher_map", "student_map"} <= set(record.outputs["metrics"])
+    assert record.outputs["model"]["name"] == "p.tiny-detection-student"
+    assert (tmp_path / "jobs" / job.id / "tokens.pt").is_file()
