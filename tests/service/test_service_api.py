@@ -109,6 +109,18 @@ def test_spec_validation_errors_are_422_and_nothing_is_stored(api: Api) -> None:
     assert job_ids(api) == [] and api.queued_messages() == []
 
 
+def test_an_unknown_method_inside_a_comparison_is_422_with_the_methods_that_exist(
+    api: Api,
+) -> None:
+    body = {**spec_body(), "comparison": {"methods": ["maskd", "fitnett"], "seeds": [0, 1]}}
+    response = api.http.post("/v1/jobs", json=body, headers=api.headers())
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "comparison", "methods[1]", "name"]
+    assert "Did you mean 'fitnet'" in problem["msg"] and "mgd" in problem["msg"]
+    assert job_ids(api) == [] and api.queued_messages() == []
+
+
 def test_specs_cannot_read_other_projects_files_or_leave_the_input_roots(
     api: Api, tmp_path: Path
 ) -> None:
