@@ -67,29 +67,29 @@ def read_state_dict(path: str | Path, field: str = "weights") -> dict[str, torch
 def load_weights(model: nn.Module, path: str | Path, field: str = "weights") -> None:
     """Load a state dict into ``model``, naming missing/unexpected keys when they differ."""
     state = read_state_dict(path, field)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing = ", ".join(result.missing_keys[:5])
-        unexpected = ", ".join(result.unexpected_keys[:5])
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing or unexpected:
         raise SpecError(
             f"weights file {str(path)!r} does not match the architecture: "
-            f"{len(result.missing_keys)} missing keys ({missing}), "
-            f"{len(result.unexpected_keys)} unexpected keys ({unexpected}); check arch and args",
+            f"{len(missing)} missing keys ({', '.join(missing[:5])}), "
+            f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}); check arch and args",
             field=field,
         )
-    shape_errors = []
-    own = model.state_dict()
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            shape_errors.append(
-                f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-            )
+    # Checked before loading: load_state_dict reports a size mismatch as a bare RuntimeError.
+    shape_errors = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if own[key].shape != value.shape
+    ]
     if shape_errors:
         raise SpecError(
             f"weights file {str(path)!r} has tensors of the wrong shape: "
             + "; ".join(shape_errors[:5]),
             field=field,
         )
+    model.load_state_dict(state)
 
 
 from maskd_core.models import detection as _detection  # noqa: E402,F401  (registers)

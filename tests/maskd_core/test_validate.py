@@ -146,3 +146,14 @@ def test_input_paths_lists_every_local_file_without_reading_it() -> None:
         "dataset.args.annotations": "/nowhere/a.json",
         "dataset.args.images": "/nowhere/img",
     }
+
+
+def test_weights_of_the_wrong_shape_are_a_spec_error(tmp_path: Path) -> None:
+    """Same keys, other widths: a SpecError naming the tensor, not torch's RuntimeError."""
+    wide = MODELS.get("seg_tiny_student")(
+        MODELS.parse_args("seg_tiny_student", {"base_channels": 24}), 5
+    )
+    weights = tmp_path / "wide.pt"
+    torch.save(wide.state_dict(), weights)
+    err = refused(seg_spec(student={"weights": str(weights)}))
+    assert err.field == "student.weights" and "wrong shape" in str(err)
