@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +31,8 @@ if TYPE_CHECKING:
     from service.config import Settings
     from service.store import JobStore
 
-QUICKSTART_SPEC = (
-    Path(__file__).resolve().parent.parent / "examples" / "quickstart-segmentation.yaml"
-)
+QUICKSTART_SPEC = "quickstart-segmentation.yaml"
+"""In ``examples/``, installed as the package ``maskd_examples``."""
 TEACHER_ITERATIONS = 1200
 """What examples/README.md trains the quickstart teacher for: a teacher worth distilling."""
 JOB_TIMEOUT_SECONDS = 1800.0
@@ -62,7 +62,7 @@ def run_demo(directory: str | None) -> int:
     api_key = store.create_api_key(PROJECT)
     print(f"[1/5] database at {settings.database_url}; project {PROJECT!r} has a new API key")
 
-    spec = yaml.safe_load(QUICKSTART_SPEC.read_text())
+    spec = yaml.safe_load((files("maskd_examples") / QUICKSTART_SPEC).read_text())
     # The one folder under the data directory a project's specs may read from.
     teacher_path = settings.project_inputs_dir(PROJECT) / "teacher.pt"
     print(

@@ -10,6 +10,7 @@ than fail later on a missing column.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_PACKAGE = "maskd_migrations"
+"""``migrations/`` at the repository root, shipped in the wheel under this name."""
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -65,10 +67,15 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def migrations_dir() -> Path:
+    """The installed Alembic scripts (a plain folder: the package is never zipped)."""
+    return Path(str(files(MIGRATIONS_PACKAGE)))
+
+
 def alembic_config(url: str) -> Config:
     """An alembic configuration for ``url`` that does not depend on the working directory."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
@@ -77,7 +84,7 @@ def head_revision() -> str:
     """The revision the code expects: the head of ``migrations/versions``."""
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     if head is None:
-        raise RuntimeError(f"no migration scripts found under {MIGRATIONS_DIR / 'versions'}")
+        raise RuntimeError(f"no migration scripts found under {migrations_dir() / 'versions'}")
     return head
 
 

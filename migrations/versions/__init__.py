@@ -1,0 +1,1 @@
+"""Revision scripts; alembic loads them by file name (it skips this ``__init__``)."""
