@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from maskd_core.callbacks import Callback
+    from maskd_core.callbacks import Callback, Stage
     from maskd_core.spec import JobSpec
 
 SPEC_ERROR_EXIT = 2
@@ -92,20 +92,22 @@ def _progress() -> Callback:
         def __init__(self) -> None:
             self.bar: Any = None
 
-        def on_stage_start(self, stage: str, start_step: int, total_steps: int) -> None:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step")
+        def on_stage_start(
+            self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+        ) -> None:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=str(stage), unit="step")
 
-        def on_step(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(
                 {k: f"{v:.4g}" for k, v in metrics.items() if k != "images_per_sec"},
                 refresh=False,
             )
 
-        def on_stage_end(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
             self.bar.close()
 
-        def on_eval(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
             tqdm.write(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     return Progress()
@@ -131,28 +133,27 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from maskd_core.comparison import comparison_markdown
     from maskd_core.errors import SpecError
-    from maskd_core.runner import comparison_markdown, run_comparison, run_job
+    from maskd_core.runner import run_job
 
     try:
         spec = load_spec(args.job)
+        if spec.comparison is not None and args.baseline:
+            raise SpecError(
+                "--baseline is for single-method jobs; a comparison lists method 'none' "
+                "instead, trained on the same seeds",
+                field="comparison.methods",
+            )
         workdir = args.workdir or Path("runs") / spec.name
-        if spec.comparison is not None:
-            if args.baseline:
-                raise SpecError(
-                    "--baseline is for single-method jobs; a comparison lists method 'none' "
-                    "instead, trained on the same seeds",
-                    field="comparison.methods",
-                )
-            comparison = run_comparison(spec, workdir, _progress())
-            print(comparison_markdown(comparison.table), end="")
-            print(f"outputs in {workdir}: comparison.json, comparison.md, runs/<method>-seed<n>/")
-            return 0
         result = run_job(spec, workdir, _progress(), baseline=args.baseline)
     except SpecError as error:
         return _report_spec_error(error)
-    print(metrics_table(result.summary))
-    print(f"outputs in {workdir}: tokens.pt, student.pt, summary.json")
+    if result.comparison is not None:
+        print(comparison_markdown(result.comparison), end="")
+    else:
+        print(metrics_table(result.runs[0].summary))
+    print(f"outputs in {workdir}: {', '.join(path.name for path in result.files.values())}")
     return 0
 
 

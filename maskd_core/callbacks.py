@@ -3,40 +3,71 @@
 The core knows nothing of databases or MLflow: workers pass ``Callback`` objects that do.
 ``should_stop`` is how a cooperative cancel reaches the training loop: it is polled once per
 step, and when it answers true the stage writes a checkpoint and raises ``JobCancelled``.
+
+Every hook names the part of the job it reports on with a ``Stage``, a typed value: reporters
+read its fields rather than parse a string, and ``str(stage)`` is the one spelling people see
+(progress keys, events, run names).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-Stage = str
-""""teacher", "stage1", "stage2", "baseline" or "eval"; in a comparison job each run's stage 2
-is ``comparison_stage(method, seed)``, e.g. "stage2/mgd/seed1"."""
+from maskd_core.spec import JobSpec
+
+StageKind = Literal["teacher", "stage1", "stage2", "baseline", "eval"]
+"""Teacher training, the two MasKD stages, the no-KD student, and the evaluations between."""
 
 
-def comparison_stage(method: str, seed: int) -> Stage:
-    """The stage name of one comparison run: reporters tell runs apart by it."""
-    return f"stage2/{method}/seed{seed}"
+@dataclass(frozen=True)
+class Stage:
+    """Which part of a job a report is about.
+
+    A comparison job trains one student per (method, seed): each is a stage 2 of its own,
+    ``Stage("stage2", method, seed)``, written "stage2/mgd/seed1".
+    """
+
+    kind: StageKind
+    method: str | None = None
+    seed: int | None = None
+
+    @classmethod
+    def comparison_run(cls, method: str, seed: int) -> Stage:
+        return cls("stage2", method, seed)
+
+    @property
+    def is_comparison_run(self) -> bool:
+        return self.method is not None
+
+    def __str__(self) -> str:
+        if self.method is None:
+            return self.kind
+        return f"{self.kind}/{self.method}/seed{self.seed}"
 
 
-def parse_stage(stage: Stage) -> tuple[str, str | None, int | None]:
-    """``(kind, method, seed)``: ("stage2", "mgd", 1) for "stage2/mgd/seed1", ("stage1", None,
-    None) for a plain stage name."""
-    kind, _, rest = stage.partition("/")
-    method, _, seed = rest.partition("/")
-    if not method or not seed.startswith("seed") or not seed[4:].isdigit():
-        return kind, None, None
-    return kind, method, int(seed[4:])
+TEACHER = Stage("teacher")
+STAGE1 = Stage("stage1")
+STAGE2 = Stage("stage2")
+BASELINE = Stage("baseline")
+EVAL = Stage("eval")
 
 
 class Callback:
     """Base class with no-op methods; override what you need."""
 
-    def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
-        """A stage begins (``start_step`` > 0 when it resumed from a checkpoint)."""
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
+        """A stage begins (``start_step`` > 0 when it resumed from a checkpoint).
+
+        ``spec`` is the stage's own: for a comparison run, the single-method job it amounts to
+        (``JobSpec.run_spec``), so what is recorded for a run is that run's method and seed.
+        """
 
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         """After optimiser step ``step`` (1-based) with that step's scalar metrics."""
@@ -67,9 +98,11 @@ class CallbackList(Callback):
     def __init__(self, callbacks: Sequence[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
 
-    def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
         for cb in self.callbacks:
-            cb.on_stage_start(stage, start_step, total_steps)
+            cb.on_stage_start(stage, start_step, total_steps, spec)
 
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         for cb in self.callbacks:

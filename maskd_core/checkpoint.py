@@ -10,9 +10,7 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,23 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskd_core.files import atomic_write
+
 CHECKPOINT_FORMAT = "maskd-checkpoint/1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through ``maskd_core.files.atomic_write``."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from maskd_core.losses import maskd_loss
+from maskd_core.plan import LevelPlan
 from maskd_core.registry import Registry
-from maskd_core.spec import JobSpec, Stage2Spec
+from maskd_core.spec import JobSpec, MaskdParams, MethodSpec
 from maskd_core.tokens import ReceptiveTokens, TokenSet
-
-if TYPE_CHECKING:
-    from maskd_core.validate import LevelPlan
 
 
 class MethodParams(BaseModel):
@@ -42,14 +40,14 @@ class MethodParams(BaseModel):
 
 @dataclass(frozen=True)
 class MethodSetup:
-    """What a distiller is built from besides its params: the job's levels, task and stage 2.
+    """What a distiller is built from besides its params: the job's levels, task and method.
 
     ``tokens`` are the stage-1 tokens for methods that need them and None for the others.
     """
 
     levels: Sequence[LevelPlan]
     task: str
-    stage2: Stage2Spec
+    method: MethodSpec
     tokens: TokenSet | None
 
 
@@ -80,8 +78,8 @@ METHODS: Registry[type[Distiller]] = Registry("distillation method")
 
 
 def build_distiller(setup: MethodSetup) -> Distiller:
-    """The method ``setup.stage2.method`` names, with its params checked by its model."""
-    method = setup.stage2.method
+    """The method ``setup.method`` names, with its params checked by its model."""
+    method = setup.method
     build = METHODS.get(method.name, field="stage2.method.name")
     return build(
         METHODS.parse_args(method.name, method.params, field="stage2.method.params"), setup
@@ -122,10 +120,6 @@ def distill_level(
     return maskd_loss(aligned, teacher, masks, tokens.weights(teacher), eps)
 
 
-class MaskdParams(MethodParams):
-    """MasKD takes its settings from ``stage2`` itself (loss_weight, custom_mask, ...)."""
-
-
 @METHODS.register("maskd", args=MaskdParams, summary="MasKD: masked distillation (default)")
 class MaskdDistiller(Distiller):
     """loss_weight · Σ_levels MasKD loss through the frozen stage-1 tokens (docs/method.md)."""
@@ -137,13 +131,13 @@ class MaskdDistiller(Distiller):
         tokens = setup.tokens
         if tokens is None:
             raise ValueError("MasKD needs the stage-1 tokens")
-        self.weight = setup.stage2.loss_weight
+        self.weight = params.loss_weight
         # A submodule so it follows the distiller's device; frozen, so stage 2 neither trains
         # nor checkpoints it.
         self.tokens = tokens
-        self.custom_mask = setup.stage2.custom_mask
-        self.custom_mask_warmup = setup.stage2.custom_mask_warmup
-        self.eps = setup.stage2.mask_eps
+        self.custom_mask = params.custom_mask
+        self.custom_mask_warmup = params.custom_mask_warmup
+        self.eps = params.mask_eps
 
     def loss(
         self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int

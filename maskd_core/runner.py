@@ -1,36 +1,30 @@
-"""A whole MasKD job: teacher → stage 1 → stage 2 → evaluation → files in the work directory.
+"""A whole job: teacher → stage 1 → stage 2 → evaluation → files in the work directory.
 
-``run_job`` is what the worker and ``maskd run`` call. It is resumable per stage: stage 1 is
-finished once ``tokens.pt`` exists (the worker may also place reused tokens there), and each
-stage's loop continues from its own checkpoint, so calling ``run_job`` again in the same work
-directory after a crash or a cancel picks up where it stopped.
+``run_job`` is what the worker and ``maskd run`` call, for a single job and for a comparison
+alike. It is resumable: stage 1 is finished once the tokens file exists (the worker may also
+place reused tokens there), each loop continues from its own checkpoint, and a student whose
+``summary.json`` exists is finished and read back. Calling ``run_job`` again in the same work
+directory after a crash or a cancel therefore picks up where it stopped. ``maskd_core.workdir``
+names every file.
 
-Files written under ``workdir`` (each atomically): ``stage1/checkpoint.pt``,
-``stage2/checkpoint.pt``, ``baseline/checkpoint.pt`` (with ``baseline=True``), ``tokens.pt``,
-``student.pt`` (a state dict) and ``summary.json``.
+Stage 1 runs only for methods that need tokens (MasKD); for the others no tokens are written
+and ``JobResult.tokens_path`` is None.
 
-Stage 1 runs only for methods that need tokens (``stage2.method`` MasKD); for the others no
-``stage1/`` or ``tokens.pt`` is written, and ``JobResult.tokens_path`` is None.
-
-``run_comparison`` runs a job with ``comparison``: the dataset, its split, the teacher, its
-evaluation and stage 1 (once, if any method needs tokens) are shared, and each (method, seed)
-trains a student in ``runs/<method>-seed<seed>/`` laid out like a single job's work directory.
-A run with a ``summary.json`` is finished and skipped on a rerun; the one that was interrupted
-resumes from its checkpoint. The table goes to ``comparison.json`` and ``comparison.md``.
+A job trains one student with ``stage2.method``. A job with ``comparison`` shares the dataset,
+its split, the teacher, its evaluation and stage 1 (once, if any method needs tokens), and
+trains one student per (method, seed) in ``WorkDir.run(method, seed)``, laid out like a single
+job's directory; the table goes to ``comparison.json`` and ``comparison.md``. Either way the
+result is a ``JobResult`` whose ``runs`` are the students.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
-import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,11 +32,24 @@ import torchvision
 from torch import nn
 
 import maskd_core
-from maskd_core.callbacks import Callback, CallbackList, Stage, comparison_stage
+from maskd_core.callbacks import (
+    BASELINE,
+    EVAL,
+    STAGE1,
+    STAGE2,
+    TEACHER,
+    Callback,
+    CallbackList,
+    Stage,
+)
 from maskd_core.checkpoint import atomic_save
+from maskd_core.comparison import comparison_markdown, comparison_metrics, comparison_table
+from maskd_core.data import DenseDataset, build_dataset
 from maskd_core.data.loader import DatasetSubset, split_dataset, train_batches, val_batches
-from maskd_core.methods import METHODS, job_needs_tokens
-from maskd_core.models import build_model
+from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
+from maskd_core.methods import job_needs_tokens
+from maskd_core.models import build_model, model_document
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, MethodSpec
 from maskd_core.stages import (
     StageResult,
@@ -54,29 +61,87 @@ from maskd_core.stages import (
     train_supervised,
 )
 from maskd_core.taps import Taps
-from maskd_core.tasks import Task
+from maskd_core.tasks import Task, build_task
 from maskd_core.tokens import TokenSet, load_tokens, save_tokens
-from maskd_core.validate import JobPlan, build_dataset, build_task, validate_job
+from maskd_core.validate import validate_job
+from maskd_core.workdir import WorkDir
 
 Callbacks = Callback | Sequence[Callback] | None
+Splits = tuple[DatasetSubset, DatasetSubset]
 
 
 @dataclass
-class JobResult:
-    """Where a finished job's files are and what it measured (``summary`` is summary.json)."""
+class StudentRun:
+    """One trained student: the job's own, or one (method, seed) of a comparison.
 
-    workdir: Path
-    plan: JobPlan
-    tokens_path: Path | None
-    """None for methods that learn no tokens."""
-    student_path: Path
-    summary_path: Path
+    ``spec`` is the run's own (``JobSpec.run_spec`` for a comparison run), ``stage`` the name
+    its callbacks carried, ``summary`` its ``summary.json``.
+    """
+
+    spec: JobSpec
+    stage: Stage
+    workdir: WorkDir
     summary: dict[str, Any]
+
+    @property
+    def method(self) -> MethodSpec:
+        return self.spec.stage2.method
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
 
     @property
     def metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = self.summary["metrics"]
         return metrics
+
+
+@dataclass
+class JobResult:
+    """A finished job: its students, the comparison table if any, and where the files are."""
+
+    spec: JobSpec
+    workdir: WorkDir
+    plan: JobPlan
+    tokens_path: Path | None
+    """None for methods that learn no tokens."""
+    runs: list[StudentRun]
+    comparison: dict[str, Any] | None
+    """The comparison table (``comparison.json``); None for a single job."""
+    input_example: np.ndarray | None
+    """Two validation images for a registered segmentation student's signature; None for
+    detection, whose samples are not one image tensor."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The job's student metrics, or the comparison table as flat metrics."""
+        if self.comparison is not None:
+            return comparison_metrics(self.comparison)
+        return self.runs[0].metrics
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The files a user asks for, by name."""
+        if self.comparison is not None:
+            files = {
+                "comparison": self.workdir.comparison_table,
+                "comparison_markdown": self.workdir.comparison_markdown,
+            }
+        else:
+            files = {
+                "student": self.runs[0].workdir.student,
+                "summary": self.runs[0].workdir.summary,
+            }
+        if self.tokens_path is not None:
+            files["tokens"] = self.tokens_path
+        return files
+
+
+def first_stage(spec: JobSpec, workdir: WorkDir) -> Literal["stage1", "stage2"]:
+    """Where a (resumed) job starts: stage 2 once stage 1's tokens exist, or for methods that
+    need none."""
+    return "stage1" if job_needs_tokens(spec) and not workdir.tokens.exists() else "stage2"
 
 
 def _callback(callbacks: Callbacks) -> Callback:
@@ -85,9 +150,6 @@ def _callback(callbacks: Callbacks) -> Callback:
     if isinstance(callbacks, Callback):
         return callbacks
     return CallbackList(callbacks)
-
-
-Splits = tuple[DatasetSubset, DatasetSubset]
 
 
 def _context(spec: JobSpec, task: Task, splits: Splits, callbacks: Callback) -> TrainContext:
@@ -116,7 +178,7 @@ def _context(spec: JobSpec, task: Task, splits: Splits, callbacks: Callback) -> 
 
 
 def _evaluate(
-    ctx: TrainContext, model: nn.Module, name: str, step: int, stage: Stage = "eval"
+    ctx: TrainContext, model: nn.Module, name: str, step: int, stage: Stage = EVAL
 ) -> dict[str, float]:
     """Evaluate and report ``model``; metric names are prefixed by what was evaluated."""
     metrics = ctx.evaluate(model, name)
@@ -126,14 +188,12 @@ def _evaluate(
 
 def teacher_identity(spec: JobSpec) -> dict[str, Any]:
     """What the tokens artifact records about the teacher, to refuse reuse on another one."""
-    digest = None
-    if spec.teacher.weights is not None:
-        digest = hashlib.sha256(Path(spec.teacher.weights).read_bytes()).hexdigest()
+    digest = file_sha256(spec.teacher.weights) if spec.teacher.weights is not None else None
     return {"arch": spec.teacher.arch, "args": dict(spec.teacher.args), "weights_sha256": digest}
 
 
 def _mask_overlays(
-    ctx: TrainContext, teacher: nn.Module, tokens: TokenSet, plan: JobPlan
+    ctx: TrainContext, teacher: nn.Module, tokens: TokenSet
 ) -> dict[str, np.ndarray]:
     """Every token's mask on the first validation image, blended over it in red."""
     batch = ctx.task.to_device(next(iter(ctx.val_batches())), ctx.device)
@@ -154,18 +214,6 @@ def _mask_overlays(
     return overlays
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2, sort_keys=True))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Written to a temporary name and renamed, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _versions() -> dict[str, str]:
     return {
         "maskd": maskd_core.__version__,
@@ -176,34 +224,36 @@ def _versions() -> dict[str, str]:
 
 
 def _stage1(
-    ctx: TrainContext, teacher: nn.Module, plan: JobPlan, workdir: Path
+    ctx: TrainContext, teacher: nn.Module, plan: JobPlan, workdir: WorkDir
 ) -> tuple[TokenSet, StageResult | None]:
-    """Learned tokens: from ``tokens.pt`` when present (finished or reused), else stage 1."""
+    """Learned tokens: from the tokens file when present (finished or reused), else stage 1."""
     spec = ctx.spec
-    path = workdir / "tokens.pt"
     identity = teacher_identity(spec)
-    if path.is_file():
+    if workdir.tokens.is_file():
         tokens = load_tokens(
-            path, plan.token_levels(), spec.stage1.tokens, spec.stage1.mask_weighting, identity
+            workdir.tokens,
+            plan.token_levels(),
+            spec.stage1.tokens,
+            spec.stage1.mask_weighting,
+            identity,
         )
         return tokens, None
     torch.manual_seed(spec.seed)
     tokens = TokenSet(
         [lv.teacher_channels for lv in plan.levels], spec.stage1.tokens, spec.stage1.mask_weighting
     )
-    result = run_stage1(ctx, teacher, tokens, plan, workdir / "stage1" / "checkpoint.pt")
-    ctx.callbacks.on_masks("stage1", result.step, _mask_overlays(ctx, teacher, tokens, plan))
-    save_tokens(path, tokens, plan.token_levels(), identity)
-    ctx.callbacks.on_artifact("stage1", "tokens", path)
+    result = run_stage1(ctx, teacher, tokens, plan, workdir.checkpoint("stage1"))
+    ctx.callbacks.on_masks(STAGE1, result.step, _mask_overlays(ctx, teacher, tokens))
+    save_tokens(workdir.tokens, tokens, plan.token_levels(), identity)
+    ctx.callbacks.on_artifact(STAGE1, "tokens", workdir.tokens)
     return tokens, result
 
 
-def _evaluate_masked(
-    ctx: TrainContext, teacher: nn.Module, tokens: TokenSet, plan: JobPlan
-) -> dict[str, float]:
-    metrics = evaluate_masked_teacher(ctx, teacher, tokens, plan)
-    ctx.callbacks.on_eval("stage1", ctx.spec.stage1.iterations, metrics)
-    return metrics
+def _input_example(spec: JobSpec, dataset: DenseDataset) -> np.ndarray | None:
+    if spec.task != "segmentation":
+        return None
+    images = [dataset[index][0].numpy() for index in range(min(2, len(dataset)))]
+    return np.stack(images).astype(np.float32)
 
 
 @dataclass
@@ -219,51 +269,95 @@ class _Shared:
     """The teacher's (and masked teacher's) evaluation."""
     tokens: TokenSet | None
     stage1: StageResult | None
-    """None when stage 1 did not run here (no method needs it, or ``tokens.pt`` existed)."""
-    tokens_path: Path | None
+    """None when stage 1 did not run here (no method needs it, or the tokens file existed)."""
+    input_example: np.ndarray | None
 
 
-def _prepare(spec: JobSpec, workdir: Path, callbacks: Callbacks) -> _Shared:
-    """Validate, build the data and the teacher, evaluate it and learn tokens if needed."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan = validate_job(spec)
+def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
+    """Build the data and the teacher once, validate with them, evaluate the teacher and learn
+    tokens if any method needs them."""
     task = build_task(spec)
-    splits = split_dataset(build_dataset(spec), spec.dataset.val_fraction, spec.seed)
+    dataset = build_dataset(spec)
+    torch.manual_seed(spec.seed)  # a teacher without weights is the same on every attempt
+    teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
+    plan = validate_job(spec, dataset=dataset, teacher=teacher)
+    splits = split_dataset(dataset, spec.dataset.val_fraction, spec.seed)
     ctx = _context(spec, task, splits, _callback(callbacks))
-    teacher = build_model(spec.teacher, plan.num_classes, field="teacher").to(ctx.device)
+    teacher.to(ctx.device)
     metrics = _evaluate(ctx, teacher, "teacher", 0)
     tokens: TokenSet | None = None
     stage1: StageResult | None = None
-    needs_tokens = job_needs_tokens(spec)
-    if needs_tokens:
+    if job_needs_tokens(spec):
         tokens, stage1 = _stage1(ctx, teacher, plan, workdir)
-        metrics.update(_evaluate_masked(ctx, teacher, tokens, plan))
-    tokens_path = workdir / "tokens.pt" if needs_tokens else None
-    return _Shared(plan, task, splits, ctx.callbacks, teacher, metrics, tokens, stage1, tokens_path)
+        masked = evaluate_masked_teacher(ctx, teacher, tokens, plan)
+        ctx.callbacks.on_eval(STAGE1, spec.stage1.iterations, masked)
+        metrics.update(masked)
+    return _Shared(
+        plan,
+        task,
+        splits,
+        ctx.callbacks,
+        teacher,
+        metrics,
+        tokens,
+        stage1,
+        _input_example(spec, dataset),
+    )
 
 
-def _train_student(
-    ctx: TrainContext, shared: _Shared, workdir: Path, stage: Stage
-) -> tuple[Path, StageResult, dict[str, float]]:
-    """Stage 2 for ``ctx.spec``'s method and seed: ``workdir/student.pt`` and its metrics."""
-    torch.manual_seed(ctx.spec.seed)
-    student = build_model(ctx.spec.student, shared.plan.num_classes, field="student")
-    checkpoint = workdir / "stage2" / "checkpoint.pt"
-    result = run_stage2(ctx, shared.teacher, student, shared.tokens, shared.plan, checkpoint, stage)
-    student_path = workdir / "student.pt"
-    atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, student_path)
-    ctx.callbacks.on_artifact(stage, "student", student_path)
-    # A job's one student is evaluated as "eval" (the job's final numbers, on the parent run);
-    # a comparison run's evaluation stays with its own stage so reporters keep runs apart.
-    eval_stage = "eval" if stage == "stage2" else stage
-    return student_path, result, _evaluate(ctx, student, "student", result.step, eval_stage)
+def _save_student(student: nn.Module, spec: JobSpec, plan: JobPlan, rundir: WorkDir) -> None:
+    """The state dict, and the document that rebuilds its network without the job spec."""
+    atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, rundir.student)
+    atomic_write_json(rundir.model_spec, model_document(spec.student, plan.num_classes, spec.task))
+
+
+def _student_run(
+    spec: JobSpec, stage: Stage, rundir: WorkDir, shared: _Shared, *, baseline: bool = False
+) -> StudentRun:
+    """Stage 2 for ``spec``'s method and seed in ``rundir``; read back when already finished.
+
+    With ``baseline`` a second student, initialised identically, is trained on the task loss
+    alone for the same steps, so the summary shows what distillation added.
+    """
+    if rundir.summary.is_file():
+        return StudentRun(spec, stage, rundir, json.loads(rundir.summary.read_text()))
+    rundir.create()
+    ctx = _context(spec, shared.task, shared.splits, shared.callbacks)
+    # A job's one student is evaluated as "eval" (the job's final numbers); a comparison run's
+    # evaluation stays with its own stage, so reporters keep the runs apart.
+    report = stage if stage.is_comparison_run else EVAL
+    torch.manual_seed(spec.seed)
+    student = build_model(spec.student, shared.plan.num_classes, field="student")
+    stage2 = run_stage2(
+        ctx, shared.teacher, student, shared.tokens, shared.plan, rundir.checkpoint("stage2"), stage
+    )
+    _save_student(student, spec, shared.plan, rundir)
+    ctx.callbacks.on_artifact(stage, "student", rundir.student)
+    metrics = {**shared.metrics, **_evaluate(ctx, student, "student", stage2.step, report)}
+    loops = {"stage1": shared.stage1, "stage2": stage2}
+    if baseline:
+        torch.manual_seed(spec.seed)
+        plain = build_model(spec.student, shared.plan.num_classes, field="student")
+        loops["baseline"] = train_supervised(
+            ctx,
+            plain,
+            spec.stage2.optimizer,
+            spec.stage2.iterations,
+            rundir.checkpoint("baseline"),
+            stage=BASELINE,
+        )
+        metrics.update(_evaluate(ctx, plain, "baseline", spec.stage2.iterations))
+    summary = _summary(spec, shared, metrics, loops, ctx.device)
+    atomic_write_json(rundir.summary, summary)
+    ctx.callbacks.on_artifact(report, "summary", rundir.summary)
+    return StudentRun(spec, stage, rundir, summary)
 
 
 def _summary(
     spec: JobSpec,
     shared: _Shared,
     metrics: Mapping[str, float],
-    stages: Mapping[str, StageResult | None],
+    loops: Mapping[str, StageResult | None],
     device: torch.device,
 ) -> dict[str, Any]:
     """What ``summary.json`` holds for one student (a job's, or one comparison run's)."""
@@ -281,7 +375,7 @@ def _summary(
         },
         "seconds_per_step": {
             name: result.seconds_per_step if result is not None else None
-            for name, result in stages.items()
+            for name, result in loops.items()
         },
         "plan": shared.plan.to_dict(),
         "device": str(device),
@@ -292,209 +386,40 @@ def _summary(
 def run_job(
     spec: JobSpec, workdir: str | Path, callbacks: Callbacks = None, *, baseline: bool = False
 ) -> JobResult:
-    """Run (or resume) the job ``spec`` in ``workdir`` and return where its outputs are.
+    """Run (or resume) the job ``spec`` in ``workdir`` and return its students and files.
 
-    With ``baseline`` a second student, initialised identically, is trained on the task loss
-    alone for the same steps, so the summary shows what distillation added. A spec with
-    ``comparison`` is refused: ``run_comparison`` runs those.
+    A comparison runs method by method, seed by seed, so a cancelled one resumes with the
+    finished runs read back and the interrupted one continuing from its checkpoint.
+    ``baseline`` (a no-KD student beside the job's one) is for single jobs: a comparison lists
+    method ``none`` instead.
     """
-    if spec.comparison is not None:
-        raise ValueError("a job with comparison runs through run_comparison, not run_job")
-    workdir = Path(workdir)
-    shared = _prepare(spec, workdir, callbacks)
-    ctx = _context(spec, shared.task, shared.splits, shared.callbacks)
-    student_path, stage2, student_metrics = _train_student(ctx, shared, workdir, "stage2")
-    metrics = {**shared.metrics, **student_metrics}
-
-    stages = {"stage1": shared.stage1, "stage2": stage2}
-    if baseline:
-        torch.manual_seed(spec.seed)
-        plain = build_model(spec.student, shared.plan.num_classes, field="student")
-        stages["baseline"] = train_supervised(
-            ctx,
-            plain,
-            spec.stage2.optimizer,
-            spec.stage2.iterations,
-            workdir / "baseline" / "checkpoint.pt",
-            stage="baseline",
-        )
-        metrics.update(_evaluate(ctx, plain, "baseline", spec.stage2.iterations))
-
-    summary = _summary(spec, shared, metrics, stages, ctx.device)
-    summary_path = workdir / "summary.json"
-    _write_json(summary_path, summary)
-    ctx.callbacks.on_artifact("eval", "summary", summary_path)
-    return JobResult(workdir, shared.plan, shared.tokens_path, student_path, summary_path, summary)
-
-
-@dataclass
-class RunResult:
-    """One (method, seed) student of a comparison; ``workdir`` is laid out like a job's."""
-
-    method: MethodSpec
-    seed: int
-    stage: Stage
-    """The stage name its callbacks carried (``comparison_stage``)."""
-    workdir: Path
-    student_path: Path
-    summary_path: Path
-    summary: dict[str, Any]
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        metrics: dict[str, float] = self.summary["metrics"]
-        return metrics
-
-
-@dataclass
-class ComparisonResult:
-    """A finished comparison: every run, the table and where it was written."""
-
-    workdir: Path
-    plan: JobPlan
-    tokens_path: Path | None
-    runs: list[RunResult]
-    table: dict[str, Any]
-    table_path: Path
-    markdown_path: Path
-
-
-def run_dir(workdir: Path, method: str, seed: int) -> Path:
-    return workdir / "runs" / f"{method}-seed{seed}"
-
-
-def run_comparison(
-    spec: JobSpec, workdir: str | Path, callbacks: Callbacks = None
-) -> ComparisonResult:
-    """Run (or resume) every (method, seed) of ``spec.comparison`` and tabulate them.
-
-    Runs go method by method, seed by seed, so a cancelled comparison resumes with the
-    finished runs skipped (their ``summary.json`` is read back) and the interrupted one
-    continuing from its checkpoint.
-    """
+    if baseline and spec.comparison is not None:
+        raise ValueError("a comparison compares against method 'none', not a baseline")
+    root = WorkDir(Path(workdir)).create()
+    shared = _prepare(spec, root, callbacks)
     if spec.comparison is None:
-        raise ValueError("run_comparison needs a spec with a comparison section")
-    workdir = Path(workdir)
-    shared = _prepare(spec, workdir, callbacks)
-    runs = []
-    for method in spec.comparison.methods:
-        for seed in spec.comparison.seeds:
-            runs.append(_comparison_run(spec.run_spec(method, seed), shared, workdir))
-    table = comparison_table(spec, shared.task.primary_metric, shared.metrics, runs)
-    table_path = workdir / "comparison.json"
-    markdown_path = workdir / "comparison.md"
-    _write_json(table_path, table)
-    _write_text(markdown_path, comparison_markdown(table))
-    for path in (table_path, markdown_path):
-        shared.callbacks.on_artifact("eval", "comparison", path)
-    return ComparisonResult(
-        workdir, shared.plan, shared.tokens_path, runs, table, table_path, markdown_path
-    )
-
-
-def _comparison_run(spec: JobSpec, shared: _Shared, workdir: Path) -> RunResult:
-    """One run of a comparison (``spec`` from ``JobSpec.run_spec``); read back if finished."""
-    method, seed = spec.stage2.method, spec.seed
-    stage = comparison_stage(method.name, seed)
-    rundir = run_dir(workdir, method.name, seed)
-    summary_path = rundir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        runs = [_student_run(spec, STAGE2, root, shared, baseline=baseline)]
+        table = None
     else:
-        rundir.mkdir(parents=True, exist_ok=True)
-        ctx = _context(spec, shared.task, shared.splits, shared.callbacks)
-        _, result, metrics = _train_student(ctx, shared, rundir, stage)
-        summary = _summary(
-            spec, shared, {**shared.metrics, **metrics}, {"stage2": result}, ctx.device
-        )
-        _write_json(summary_path, summary)
-        ctx.callbacks.on_artifact(stage, "summary", summary_path)
-    return RunResult(method, seed, stage, rundir, rundir / "student.pt", summary_path, summary)
-
-
-def _effective_params(spec: JobSpec, method: MethodSpec) -> dict[str, Any]:
-    """The method's params with its registry defaults spelled out (MasKD: its stage-2 weight)."""
-    if method.name == "maskd":
-        return {"loss_weight": spec.stage2.loss_weight}
-    params = METHODS.parse_args(method.name, method.params, field="comparison.methods")
-    return params.model_dump(mode="json")
-
-
-def comparison_table(
-    spec: JobSpec, primary: str, teacher_metrics: Mapping[str, float], runs: Sequence[RunResult]
-) -> dict[str, Any]:
-    """Per method, the student's primary metric over seeds (mean, sample std) and speed.
-
-    The std is the sample standard deviation (0 with one seed). Seconds per step are averaged
-    over the runs that measured them: a run resumed at its last step measured nothing.
-    """
-    assert spec.comparison is not None
-    rows = []
-    for method in spec.comparison.methods:
-        mine = [run for run in runs if run.method.name == method.name]
-        values = [run.metrics[f"student_{primary}"] for run in mine]
-        speeds = [
-            speed
-            for run in mine
-            if (speed := run.summary["seconds_per_step"]["stage2"]) is not None
+        runs = [
+            _student_run(
+                spec.run_spec(method, seed),
+                Stage.comparison_run(method.name, seed),
+                root.run(method.name, seed),
+                shared,
+            )
+            for method in spec.comparison.methods
+            for seed in spec.comparison.seeds
         ]
-        rows.append(
-            {
-                "method": method.name,
-                "params": _effective_params(spec, method),
-                "seeds": [run.seed for run in mine],
-                "values": values,
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "seconds_per_step": statistics.fmean(speeds) if speeds else None,
-            }
+        table = comparison_table(
+            spec, shared.task.primary_metric, shared.metrics, [run.summary for run in runs]
         )
-    return {
-        "format": "maskd-comparison/1",
-        "job": spec.name,
-        "task": spec.task,
-        "primary_metric": primary,
-        "teacher": teacher_metrics[f"teacher_{primary}"],
-        "masked_teacher": teacher_metrics.get(f"masked_teacher_{primary}"),
-        "iterations": spec.stage2.iterations,
-        "seeds": list(spec.comparison.seeds),
-        "methods": rows,
-    }
-
-
-def comparison_metrics(table: Mapping[str, Any]) -> dict[str, float]:
-    """The table as flat metrics (``fitnet_miou_mean``, ``fitnet_miou_std``, ``teacher_miou``),
-    the shape MLflow's compare view and the job's metrics take."""
-    primary = table["primary_metric"]
-    metrics = {f"teacher_{primary}": float(table["teacher"])}
-    for row in table["methods"]:
-        metrics[f"{row['method']}_{primary}_mean"] = float(row["mean"])
-        metrics[f"{row['method']}_{primary}_std"] = float(row["std"])
-        if row["seconds_per_step"] is not None:
-            metrics[f"{row['method']}_seconds_per_step"] = float(row["seconds_per_step"])
-    return metrics
-
-
-def comparison_markdown(table: Mapping[str, Any]) -> str:
-    """The table as markdown, for the CLI, MLflow's artifact view and the bench."""
-    primary = table["primary_metric"]
-    lines = [
-        f"{table['job']}: student {primary} after {table['iterations']} steps, mean ± std over "
-        f"seeds {', '.join(str(s) for s in table['seeds'])}",
-        "",
-        f"| method | {primary} | per seed | s/step | params |",
-        "|---|---|---|---|---|",
-        f"| teacher | {table['teacher']:.4f} | | | |",
-    ]
-    for row in table["methods"]:
-        speed = row["seconds_per_step"]
-        lines.append(
-            f"| {row['method']} | {row['mean']:.4f} ± {row['std']:.4f} | "
-            f"{', '.join(f'{v:.4f}' for v in row['values'])} | "
-            f"{'' if speed is None else f'{speed:.4f}'} | "
-            f"{json.dumps(row['params'], sort_keys=True)} |"
-        )
-    return "\n".join(lines) + "\n"
+        atomic_write_json(root.comparison_table, table)
+        atomic_write_text(root.comparison_markdown, comparison_markdown(table))
+        for path in (root.comparison_table, root.comparison_markdown):
+            shared.callbacks.on_artifact(EVAL, "comparison", path)
+    tokens_path = root.tokens if shared.tokens is not None else None
+    return JobResult(spec, root, shared.plan, tokens_path, runs, table, shared.input_example)
 
 
 def train_teacher(
@@ -515,8 +440,8 @@ def train_teacher(
     untrained = spec.teacher.model_copy(update={"weights": None})
     model = build_model(untrained, dataset.num_classes, field="teacher")
     checkpoint = out.with_name(out.name + ".ckpt")
-    train_supervised(ctx, model, spec.stage2.optimizer, iterations, checkpoint, stage="teacher")
+    train_supervised(ctx, model, spec.stage2.optimizer, iterations, checkpoint, stage=TEACHER)
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
     checkpoint.unlink(missing_ok=True)
-    ctx.callbacks.on_artifact("teacher", "teacher", out)
+    ctx.callbacks.on_artifact(TEACHER, "teacher", out)
     return _evaluate(ctx, model, "teacher", iterations)

@@ -111,26 +111,19 @@ class MethodSpec(StrictModel):
 
 
 class Stage2Spec(StrictModel):
-    """Distilling the student into the teacher's features, by default through the frozen masks.
+    """Distilling the student into the teacher's features with ``method`` (MasKD by default).
 
-    ``loss_weight``, ``custom_mask``, ``custom_mask_warmup`` and ``mask_eps`` are MasKD's
-    settings; they stay here rather than in ``method.params`` so that every existing spec keeps
-    its meaning, and the other methods ignore them (validation refuses ``loss_weight`` set with
-    another method, whose weights live on a different scale).
+    The method's own settings live in ``method.params``. MasKD's (``loss_weight``,
+    ``custom_mask``, ``custom_mask_warmup``, ``mask_eps``) were once fields of this section; they
+    are still accepted here and moved into the MasKD method's params (``JobSpec``'s validator).
     """
 
     iterations: int = Field(default=40000, gt=0)
     optimizer: OptimizerSpec
-    loss_weight: float = Field(default=1.0, ge=0.0)
-    custom_mask: bool = Field(
-        description="After the warm-up, multiply each teacher mask by the student's own mask."
-    )
-    custom_mask_warmup: int = Field(default=5000, ge=0)
     align: Literal["conv1x1", "identity"] = Field(
         default="conv1x1",
         description="Student→teacher adaptation per level; 'identity' needs equal channels.",
     )
-    mask_eps: float = Field(default=1e-6, gt=0.0, description="Added to the mask area.")
     method: MethodSpec = Field(default_factory=MethodSpec)
 
 
@@ -198,15 +191,8 @@ class JobSpec(StrictModel):
         return list(self.comparison.methods) if self.comparison else [self.stage2.method]
 
     def run_spec(self, method: MethodSpec, seed: int) -> JobSpec:
-        """The single-method job one comparison run amounts to.
-
-        ``stage2.loss_weight`` is MasKD's weight, so runs of other methods get its default
-        back (each method's weight is in its own params, on its own scale).
-        """
+        """The single-method job one comparison run amounts to."""
         stage2 = self.stage2.model_copy(update={"method": method})
-        if method.name != "maskd":
-            default_weight = type(self.stage2).model_fields["loss_weight"].default
-            stage2 = stage2.model_copy(update={"loss_weight": default_weight})
         return self.model_copy(update={"stage2": stage2, "seed": seed, "comparison": None})
 
     @model_validator(mode="before")
@@ -223,7 +209,7 @@ class JobSpec(StrictModel):
             given = filled.get(stage, {})
             if isinstance(given, dict):
                 filled[stage] = {**defaults[stage], **given}
-        return filled
+        return _move_maskd_settings(filled, defaults[MASKD])
 
     @model_validator(mode="after")
     def _layers_pair_up(self) -> JobSpec:
@@ -234,6 +220,92 @@ class JobSpec(StrictModel):
                 "layer for every teacher layer"
             )
         return self
+
+
+MASKD = "maskd"
+"""The default method. Named here only to carry its task defaults and its former ``stage2``
+fields into its params; everything else about it lives in ``maskd_core.methods``."""
+
+
+class MaskdParams(StrictModel):
+    """MasKD's settings, the params of method ``maskd``.
+
+    Declared here rather than beside the other methods' params because the spec itself moves
+    them from their former place in ``stage2`` (see ``_move_maskd_settings``).
+    """
+
+    loss_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Multiplies Σ_levels of the MasKD loss, a per-element mean: O(1–10) "
+        "(the paper: 7 for RetinaNet, 10 for FCOS; segmentation logits take less).",
+    )
+    custom_mask: bool = Field(
+        default=False,
+        description="After the warm-up, multiply each teacher mask by the one the same tokens "
+        "give on the aligned student; the job's task sets the default (on for detection).",
+    )
+    custom_mask_warmup: int = Field(
+        default=5000, ge=0, description="Global steps before the custom mask is used."
+    )
+    mask_eps: float = Field(
+        default=1e-6, gt=0.0, description="Added to each mask's area in the normalisation."
+    )
+
+
+def _move_maskd_settings(data: dict[str, Any], task_defaults: dict[str, Any]) -> dict[str, Any]:
+    """MasKD's settings from their old place in ``stage2`` into every MasKD method's params.
+
+    The task's MasKD defaults (the custom mask is on for detection) are filled in the same way,
+    so a stored spec spells them out. A job that runs no MasKD may still carry the old fields at
+    their defaults (specs stored before the move do), but not set to anything else: a weight on
+    MasKD's scale silently ignored beside another method is how runs diverge unnoticed.
+    """
+    stage2 = data.get("stage2")
+    if not isinstance(stage2, dict):
+        return data
+    stage2 = dict(stage2)
+    legacy = {key: stage2.pop(key) for key in MaskdParams.model_fields if key in stage2}
+    entries: list[tuple[str, Any]] = [("stage2.method", stage2.get("method", MASKD))]
+    comparison = data.get("comparison")
+    comparison = comparison if isinstance(comparison, dict) else {}
+    methods = comparison.get("methods")
+    if isinstance(methods, list):
+        entries = [(f"comparison.methods[{i}]", m) for i, m in enumerate(methods)]
+    runs_maskd = False
+    moved: list[Any] = []
+    for where, entry in entries:
+        method = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(method, dict) or method.get("name", MASKD) != MASKD:
+            moved.append(entry)
+            continue
+        runs_maskd = True
+        params = method.get("params", {})
+        if not isinstance(params, dict):
+            moved.append(entry)
+            continue
+        for key, value in legacy.items():
+            if key in params and params[key] != value:
+                raise ValueError(
+                    f"MasKD's {key} is given twice, as stage2.{key} ({value!r}) and as "
+                    f"{where}.params.{key} ({params[key]!r}); keep the one in params"
+                )
+        moved.append({**method, "params": {**task_defaults, **legacy, **params}})
+    if not runs_maskd:
+        fields = MaskdParams.model_fields
+        defaults = {**{key: field.default for key, field in fields.items()}, **task_defaults}
+        for key, value in legacy.items():
+            if value != defaults[key]:
+                raise ValueError(
+                    f"stage2.{key} is a MasKD setting and this job runs no MasKD; remove it and "
+                    "set the method's own settings in its params (loss scales differ by orders "
+                    "of magnitude between methods, see docs/methods.md)"
+                )
+    if isinstance(methods, list):
+        data = {**data, "comparison": {**comparison, "methods": moved}}
+    else:
+        stage2["method"] = moved[0]
+    return {**data, "stage2": stage2}
 
 
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -253,7 +325,6 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "stage2": {
             "iterations": 40000,
-            "custom_mask": False,
             "optimizer": {
                 "name": "sgd",
                 "lr": 0.02,
@@ -263,6 +334,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                 "min_lr": 1e-4,
             },
         },
+        MASKD: {"custom_mask": False},
     },
     # mmdetection/configs/maskd and mmrazor/configs/distill/maskd (RetinaNet/FCOS family).
     "detection": {
@@ -280,8 +352,6 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "stage2": {
             "iterations": 175920,
-            "custom_mask": True,
-            "custom_mask_warmup": 5000,
             "optimizer": {
                 "name": "sgd",
                 "lr": 0.01,
@@ -292,5 +362,6 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                 "grad_clip": 35.0,
             },
         },
+        MASKD: {"custom_mask": True},
     },
 }

@@ -28,17 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskd_core.callbacks import Callback
+from maskd_core.callbacks import STAGE1, STAGE2, Callback, Stage
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
 from maskd_core.errors import DataError, JobCancelled, SpecError
 from maskd_core.losses import dice_diversity
 from maskd_core.methods import MethodSetup, build_distiller
 from maskd_core.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, OptimizerSpec
 from maskd_core.taps import Taps
 from maskd_core.tasks import Batch, Task
 from maskd_core.tokens import TokenSet
-from maskd_core.validate import JobPlan
 
 StepFn = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``step_fn(batch, global_step) -> (loss, named scalar tensors)`` for one optimiser step.
@@ -138,7 +138,7 @@ class StageResult:
 def _train(
     ctx: TrainContext,
     *,
-    stage: str,
+    stage: Stage,
     step_fn: StepFn,
     trainable: Mapping[str, nn.Module],
     optimizer_spec: OptimizerSpec,
@@ -168,7 +168,7 @@ def _train(
             )
             ctx.callbacks.on_checkpoint(stage, step, checkpoint)
 
-    ctx.callbacks.on_stage_start(stage, start, iterations)
+    ctx.callbacks.on_stage_start(stage, start, iterations, ctx.spec)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     batches = ctx.train_batches(start)
@@ -177,7 +177,7 @@ def _train(
         for step in range(start, iterations):
             if ctx.callbacks.should_stop():
                 write_checkpoint(step)
-                raise JobCancelled(stage, step)
+                raise JobCancelled(str(stage), step)
             tic = time.perf_counter()
             done = step + 1
             # A DataLoader draws its base seed from the global RNG when it starts, which a
@@ -276,7 +276,7 @@ def run_stage1(
     with masking(teacher, ctx.spec.teacher.layers, tokens, plan, record=step_masks):
         return _train(
             ctx,
-            stage="stage1",
+            stage=STAGE1,
             step_fn=step_fn,
             trainable={"tokens": tokens},
             optimizer_spec=spec.optimizer,
@@ -336,7 +336,7 @@ def run_stage2(
     tokens: TokenSet | None,
     plan: JobPlan,
     checkpoint: Path | None,
-    stage: str = "stage2",
+    stage: Stage = STAGE2,
 ) -> StageResult:
     """Distil ``teacher`` into ``student`` with the job's method (``stage2.method``).
 
@@ -351,7 +351,7 @@ def run_stage2(
         freeze(tokens)
     torch.manual_seed(ctx.spec.seed)
     aligns = build_aligns(plan, spec.align)
-    distiller = build_distiller(MethodSetup(plan.levels, ctx.spec.task, spec, tokens))
+    distiller = build_distiller(MethodSetup(plan.levels, ctx.spec.task, spec.method, tokens))
     for module in (teacher, student, aligns, distiller):
         module.to(ctx.device)
 
@@ -404,7 +404,7 @@ def train_supervised(
     optimizer_spec: OptimizerSpec,
     iterations: int,
     checkpoint: Path | None,
-    stage: str,
+    stage: Stage,
 ) -> StageResult:
     """Plain task-loss training: teachers for the examples and the no-KD student baseline."""
     model.to(ctx.device)
@@ -422,5 +422,5 @@ def train_supervised(
         iterations=iterations,
         checkpoint=checkpoint,
         set_modes=lambda: model.train(),
-        evaluate=lambda: ctx.evaluate(model, stage),
+        evaluate=lambda: ctx.evaluate(model, stage.kind),
     )

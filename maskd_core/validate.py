@@ -9,93 +9,20 @@ spec. Every failure is a ``SpecError`` whose ``field`` points at the part of the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from maskd_core.data import DATASETS, DenseDataset
-from maskd_core.errors import DataError, SpecError
+from maskd_core.data import DATASETS, DenseDataset, build_dataset
+from maskd_core.errors import SpecError
 from maskd_core.methods import METHODS
 from maskd_core.models import MODELS, build_model
+from maskd_core.plan import JobPlan, LevelPlan, Shape
 from maskd_core.registry import input_path_values
 from maskd_core.spec import JobSpec
 from maskd_core.taps import Taps
-from maskd_core.tasks import TASKS, Task
-
-Shape = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class LevelPlan:
-    """One distilled level: level ``level`` of the ``pair``-th (teacher, student) layer pair."""
-
-    pair: int
-    teacher_layer: str
-    student_layer: str
-    level: int
-    teacher_shape: Shape
-    student_shape: Shape
-
-    @property
-    def teacher_channels(self) -> int:
-        return self.teacher_shape[0]
-
-    @property
-    def student_channels(self) -> int:
-        return self.student_shape[0]
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """What validation learned about a job: class count and the distilled levels in order."""
-
-    num_classes: int
-    levels: list[LevelPlan]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "levels": [asdict(lv) for lv in self.levels]}
-
-    def token_levels(self) -> list[dict[str, Any]]:
-        """The level description stored in, and checked against, the tokens artifact."""
-        return [
-            {"teacher_layer": lv.teacher_layer, "level": lv.level, "channels": lv.teacher_channels}
-            for lv in self.levels
-        ]
-
-
-def build_task(spec: JobSpec) -> Task:
-    return TASKS.get(spec.task, field="task")()
-
-
-def build_dataset(spec: JobSpec) -> DenseDataset:
-    """The job's dataset, checked against the task; unreadable data is a ``SpecError``."""
-    builder = DATASETS.get(spec.dataset.name, field="dataset.name")
-    args = DATASETS.parse_args(spec.dataset.name, spec.dataset.args, field="dataset.args")
-    try:
-        dataset = builder(args, spec.seed)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise SpecError(
-            f"dataset {spec.dataset.name!r} cannot read {exc.filename or exc}: the path does not "
-            "exist or is not a directory; give a directory the workers can read",
-            field="dataset.args",
-        ) from None
-    except DataError as exc:
-        raise SpecError(str(exc), field="dataset.args") from None
-    if dataset.task != spec.task:
-        raise SpecError(
-            f"dataset {spec.dataset.name!r} holds {dataset.task} data but the job's task is "
-            f"{spec.task!r}; pick a {spec.task} dataset or change the task",
-            field="dataset.name",
-        )
-    if len(dataset) < 2:
-        raise SpecError(
-            f"dataset {spec.dataset.name!r} has {len(dataset)} samples; at least 2 are needed to "
-            "split training and validation data",
-            field="dataset.args",
-        )
-    return dataset
+from maskd_core.tasks import Task, build_task
 
 
 def _check_mixed_precision(spec: JobSpec) -> None:
@@ -129,32 +56,11 @@ def _check_methods(spec: JobSpec) -> None:
 
 
 def _check_method(spec: JobSpec, field: str) -> None:
-    """The method's name and params through its registry entry; MasKD's weight kept to MasKD.
-
-    ``stage2.loss_weight`` weighs MasKD's per-element mean; the other methods' weights sit in
-    their params on their own scale (MGD's sums make it O(1e-5)), so a ``loss_weight`` other
-    than the default beside another method is refused rather than silently ignored. The value is
-    compared, not whether the field was given: stored specs are saved with every default
-    spelled out, and must validate the same when a worker reads them back. ``field`` is where
-    the method sits in the submitted spec, so errors point there.
-    """
+    """The method's name and params through its registry entry; ``field`` is where the method
+    sits in the submitted spec, so errors point there."""
     method = spec.stage2.method
     METHODS.entry(method.name, field=f"{field}.name")
-    if method.name == "maskd" and method.params:
-        raise SpecError(
-            "method 'maskd' takes no params: its settings are stage2.loss_weight, "
-            "stage2.custom_mask, stage2.custom_mask_warmup and stage2.mask_eps; set them there",
-            field=f"{field}.params",
-        )
     METHODS.parse_args(method.name, method.params, field=f"{field}.params")
-    default_weight = type(spec.stage2).model_fields["loss_weight"].default
-    if method.name != "maskd" and spec.stage2.loss_weight != default_weight:
-        raise SpecError(
-            f"stage2.loss_weight is MasKD's weight and method {method.name!r} does not use it; "
-            "remove it and set the method's own weight in stage2.method.params (loss scales "
-            "differ by orders of magnitude between methods, see docs/methods.md)",
-            field="stage2.loss_weight",
-        )
 
 
 def _level_shapes(
@@ -211,16 +117,23 @@ def input_paths(spec: JobSpec) -> dict[str, str]:
     return found
 
 
-def validate_job(spec: JobSpec) -> JobPlan:
-    """Check everything about ``spec`` that can fail before training and describe its levels."""
+def validate_job(
+    spec: JobSpec, *, dataset: DenseDataset | None = None, teacher: nn.Module | None = None
+) -> JobPlan:
+    """Check everything about ``spec`` that can fail before training and describe its levels.
+
+    A job passes the dataset and teacher it has already built (on the CPU), so it builds each
+    once; the API passes neither.
+    """
     _check_mixed_precision(spec)
     _check_layer_lists(spec)
     _check_methods(spec)
     task = build_task(spec)
-    dataset = build_dataset(spec)
+    dataset = dataset if dataset is not None else build_dataset(spec)
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
     MODELS.entry(spec.student.arch, field="student.arch")
-    teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
+    if teacher is None:
+        teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
     student = build_model(spec.student, dataset.num_classes, field="student")
     batch = task.collate([dataset[0]])
     teacher_shapes = _level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")

@@ -7,7 +7,7 @@ spec never causes code to be imported or unpickled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from maskd_core.errors import SpecError
 from maskd_core.registry import Registry
-from maskd_core.spec import ModelSpec
+from maskd_core.spec import ModelSpec, TaskName
 
 ModelBuilder = Callable[[Any, int], nn.Module]
 """``builder(args, num_classes) -> nn.Module`` where ``args`` is the entry's argument model."""
@@ -90,6 +90,33 @@ def load_weights(model: nn.Module, path: str | Path, field: str = "weights") -> 
             field=field,
         )
     model.load_state_dict(state)
+
+
+MODEL_SPEC_FORMAT = "maskd-model-spec/1"
+
+
+def model_document(spec: ModelSpec, num_classes: int, task: TaskName) -> dict[str, Any]:
+    """What rebuilds a trained network by name (``model_spec.json`` beside its weights).
+
+    The weights path is left out: the document travels with the weights (into MLflow, say) and
+    the path would name a file on the machine that trained them.
+    """
+    return {
+        "format": MODEL_SPEC_FORMAT,
+        "model": spec.model_dump(mode="json", exclude={"weights"}),
+        "num_classes": num_classes,
+        "task": task,
+    }
+
+
+def build_from_document(document: Mapping[str, Any], weights: str | Path) -> nn.Module:
+    """The network ``model_document`` describes, with ``weights`` loaded, in eval mode."""
+    if document.get("format") != MODEL_SPEC_FORMAT:
+        raise ValueError(f"a model document must have format {MODEL_SPEC_FORMAT!r}")
+    spec = ModelSpec.model_validate(document["model"])
+    model = build_model(spec.model_copy(update={"weights": None}), int(document["num_classes"]))
+    load_weights(model, weights)
+    return model.eval()
 
 
 from maskd_core.models import detection as _detection  # noqa: E402,F401  (registers)

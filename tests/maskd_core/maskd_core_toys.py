@@ -10,17 +10,22 @@ fast and on the CPU.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskd_core.callbacks import Callback, Stage
+from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
 from maskd_core.stages import TrainContext
 from maskd_core.taps import Taps
 from maskd_core.tasks import Task
-from maskd_core.validate import JobPlan, LevelPlan
+from maskd_core.plan import JobPlan, LevelPlan
+from maskd_core.validate import validate_job
 
 NUM_CLASSES = 3
 IMAGE = 16
@@ -183,3 +188,69 @@ def toy_plan(teacher: nn.Module, student: nn.Module, spec: JobSpec) -> JobPlan:
         for j, (t, s) in enumerate(zip(t_levels, s_levels, strict=True))
     ]
     return JobPlan(num_classes=NUM_CLASSES, levels=levels)
+
+
+# ------------------------------------------------------------------ shared test helpers
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def assert_changed(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    assert any(not torch.equal(v, before[k]) for k, v in module.named_parameters()), "no update"
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.steps: list[tuple[str, int, dict[str, float]]] = []
+        self.events: list[str] = []
+        self.specs: list[JobSpec] = []
+        """The spec each stage started with, in order."""
+        self.stop_at = stop_at
+
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
+        self.events.append(f"start {stage} {start_step}/{total_steps}")
+        self.specs.append(spec)
+
+    def on_step(self, stage: Stage, step: int, metrics: object) -> None:
+        self.steps.append((str(stage), step, dict(metrics)))  # type: ignore[call-overload]
+
+    def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
+        self.events.append(f"checkpoint {stage} {step}")
+
+    def on_eval(self, stage: Stage, step: int, metrics: object) -> None:
+        self.events.append(f"eval {stage} {step}")
+
+    def on_stage_end(self, stage: Stage, step: int, metrics: object) -> None:
+        self.events.append(f"end {stage} {step}")
+
+    def should_stop(self) -> bool:
+        return self.stop_at is not None and len(self.steps) >= self.stop_at
+
+
+def seg_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "teacher": {"arch": "seg_tiny_teacher", "layers": ["backbone", "head"]},
+        "student": {"arch": "seg_tiny_student", "layers": ["backbone", "head"]},
+        "dataset": {"name": "procedural_shapes", "args": {"num_samples": 4, "image_size": 32}},
+        "stage1": {"iterations": 2},
+        "stage2": {"iterations": 2},
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+    return spec
+
+
+def refused(spec: dict[str, Any]) -> SpecError:
+    with pytest.raises(SpecError) as err:
+        validate_job(JobSpec.model_validate(spec))
+    return err.value

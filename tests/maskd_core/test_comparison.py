@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 import yaml
-from test_stages import Recorder
-from test_validate import refused, seg_spec
+from maskd_core_toys import Recorder, refused, seg_spec
 
 from maskd_cli import main
-from maskd_core.callbacks import comparison_stage, parse_stage
+from maskd_core.callbacks import Stage
+from maskd_core.comparison import comparison_markdown
 from maskd_core.errors import JobCancelled, UnknownNameError
-from maskd_core.runner import comparison_markdown, run_comparison, run_job
+from maskd_core.runner import run_job
 from maskd_core.spec import JobSpec
+from maskd_core.workdir import WorkDir
 
 
 def compare_spec(**comparison: Any) -> JobSpec:
@@ -28,11 +29,15 @@ def test_two_methods_two_seeds_share_stage1_and_give_four_runs_and_a_table(
     tmp_path: Path,
 ) -> None:
     recorder = Recorder()
-    result = run_comparison(compare_spec(), tmp_path, recorder)
+    result = run_job(compare_spec(), tmp_path, recorder)
 
     starts = [event.split()[1] for event in recorder.events if event.startswith("start")]
     assert starts == ["stage1"] + [
-        comparison_stage(m, s) for m in ("maskd", "fitnet") for s in (0, 1)
+        f"stage2/{m}/seed{s}" for m in ("maskd", "fitnet") for s in (0, 1)
+    ]
+    # Each run's callbacks get that run's own spec: its method and seed, no comparison.
+    assert [(s.stage2.method.name, s.seed, s.comparison) for s in recorder.specs[1:]] == [
+        (m, seed, None) for m in ("maskd", "fitnet") for seed in (0, 1)
     ]
     assert [(run.method.name, run.seed) for run in result.runs] == [
         ("maskd", 0),
@@ -41,15 +46,18 @@ def test_two_methods_two_seeds_share_stage1_and_give_four_runs_and_a_table(
         ("fitnet", 1),
     ]
     for run in result.runs:
-        assert run.workdir == tmp_path / "runs" / f"{run.method.name}-seed{run.seed}"
-        assert run.student_path.is_file()
+        assert run.workdir == WorkDir(tmp_path / "runs" / f"{run.method.name}-seed{run.seed}")
+        assert run.stage == Stage.comparison_run(run.method.name, run.seed)
+        assert run.workdir.student.is_file() and run.workdir.model_spec.is_file()
         assert run.summary["method"] == run.method.name and run.summary["seed"] == run.seed
     assert result.tokens_path == tmp_path / "tokens.pt" and result.tokens_path.is_file()
     # The seed changes the student: same method, different seeds, different weights.
-    assert result.runs[0].student_path.read_bytes() != result.runs[1].student_path.read_bytes()
+    assert (
+        result.runs[0].workdir.student.read_bytes() != result.runs[1].workdir.student.read_bytes()
+    )
 
     table = json.loads((tmp_path / "comparison.json").read_text())
-    assert table == result.table
+    assert table == result.comparison
     assert table["primary_metric"] == "miou" and table["seeds"] == [0, 1]
     rows = {row["method"]: row for row in table["methods"]}
     assert set(rows) == {"maskd", "fitnet"}
@@ -69,25 +77,23 @@ def test_a_half_finished_comparison_skips_finished_runs_and_resumes_the_cut_one(
     spec = compare_spec()
     # Stops during the third run's first step (two runs of two steps finished, plus stage 1).
     with pytest.raises(JobCancelled) as stopped:
-        run_comparison(spec, tmp_path, Recorder(stop_at=1 + 2 + 2 + 1))
-    assert stopped.value.stage == comparison_stage("fitnet", 0)
+        run_job(spec, tmp_path, Recorder(stop_at=1 + 2 + 2 + 1))
+    assert stopped.value.stage == "stage2/fitnet/seed0"
     finished = (tmp_path / "runs" / "maskd-seed0" / "student.pt").read_bytes()
 
     recorder = Recorder()
-    result = run_comparison(spec, tmp_path, recorder)
+    result = run_job(spec, tmp_path, recorder)
     starts = [event for event in recorder.events if event.startswith("start")]
-    assert starts == [
-        f"start {comparison_stage('fitnet', 0)} 1/2",
-        f"start {comparison_stage('fitnet', 1)} 0/2",
-    ]
-    assert result.runs[0].student_path.read_bytes() == finished
-    assert len(result.table["methods"]) == 2
+    assert starts == ["start stage2/fitnet/seed0 1/2", "start stage2/fitnet/seed1 0/2"]
+    assert result.runs[0].workdir.student.read_bytes() == finished
+    assert result.comparison is not None and len(result.comparison["methods"]) == 2
 
 
-def test_stage_names_of_comparison_runs_parse_back() -> None:
-    assert parse_stage(comparison_stage("mgd", 12)) == ("stage2", "mgd", 12)
-    assert parse_stage("stage2") == ("stage2", None, None)
-    assert parse_stage("stage1") == ("stage1", None, None)
+def test_stages_are_typed_values_written_one_way() -> None:
+    run = Stage.comparison_run("mgd", 12)
+    assert (run.kind, run.method, run.seed, str(run)) == ("stage2", "mgd", 12, "stage2/mgd/seed12")
+    assert run.is_comparison_run and not Stage("stage2").is_comparison_run
+    assert str(Stage("stage1")) == "stage1"
 
 
 def test_methods_inside_a_comparison_are_checked_through_the_registry() -> None:
@@ -106,9 +112,10 @@ def test_maskd_weight_stays_with_maskd_runs_and_other_methods_keep_their_own() -
     body = seg_spec(stage2={"loss_weight": 0.1})
     body["comparison"] = {"methods": ["maskd", "mgd"], "seeds": [0]}
     spec = JobSpec.model_validate(body)
-    assert spec.run_spec(spec.methods()[0], 3).stage2.loss_weight == 0.1
+    maskd = spec.run_spec(spec.methods()[0], 3)
+    assert maskd.stage2.method.params["loss_weight"] == 0.1
     mgd = spec.run_spec(spec.methods()[1], 3)
-    assert (mgd.stage2.loss_weight, mgd.seed, mgd.comparison) == (1.0, 3, None)
+    assert (mgd.stage2.method.params, mgd.seed, mgd.comparison) == ({}, 3, None)
 
 
 @pytest.mark.parametrize(
@@ -127,11 +134,9 @@ def test_malformed_comparisons_are_refused_by_the_spec(
         JobSpec.model_validate({**seg_spec(), "comparison": comparison})
 
 
-def test_single_jobs_and_comparisons_take_their_own_entry_point(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="run_comparison"):
-        run_job(compare_spec(), tmp_path)
-    with pytest.raises(ValueError, match="comparison section"):
-        run_comparison(JobSpec.model_validate(seg_spec()), tmp_path)
+def test_a_comparison_takes_no_baseline(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="method 'none'"):
+        run_job(compare_spec(), tmp_path, baseline=True)
 
 
 def test_maskd_run_prints_the_table_of_a_comparison_spec(

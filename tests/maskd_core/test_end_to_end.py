@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from maskd_core.callbacks import Callback
+from maskd_core.callbacks import Callback, Stage
 from maskd_core.errors import JobCancelled
 from maskd_core.runner import run_job, train_teacher
 from maskd_core.spec import JobSpec
@@ -23,17 +23,19 @@ class Events(Callback):
         self.stop_in, self.stop_at = stop_in, stop_at
         self.stage, self.step = "", 0
 
-    def on_stage_start(self, stage: str, start_step: int, total_steps: int) -> None:
-        self.events.append(("start", stage, start_step))
-        self.stage, self.step = stage, start_step
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
+        self.events.append(("start", str(stage), start_step))
+        self.stage, self.step = str(stage), start_step
 
-    def on_step(self, stage: str, step: int, metrics: Any) -> None:
+    def on_step(self, stage: Stage, step: int, metrics: Any) -> None:
         self.step = step
 
-    def on_masks(self, stage: str, step: int, images: Any) -> None:
+    def on_masks(self, stage: Stage, step: int, images: Any) -> None:
         self.masks.update(images)
 
-    def on_artifact(self, stage: str, name: str, path: Path) -> None:
+    def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
         self.artifacts[name] = path
 
     def should_stop(self) -> bool:
@@ -75,14 +77,14 @@ def test_run_job_writes_tokens_student_and_summary(spec: JobSpec, tmp_path: Path
     summary = json.loads((tmp_path / "summary.json").read_text())
     for name in ("teacher", "masked_teacher", "student", "baseline"):
         assert 0.0 <= summary["metrics"][f"{name}_miou"] <= 1.0
-    assert summary == result.summary | {"plan": summary["plan"]}
+    assert summary == result.runs[0].summary | {"plan": summary["plan"]}
     assert set(events.artifacts) == {"tokens", "student", "summary"}
     assert len(events.masks) == 2 * 8 and next(iter(events.masks.values())).dtype.name == "uint8"
     tokens = torch.load(result.tokens_path, weights_only=True)
     assert tokens["format"] == "maskd-tokens/1" and tokens["mask_weighting"] is True
     assert [lv["channels"] for lv in tokens["levels"]] == [32, 5]
     assert len(tokens["teacher"]["weights_sha256"]) == 64
-    state = torch.load(result.student_path, weights_only=True)
+    state = torch.load(result.runs[0].workdir.student, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
@@ -96,7 +98,7 @@ def test_a_cancelled_job_resumes_in_its_stage_and_matches_an_uninterrupted_one(
     events = Events()
     resumed = run_job(spec, tmp_path / "resumed", events)
     assert [e for e in events.events if e[0] == "start"] == [("start", "stage2", 2)]
-    a = torch.load(straight.student_path, weights_only=True)
-    b = torch.load(resumed.student_path, weights_only=True)
+    a = torch.load(straight.runs[0].workdir.student, weights_only=True)
+    b = torch.load(resumed.runs[0].workdir.student, weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

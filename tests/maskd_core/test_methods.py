@@ -9,9 +9,18 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from maskd_core_toys import ToyNet, toy_context, toy_plan, toy_spec
-from test_stages import Recorder, assert_changed, assert_same, snapshot
-from test_validate import refused, seg_spec
+from maskd_core_toys import (
+    Recorder,
+    ToyNet,
+    assert_changed,
+    assert_same,
+    refused,
+    seg_spec,
+    snapshot,
+    toy_context,
+    toy_plan,
+    toy_spec,
+)
 from torch import nn
 
 from maskd_core.errors import JobCancelled, UnknownNameError
@@ -27,7 +36,8 @@ from maskd_core.runner import run_job
 from maskd_core.spec import JobSpec
 from maskd_core.stages import build_aligns, run_stage2, train_supervised
 from maskd_core.tokens import TokenSet
-from maskd_core.validate import LevelPlan, validate_job
+from maskd_core.plan import LevelPlan
+from maskd_core.validate import validate_job
 
 ALL = ["maskd", "none", "fitnet", "mgd", "amd"]
 # Two levels of different widths and sizes; the second student level is at half the teacher's
@@ -60,7 +70,8 @@ def distiller(
     spec = toy_spec(task=task, stage2={"method": {"name": name, "params": params or {}}, **stage2})
     tokens = TokenSet([shape[0] for shape in TEACHER_SHAPES], 3, weighting=False)
     torch.manual_seed(0)
-    return build_distiller(MethodSetup(levels(), task, spec.stage2, tokens.requires_grad_(False)))
+    setup = MethodSetup(levels(), task, spec.stage2.method, tokens.requires_grad_(False))
+    return build_distiller(setup)
 
 
 def generator_reference(gen: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -167,18 +178,47 @@ def test_unknown_methods_and_params_are_refused_with_what_exists() -> None:
     err = refused(seg_spec(stage2={"iterations": 2, "method": {"name": "mgd", "params": {"a": 1}}}))
     assert err.field == "stage2.method.params"
     assert "Allowed arguments: alpha, mask_ratio" in str(err)
-    err = refused(seg_spec(stage2={"iterations": 2, "method": "mgd", "loss_weight": 7}))
-    assert err.field == "stage2.loss_weight" and "stage2.method.params" in str(err)
-    maskd = {"name": "maskd", "params": {"loss_weight": 7}}
-    err = refused(seg_spec(stage2={"iterations": 2, "method": maskd}))
-    assert err.field == "stage2.method.params" and "stage2.loss_weight" in str(err)
+    err = refused(
+        seg_spec(stage2={"iterations": 2, "method": {"name": "maskd", "params": {"x": 1}}})
+    )
+    assert err.field == "stage2.method.params"
+    assert "Allowed arguments: loss_weight, custom_mask, custom_mask_warmup, mask_eps" in str(err)
+
+
+def test_maskd_settings_are_its_params_and_their_old_place_in_stage2_still_works() -> None:
+    old = JobSpec.model_validate(seg_spec(stage2={"loss_weight": 7, "mask_eps": 1e-3}))
+    new = JobSpec.model_validate(
+        seg_spec(
+            stage2={"method": {"name": "maskd", "params": {"loss_weight": 7, "mask_eps": 1e-3}}}
+        )
+    )
+    assert old == new
+    assert old.stage2.method.params == {"custom_mask": False, "loss_weight": 7, "mask_eps": 1e-3}
+    detection = toy_spec(task="detection")
+    assert detection.stage2.method.params == {"custom_mask": True}
+    with pytest.raises(ValueError, match="given twice"):
+        maskd = {"name": "maskd", "params": {"loss_weight": 3}}
+        JobSpec.model_validate(seg_spec(stage2={"loss_weight": 7, "method": maskd}))
+
+
+def test_maskd_settings_beside_another_method_are_refused_unless_at_their_defaults() -> None:
+    with pytest.raises(ValueError, match=r"stage2.loss_weight is a MasKD setting"):
+        JobSpec.model_validate(seg_spec(stage2={"method": "mgd", "loss_weight": 7}))
+    with pytest.raises(ValueError, match=r"stage2.custom_mask is a MasKD setting"):
+        JobSpec.model_validate(seg_spec(stage2={"method": "mgd", "custom_mask": True}))
+    # Specs stored before MasKD's settings moved spell out their defaults: still valid.
+    legacy = {"method": "fitnet", "loss_weight": 1.0, "custom_mask": False, "mask_eps": 1e-6}
+    spec = JobSpec.model_validate(seg_spec(stage2=legacy))
+    assert spec.stage2.method.params == {}
 
 
 def test_a_stored_spec_with_defaults_spelled_out_still_validates() -> None:
-    """The job store saves specs with every default filled in; a worker reading one back must
-    not mistake the default ``loss_weight`` for one the user set beside another method."""
-    spec = JobSpec.model_validate(seg_spec(stage2={"iterations": 2, "method": "fitnet"}))
-    validate_job(JobSpec.model_validate(spec.model_dump(mode="json")))
+    """The job store saves specs with every default filled in; a worker reads them back."""
+    for method in ("fitnet", "maskd"):
+        spec = JobSpec.model_validate(seg_spec(stage2={"iterations": 2, "method": method}))
+        again = JobSpec.model_validate(spec.model_dump(mode="json"))
+        assert again == spec
+        validate_job(again)
 
 
 def test_method_defaults_to_maskd_and_a_bare_name_is_accepted() -> None:
@@ -204,7 +244,7 @@ def trained(
     before = {key: snapshot(module) for key, module in modules.items()}
     torch.manual_seed(spec.seed)
     before["aligns"] = snapshot(build_aligns(plan, spec.stage2.align))
-    setup = MethodSetup(plan.levels, spec.task, spec.stage2, tokens)
+    setup = MethodSetup(plan.levels, spec.task, spec.stage2.method, tokens)
     before["method"] = {
         k: v for k, v in snapshot(build_distiller(setup)).items() if not k.startswith("tokens.")
     }

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from maskd_core_toys import ToyNet, toy_context, toy_plan, toy_spec
-from test_stages import Recorder
+from maskd_core_toys import Recorder, ToyNet, toy_context, toy_plan, toy_spec
 from torch import nn
 
 from maskd_core.errors import JobCancelled

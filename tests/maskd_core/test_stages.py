@@ -4,55 +4,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from maskd_core_toys import ToyFPNNet, ToyNet, toy_context, toy_plan, toy_spec
+from maskd_core_toys import (
+    Recorder,
+    ToyFPNNet,
+    ToyNet,
+    assert_changed,
+    assert_same,
+    snapshot,
+    toy_context,
+    toy_plan,
+    toy_spec,
+)
 from torch import nn
 
-from maskd_core.callbacks import Callback
 from maskd_core.errors import JobCancelled
 from maskd_core.stages import run_stage1, run_stage2, train_supervised
 from maskd_core.tokens import TokenSet
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    for key, value in module.state_dict().items():
-        assert torch.equal(value, before[key]), key
-
-
-def assert_changed(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    assert any(not torch.equal(v, before[k]) for k, v in module.named_parameters()), "no update"
-
-
 def no_hooks(module: nn.Module) -> bool:
     return all(not m._forward_hooks for m in module.modules())
-
-
-class Recorder(Callback):
-    def __init__(self, stop_at: int | None = None) -> None:
-        self.steps: list[tuple[str, int, dict[str, float]]] = []
-        self.events: list[str] = []
-        self.stop_at = stop_at
-
-    def on_stage_start(self, stage: str, start_step: int, total_steps: int) -> None:
-        self.events.append(f"start {stage} {start_step}/{total_steps}")
-
-    def on_step(self, stage: str, step: int, metrics: object) -> None:
-        self.steps.append((stage, step, dict(metrics)))  # type: ignore[call-overload]
-
-    def on_checkpoint(self, stage: str, step: int, path: Path) -> None:
-        self.events.append(f"checkpoint {stage} {step}")
-
-    def on_eval(self, stage: str, step: int, metrics: object) -> None:
-        self.events.append(f"eval {stage} {step}")
-
-    def on_stage_end(self, stage: str, step: int, metrics: object) -> None:
-        self.events.append(f"end {stage} {step}")
-
-    def should_stop(self) -> bool:
-        return self.stop_at is not None and len(self.steps) >= self.stop_at
 
 
 @pytest.mark.parametrize("weighting", [False, True])

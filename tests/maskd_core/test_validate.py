@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from maskd_core_toys import ToyFPNNet
+from maskd_core_toys import ToyFPNNet, refused, seg_spec
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from maskd_core.errors import SpecError, UnknownNameError
+from maskd_core.errors import UnknownNameError
 from maskd_core.models import MODELS
 from maskd_core.spec import JobSpec
 from maskd_core.validate import input_paths, validate_job
@@ -24,26 +23,6 @@ if "test_fpn_toy" not in MODELS:
     def _build_fpn_toy(args: _FPNArgs, num_classes: int) -> nn.Module:
         """A toy whose ``neck`` returns two levels (tests only)."""
         return ToyFPNNet(args.width)
-
-
-def seg_spec(**overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "teacher": {"arch": "seg_tiny_teacher", "layers": ["backbone", "head"]},
-        "student": {"arch": "seg_tiny_student", "layers": ["backbone", "head"]},
-        "dataset": {"name": "procedural_shapes", "args": {"num_samples": 4, "image_size": 32}},
-        "stage1": {"iterations": 2},
-        "stage2": {"iterations": 2},
-        "device": "cpu",
-    }
-    for key, value in overrides.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
-    return spec
-
-
-def refused(spec: dict[str, Any]) -> SpecError:
-    with pytest.raises(SpecError) as err:
-        validate_job(JobSpec.model_validate(spec))
-    return err.value
 
 
 def test_valid_spec_gives_levels_from_a_dry_run() -> None:

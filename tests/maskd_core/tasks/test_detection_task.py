@@ -19,7 +19,8 @@ from maskd_core.taps import Taps
 from maskd_core.tasks import TASKS
 from maskd_core.tasks.detection import DetectionBatch, DetectionTask, coco_map
 from maskd_core.tokens import TokenSet
-from maskd_core.validate import build_dataset, validate_job
+from maskd_core.data import build_dataset
+from maskd_core.validate import validate_job
 
 SMALL_DATA = {"num_samples": 8, "image_size": 64, "max_object_size": 24, "vary_size": True}
 
@@ -287,10 +288,11 @@ def test_a_detection_job_runs_end_to_end_with_a_trained_teacher(tmp_path: Path) 
         update={"teacher": spec.teacher.model_copy(update={"weights": str(teacher_file)})}
     )
     result = run_job(job, tmp_path / "job", baseline=True)
-    metrics = result.summary["metrics"]
+    summary = result.runs[0].summary
+    metrics = summary["metrics"]
     for name in ("teacher", "masked_teacher", "student", "baseline"):
         assert 0.0 <= metrics[f"{name}_map"] <= 1.0
     assert metrics["teacher_map"] == pytest.approx(teacher_metrics["teacher_map"])
-    assert result.summary["primary_metric"] == "map"
-    assert result.student_path.is_file() and result.tokens_path.is_file()
-    assert len(result.summary["plan"]["levels"]) == 5
+    assert summary["primary_metric"] == "map"
+    assert result.runs[0].workdir.student.is_file() and result.tokens_path.is_file()
+    assert len(summary["plan"]["levels"]) == 5

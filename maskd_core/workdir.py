@@ -1,0 +1,75 @@
+"""The files of a job's work directory, named in one place.
+
+The core writes these files, the worker reads them (to know where a resumed job starts, to
+publish the student), MLflow stores some under the same names, and the API reports their paths.
+Every one of them asks ``WorkDir`` for the path instead of spelling the file name again.
+
+Layout of a job's directory::
+
+    tokens.pt               stage 1's result (or tokens reused from an earlier job)
+    stage1/checkpoint.pt    stage 1 in progress
+    stage2/checkpoint.pt    stage 2 in progress
+    baseline/checkpoint.pt  the no-KD student of ``maskd run --baseline``
+    student.pt              the distilled student's state dict
+    model_spec.json         how to rebuild the student's network (``maskd_core.models``)
+    summary.json            metrics, speeds, plan and versions
+    comparison.json         a comparison job's table (and comparison.md, the same as markdown)
+    runs/<method>-seed<n>/  one comparison run, laid out like a single job (stage2/, student.pt,
+                            model_spec.json, summary.json)
+
+Torch-free, so the service side can use it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKENS_FILE = "tokens.pt"
+STUDENT_FILE = "student.pt"
+MODEL_SPEC_FILE = "model_spec.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """One job's work directory, or one comparison run's (``run``)."""
+
+    root: Path
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / TOKENS_FILE
+
+    @property
+    def student(self) -> Path:
+        return self.root / STUDENT_FILE
+
+    @property
+    def model_spec(self) -> Path:
+        return self.root / MODEL_SPEC_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def comparison_table(self) -> Path:
+        return self.root / "comparison.json"
+
+    @property
+    def comparison_markdown(self) -> Path:
+        return self.root / "comparison.md"
+
+    def checkpoint(self, loop: str) -> Path:
+        """The resumable state of one training loop: "stage1", "stage2" or "baseline"."""
+        return self.root / loop / CHECKPOINT_FILE
+
+    def run(self, method: str, seed: int) -> WorkDir:
+        """The directory of one (method, seed) run of a comparison job."""
+        return WorkDir(self.root / "runs" / f"{method}-seed{seed}")
+
+    def create(self) -> WorkDir:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
