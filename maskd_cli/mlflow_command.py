@@ -91,7 +91,7 @@ def _mlflow(args: argparse.Namespace) -> int:
         configured = settings.mlflow_tracking_uri
         is_server = configured.startswith(("http://", "https://"))
         backend = f"sqlite:///{data_dir / 'mlflow.db'}" if is_server else configured
-    artifacts = args.artifacts_destination or str(data_dir / "mlartifacts")
+    artifacts = args.artifacts_destination or str(settings.mlflow_artifacts_dir.resolve())
     data_dir.mkdir(parents=True, exist_ok=True)
     argv, env = mlflow_server_command(backend, artifacts, args.host, args.port, args.allowed_hosts)
     os.execve(argv[0], argv, env)

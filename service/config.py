@@ -15,6 +15,8 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from maskd_core.workdir import WorkDir
+
 EMBEDDED_BROKER_URL = "filesystem://"
 """The broker URL that selects Celery's filesystem transport (folders under ``data_dir``)."""
 
@@ -141,6 +143,22 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         """Parent of the per-job work directories."""
         return self.data_dir / "jobs"
+
+    def job_workdir(self, job_id: str) -> WorkDir:
+        """Where a job's checkpoints and outputs live (``maskd_core.workdir`` names the files)."""
+        return WorkDir(self.jobs_dir / job_id)
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Registry weights downloaded for jobs and API downloads (versions are immutable, so
+        they are kept)."""
+        return self.data_dir / "model-cache"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        """Where MLflow artifacts go: experiments' artifact roots with a database tracking URI,
+        the served store of ``maskd mlflow``."""
+        return self.data_dir / "mlartifacts"
 
     def project_inputs_dir(self, project: str) -> Path:
         """The one place under data_dir where a project's own input files may live."""

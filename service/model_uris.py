@@ -15,7 +15,8 @@ from pathlib import Path
 
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec, ModelSpec
-from service.registry import ModelNotFoundError, ModelRegistry
+from service.mlflow_names import VERSION_ARCH_TAG
+from service.model_registry import ModelNotFoundError, ModelRegistry
 
 MODELS_SCHEME = "models:/"
 
@@ -83,7 +84,7 @@ def resolve_registry_weights(
                 f"{project!r}; list yours with GET /v1/models",
                 field=field,
             ) from None
-        registered_arch = version.tags.get("maskd.arch")
+        registered_arch = version.tags.get(VERSION_ARCH_TAG)
         if registered_arch is not None and registered_arch != model_spec.arch:
             raise SpecError(
                 f"{model_spec.weights!r} holds weights of a {registered_arch!r}, but "

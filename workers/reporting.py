@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from maskd_core.callbacks import Callback, Stage, parse_stage
+from maskd_core.callbacks import Callback, Stage
+from maskd_core.spec import JobSpec
 from service.lifecycle import JobState, can_transition
 from service.store import JobStore
 from workers.lease import LeaseKeeper
@@ -65,11 +66,13 @@ class StoreReporter(Callback):
         self._last_progress_at = float("-inf")
         self._transition_refused = False
 
-    def on_stage_start(self, stage: Stage, start_step: int, total_steps: int) -> None:
-        self._totals[stage] = total_steps
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
+        self._totals[str(stage)] = total_steps
         # A comparison's runs ("stage2/mgd/seed1") all belong to STAGE2; progress stays keyed
         # by the full name, so each run has its own row.
-        target = _STAGE_STATES.get(parse_stage(stage)[0])
+        target = _STAGE_STATES.get(stage.kind)
         if target is not None and target != self.state and can_transition(self.state, target):
             if self._store.transition(self._job_id, target, worker_id=self._worker_id):
                 self.state = target
@@ -82,26 +85,28 @@ class StoreReporter(Callback):
         else:
             message = f"{stage} started at step 0 of {total_steps}"
         self._note(message)
-        self._write_progress(stage, start_step, {})
+        self._write_progress(str(stage), start_step, {})
 
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         if self._clock() - self._last_progress_at >= self._progress_interval:
-            self._write_progress(stage, step, metrics)
+            self._write_progress(str(stage), step, metrics)
 
     def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         # Evaluations between stages ("eval") belong to the stage the job is in.
-        owner = stage if stage in self._totals else _STAGE_NAMES.get(self.state, stage)
+        name = str(stage)
+        owner = name if name in self._totals else _STAGE_NAMES.get(self.state, name)
         self._write_progress(owner, self._steps.get(owner, step), metrics)
         self._note(f"{stage} evaluation at step {step}: {format_metrics(metrics)}")
 
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
-        self._write_progress(stage, step, metrics)
+        self._write_progress(str(stage), step, metrics)
         self._note(f"{stage} finished at step {step}")
 
     def should_stop(self) -> bool:
         return self._transition_refused or self._lease.should_stop()
 
-    def _write_progress(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+    def _write_progress(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Progress rows are keyed by the stage as people read it ("stage2/mgd/seed1")."""
         self._last_progress_at = self._clock()
         self._steps[stage] = step
         try:

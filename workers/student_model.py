@@ -3,7 +3,7 @@
 MLflow stores this file's *source* with the model and runs it at load time, instead of
 unpickling a Python object: loading a registered student therefore executes only code we wrote
 and reviewed, never code carried inside an artifact. The network itself is rebuilt by name from
-the JSON ``ModelSpec`` in the ``model_spec`` artifact (``maskd_core.models.build_model``) and its
+the ``model_spec`` artifact the core wrote beside the weights (``maskd_core.models``) and its
 weights are read with ``torch.load(weights_only=True)``, the same path a job's teacher takes.
 
 Input: float32 ``[N, 3, H, W]`` images, normalised like the training data. Output: the
@@ -21,25 +21,15 @@ import numpy as np
 import torch
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
-from maskd_core.models import build_model, load_weights
-from maskd_core.spec import ModelSpec
-
-MODEL_SPEC_FORMAT = "maskd-model-spec/1"
+from maskd_core.models import build_from_document
 
 
 class StudentModel(PythonModel):
-    """Rebuilds the student from its spec and weights; ``predict`` runs it in eval mode."""
+    """Rebuilds the student from its document and weights; ``predict`` runs it in eval mode."""
 
     def load_context(self, context: PythonModelContext) -> None:
         document = json.loads(Path(context.artifacts["model_spec"]).read_text())
-        if document.get("format") != MODEL_SPEC_FORMAT:
-            raise ValueError(f"model_spec artifact is not {MODEL_SPEC_FORMAT}")
-        spec = ModelSpec.model_validate(document["model"])
-        self.network = build_model(
-            spec.model_copy(update={"weights": None}), document["num_classes"]
-        )
-        load_weights(self.network, context.artifacts["weights"])
-        self.network.eval()
+        self.network = build_from_document(document, context.artifacts["weights"])
 
     def predict(
         self,

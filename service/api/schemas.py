@@ -1,19 +1,24 @@
 """Response bodies of the API (request bodies are ``maskd_core.spec.JobSpec`` itself).
 
-They are built from the store's records, so the database layout can change without changing
-what clients see; internal fields (lease owner, dispatch times) stay out.
+They are built from the store's records and from MLflow's registry entities, so neither the
+database layout nor MLflow's classes are what clients see; internal fields (lease owner,
+dispatch times) stay out.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from maskd_core.spec import JobSpec
 from service.lifecycle import FailureKind, JobState
 from service.store import EventRecord, JobRecord
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 
 class StageProgress(BaseModel):
@@ -145,3 +150,72 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str] = Field(description="'ok' or the reason, per dependency.")
+
+
+def _millis(value: int | None) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, tz=UTC) if value else None
+
+
+class RegisteredModelOut(BaseModel):
+    """A registered model as the API shows it."""
+
+    name: str
+    description: str | None
+    tags: dict[str, str]
+    aliases: dict[str, str]
+    """Alias → version number."""
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def from_entity(cls, model: RegisteredModel) -> RegisteredModelOut:
+        return cls(
+            name=model.name,
+            description=model.description or None,
+            tags=dict(model.tags),
+            aliases={alias: str(version) for alias, version in model.aliases.items()},
+            created_at=_millis(model.creation_timestamp),
+            updated_at=_millis(model.last_updated_timestamp),
+        )
+
+
+class ModelVersionOut(BaseModel):
+    """One version with its lineage: tags written at registration, metrics and run links."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    tags: dict[str, str]
+    status: str
+    source: str
+    run_id: str | None
+    experiment_id: str | None
+    run_link: str | None
+    """URL of the run in the MLflow UI when the tracking URI is a server, else None."""
+    metrics: dict[str, float]
+    """The latest value of each metric of the job's run (teacher/student mIoU and the like)."""
+    created_at: datetime | None
+
+    @classmethod
+    def from_entity(
+        cls, version: ModelVersion, run: Run | None = None, tracking_uri: str = ""
+    ) -> ModelVersionOut:
+        """``run`` (the version's run) adds its metrics and, on a tracking server, a link."""
+        experiment_id = run.info.experiment_id if run is not None else None
+        run_link = None
+        if experiment_id and tracking_uri.startswith(("http://", "https://")):
+            base = tracking_uri.rstrip("/")
+            run_link = f"{base}/#/experiments/{experiment_id}/runs/{version.run_id}"
+        return cls(
+            name=version.name,
+            version=str(version.version),
+            aliases=list(version.aliases),
+            tags=dict(version.tags),
+            status=str(version.status),
+            source=str(version.source),
+            run_id=version.run_id or None,
+            experiment_id=experiment_id,
+            run_link=run_link,
+            metrics=dict(run.data.metrics) if run is not None else {},
+            created_at=_millis(version.creation_timestamp),
+        )

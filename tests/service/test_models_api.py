@@ -11,6 +11,7 @@ import os
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,19 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from maskd_core.models import build_model
+from maskd_core.callbacks import EVAL, STAGE2
+from maskd_core.models import build_model, model_document
+from maskd_core.runner import StudentRun
 from maskd_core.spec import JobSpec
+from maskd_core.workdir import WorkDir
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker, upgrade_to_head
 from service.main import create_app
+from service.mlflow_names import experiment_name
 from service.store import JobStore
-from workers.tracking import (
-    MlflowTracker,
-    RegisteredVersion,
-    experiment_name,
-    log_and_register_student,
-)
+from workers.mlflow_tracker import MlflowTracker
+from workers.publishing import RegisteredVersion, register_student
+from workers.token_reuse import stage1_fingerprint
 
 torch.set_num_threads(1)
 
@@ -59,24 +61,23 @@ def _register_student(tracking_uri: str, root: Path) -> tuple[RegisteredVersion,
             "stage2": {"iterations": 1},
         }
     )
-    workdir = root / "job"
-    workdir.mkdir()
-    torch.save(build_model(spec.student, 5).state_dict(), workdir / "student.pt")
+    workdir = WorkDir(root / "job").create()
+    torch.save(build_model(spec.student, 5).state_dict(), workdir.student)
+    workdir.model_spec.write_text(json.dumps(model_document(spec.student, 5, spec.task)))
     tracker = MlflowTracker(
         tracking_uri,
         experiment=experiment_name("acme"),
         job_id="job-acme",
         project="acme",
         spec=spec,
-        workdir=workdir,
+        fingerprint=stage1_fingerprint(spec),
         artifact_root=root / "mlartifacts",
     )
-    tracker.on_eval("eval", 1, {"student_miou": 0.25})
-    version = log_and_register_student(
-        tracking_uri, tracker.run_id, "acme", spec, workdir, {"student_miou": 0.25}
-    )
+    tracker.on_eval(EVAL, 1, {"student_miou": 0.25})
+    student = StudentRun(spec, STAGE2, workdir, {"metrics": {"student_miou": 0.25}})
+    version = register_student(tracking_uri, tracker.run_id, "acme", student, 5, None)
     tracker.finish()
-    return version, workdir / "student.pt"
+    return version, workdir.student
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,19 @@ read while a job trains, checked directly and fast, without a Celery worker.
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from worker_testkit import tiny_spec, wait_for
+from worker_testkit import an_hour_ago, store_on_clock, tiny_spec, wait_for
 
+from maskd_core.callbacks import Stage
 from maskd_core.spec import JobSpec
 from service.db import make_engine, make_sessionmaker
 from service.lifecycle import JobState
 from service.store import JobRecord, JobStore
 from workers.lease import LeaseKeeper, StopReason
 from workers.reporting import StoreReporter
+
+SPEC = JobSpec.model_validate(tiny_spec())
+"""What the reporter is told a stage runs; it reads nothing from it."""
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:9/nothing?connect_timeout=1"
 
@@ -66,9 +68,11 @@ def test_keeper_renews_the_lease_and_reports_a_cancel(job_store: JobStore) -> No
     assert current(job_store, job.id).lease_owner == "w1"
 
 
-def test_keeper_stops_the_run_when_another_worker_took_the_job(job_store: JobStore) -> None:
-    job = running_job(job_store, lease_seconds=0.2)
-    time.sleep(0.3)
+def test_keeper_stops_the_run_when_another_worker_took_the_job(
+    job_store: JobStore, database_url: str
+) -> None:
+    with store_on_clock(database_url, an_hour_ago()) as past:
+        job = running_job(past, lease_seconds=30)  # w1's lease ran out long ago
     assert job_store.claim(job.id, "w2", 30) is not None  # w1 looked dead
 
     with keeper(job_store, job.id) as lease:
@@ -120,10 +124,10 @@ def test_reporter_turns_stages_into_transitions_and_events(
 ) -> None:
     job, reporter, _ = reporter_parts
 
-    reporter.on_stage_start("stage1", 0, 10)
-    reporter.on_stage_end("stage1", 10, {"loss": 0.5})
-    reporter.on_stage_start("stage2", 120, 200)
-    reporter.on_eval("eval", 200, {"student_miou": 0.75})
+    reporter.on_stage_start(Stage("stage1"), 0, 10, SPEC)
+    reporter.on_stage_end(Stage("stage1"), 10, {"loss": 0.5})
+    reporter.on_stage_start(Stage("stage2"), 120, 200, SPEC)
+    reporter.on_eval(Stage("eval"), 200, {"student_miou": 0.75})
 
     record = current(job_store, job.id)
     assert [t.to_state for t in record.transitions][-2:] == [JobState.STAGE1, JobState.STAGE2]
@@ -145,9 +149,9 @@ def test_reporter_moves_a_comparison_to_stage2_with_progress_per_run(
 ) -> None:
     job, reporter, _ = reporter_parts
 
-    reporter.on_stage_start("stage2/mgd/seed0", 0, 20)
-    reporter.on_stage_end("stage2/mgd/seed0", 20, {"loss": 0.5})
-    reporter.on_stage_start("stage2/mgd/seed1", 0, 20)
+    reporter.on_stage_start(Stage.comparison_run("mgd", 0), 0, 20, SPEC)
+    reporter.on_stage_end(Stage.comparison_run("mgd", 0), 20, {"loss": 0.5})
+    reporter.on_stage_start(Stage.comparison_run("mgd", 1), 0, 20, SPEC)
 
     record = current(job_store, job.id)
     assert [t.to_state for t in record.transitions][-1] is JobState.STAGE2
@@ -162,16 +166,16 @@ def test_reporter_writes_progress_about_once_a_second(
     job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
 ) -> None:
     job, reporter, clock = reporter_parts
-    reporter.on_stage_start("stage1", 0, 100)
+    reporter.on_stage_start(Stage("stage1"), 0, 100, SPEC)
 
     def step_written() -> int:
         return current(job_store, job.id).progress["stage1"]["step"]
 
     for step in range(1, 6):
-        reporter.on_step("stage1", step, {"loss": 1.0 / step})
+        reporter.on_step(Stage("stage1"), step, {"loss": 1.0 / step})
     assert step_written() == 0
     clock.now = 1.0
-    reporter.on_step("stage1", 6, {"loss": 0.1})
+    reporter.on_step(Stage("stage1"), 6, {"loss": 0.1})
     assert step_written() == 6
 
 
@@ -181,7 +185,7 @@ def test_reporter_stops_the_run_when_its_transition_is_refused(
     job, reporter, _ = reporter_parts
     job_store.request_cancel(job.project_id, job.id)  # STAGE1 -> CANCELLING meanwhile
 
-    reporter.on_stage_start("stage2", 0, 10)
+    reporter.on_stage_start(Stage("stage2"), 0, 10, SPEC)
 
     assert reporter.should_stop()
     assert reporter.state is JobState.STAGE1
@@ -193,9 +197,9 @@ def test_reporter_keeps_the_run_going_through_a_database_outage() -> None:
         store = JobStore(make_sessionmaker(engine))
         lease = keeper(store, "job")  # never started: only its stop flag is read
         reporter = StoreReporter(store, "job", "w1", lease, state=JobState.STAGE2)
-        reporter.on_step("stage2", 7, {"loss": 0.5})
-        reporter.on_eval("eval", 7, {"student_miou": 0.5})
-        reporter.on_stage_end("stage2", 7, {"loss": 0.5})
+        reporter.on_step(Stage("stage2"), 7, {"loss": 0.5})
+        reporter.on_eval(Stage("eval"), 7, {"student_miou": 0.5})
+        reporter.on_stage_end(Stage("stage2"), 7, {"loss": 0.5})
     finally:
         engine.dispose()
     assert not reporter.should_stop()

@@ -27,22 +27,18 @@ import torch
 from mlflow import MlflowClient
 
 from maskd_cli.mlflow_command import mlflow_server_command
+from maskd_core.callbacks import STAGE2
 from maskd_core.errors import SpecError
 from maskd_core.models import build_model
-from maskd_core.runner import run_job
+from maskd_core.runner import StudentRun, run_job
 from maskd_core.spec import JobSpec
+from maskd_core.workdir import WorkDir
+from service.mlflow_names import FINGERPRINT_TAG, PROJECT_TAG, REUSED_FROM_JOB_TAG, experiment_name
+from service.model_registry import ModelRegistry
 from service.model_uris import resolve_registry_weights
-from service.registry import PROJECT_TAG, ModelRegistry
-from workers.tracking import (
-    FINGERPRINT_TAG,
-    REUSED_FROM_JOB_TAG,
-    MlflowTracker,
-    RegisteredVersion,
-    experiment_name,
-    log_and_register_student,
-    reuse_stage1_tokens,
-    stage1_fingerprint,
-)
+from workers.mlflow_tracker import MlflowTracker
+from workers.publishing import RegisteredVersion, register_student
+from workers.token_reuse import reuse_stage1_tokens, stage1_fingerprint
 
 torch.set_num_threads(1)
 
@@ -90,22 +86,27 @@ def run_tracked(
 ) -> tuple[MlflowTracker, RegisteredVersion, dict[str, float], Path]:
     """What the worker does: reuse, run with the tracker, register, finish."""
     workdir = root / "jobs" / job_id
-    reused = reuse_stage1_tokens(tracking_uri, PROJECT, spec, workdir)
+    reused = reuse_stage1_tokens(tracking_uri, PROJECT, spec, WorkDir(workdir))
     tracker = MlflowTracker(
         tracking_uri,
         experiment=experiment_name(PROJECT),
         job_id=job_id,
         project=PROJECT,
         spec=spec,
-        workdir=workdir,
+        fingerprint=stage1_fingerprint(spec),
         artifact_root=root / "mlartifacts",
         **tracker_args,
     )
     if reused is not None:
         tracker.mark_stage1_reused(reused)
     result = run_job(spec, workdir, callbacks=[tracker])
-    version = log_and_register_student(
-        tracking_uri, tracker.run_id, PROJECT, spec, workdir, result.metrics
+    version = register_student(
+        tracking_uri,
+        tracker.run_id,
+        PROJECT,
+        result.runs[0],
+        result.plan.num_classes,
+        result.input_example,
     )
     tracker.finish()
     return tracker, version, result.metrics, workdir
@@ -235,12 +236,17 @@ def test_second_job_with_the_same_teacher_reuses_stage1(job: TrackedJob) -> None
 
 def test_reuse_needs_same_fingerprint_project_and_consent(job: TrackedJob, tmp_path: Path) -> None:
     uri, weights = job.tracking_uri, job.root / "teacher.pt"
-    assert reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights), tmp_path / "a") is not None
-    assert reuse_stage1_tokens(uri, "other", tiny_spec(weights), tmp_path / "b") is None
-    assert reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights, seed=1), tmp_path / "c") is None
+    assert (
+        reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights), WorkDir(tmp_path / "a")) is not None
+    )
+    assert reuse_stage1_tokens(uri, "other", tiny_spec(weights), WorkDir(tmp_path / "b")) is None
+    assert (
+        reuse_stage1_tokens(uri, PROJECT, tiny_spec(weights, seed=1), WorkDir(tmp_path / "c"))
+        is None
+    )
     relearn = tiny_spec(weights, stage1={"tokens": 2, "iterations": 3, "reuse": False})
     assert stage1_fingerprint(relearn) == stage1_fingerprint(tiny_spec(weights))
-    assert reuse_stage1_tokens(uri, PROJECT, relearn, tmp_path / "d") is None
+    assert reuse_stage1_tokens(uri, PROJECT, relearn, WorkDir(tmp_path / "d")) is None
     assert not (tmp_path / "d" / "tokens.pt").exists()
 
 
@@ -282,7 +288,7 @@ def test_a_redelivered_job_continues_its_runs(job: TrackedJob) -> None:
         job_id="job-1",
         project=PROJECT,
         spec=job.spec,
-        workdir=job.workdir,
+        fingerprint=stage1_fingerprint(job.spec),
         artifact_root=job.root / "mlartifacts",
     )
     assert again.run_id == job.tracker.run_id
@@ -334,16 +340,15 @@ def test_tracking_over_the_server_serves_artifacts(
         job_id="job-http",
         project=PROJECT,
         spec=job.spec,
-        workdir=job.workdir,
+        fingerprint=stage1_fingerprint(job.spec),
         artifact_root=tmp_path / "unused",
     )
-    tracker.on_stage_start("stage2", 0, 2)
-    tracker.on_step("stage2", 1, {"kd_loss": 0.5})
-    tracker.on_masks("stage2", 1, {"level0/token0": np.zeros((8, 8, 3), np.uint8)})
-    tracker.on_stage_end("stage2", 1, {})
-    version = log_and_register_student(
-        url, tracker.run_id, PROJECT, job.spec, job.workdir, {"student_miou": 0.5}
-    )
+    tracker.on_stage_start(STAGE2, 0, 2, job.spec)
+    tracker.on_step(STAGE2, 1, {"kd_loss": 0.5})
+    tracker.on_masks(STAGE2, 1, {"level0/token0": np.zeros((8, 8, 3), np.uint8)})
+    tracker.on_stage_end(STAGE2, 1, {})
+    student = StudentRun(job.spec, STAGE2, WorkDir(job.workdir), {"metrics": {"student_miou": 0.5}})
+    version = register_student(url, tracker.run_id, PROJECT, student, 5, None)
     tracker.finish()
 
     assert not (tmp_path / "unused").exists()
@@ -457,6 +462,12 @@ def test_a_comparison_job_tracks_registers_and_records_every_run(
     assert set(students) == {(m, s) for m in ("maskd", "fitnet") for s in ("0", "1")}
     assert all(run.info.status == "FINISHED" for run in children)
     assert "student_miou" in students["fitnet", "1"].data.metrics
+    # Each run logs its own method, params and seed, not the job's.
+    for (method, seed), run in students.items():
+        assert run.data.params["stage2.method.name"] == method
+        assert run.data.params["seed"] == seed
+    assert students["fitnet", "0"].data.params["stage2.method.params"] == "{}"
+    assert students["maskd", "0"].data.params["stage2.method.params.custom_mask"] == "false"
 
     parent = client.get_run(parent_id)
     assert parent.data.metrics["maskd_miou_mean"] == pytest.approx(table["methods"][0]["mean"])

@@ -23,7 +23,6 @@ from kombu.exceptions import OperationalError as BrokerError
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
 from service.api.deps import CurrentProject, DispatcherDep, SettingsDep, StoreDep
-from service.api.routes.models import model_cache_dir
 from service.api.schemas import EventOut, EventPage, JobOut, JobPage
 from service.config import Settings
 from service.inputs import check_input_paths
@@ -71,7 +70,7 @@ def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
         check_input_paths(spec, project, settings)
         validate_job(
             resolve_registry_weights(
-                spec, project, settings.mlflow_tracking_uri, model_cache_dir(settings)
+                spec, project, settings.mlflow_tracking_uri, settings.model_cache_dir
             )
         )
     except SpecError as error:

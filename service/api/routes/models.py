@@ -8,23 +8,19 @@ one. MLflow's client blocks on SQL or HTTP, so every call runs in the thread poo
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Body, HTTPException, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
 from service.api.deps import CurrentProject, SettingsDep
-from service.config import Settings
-from service.registry import (
-    InvalidAliasError,
-    ModelNotFoundError,
-    ModelRegistry,
-    ModelVersionOut,
-    RegisteredModelOut,
-)
+from service.api.schemas import ModelVersionOut, RegisteredModelOut
+from service.model_registry import InvalidAliasError, ModelNotFoundError, ModelRegistry
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -53,11 +49,6 @@ def _registry(tracking_uri: str) -> ModelRegistry:
     return ModelRegistry(tracking_uri)
 
 
-def model_cache_dir(settings: Settings) -> Path:
-    """Where downloaded registry weights are kept (versions are immutable, so forever)."""
-    return settings.data_dir / "model-cache"
-
-
 def _not_found(error: ModelNotFoundError) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=str(error))
 
@@ -66,7 +57,7 @@ def _not_found(error: ModelNotFoundError) -> HTTPException:
 async def list_models(project: CurrentProject, settings: SettingsDep) -> ModelList:
     registry = _registry(settings.mlflow_tracking_uri)
     models = await run_in_threadpool(registry.list_models, project.name)
-    return ModelList(data=models, count=len(models))
+    return ModelList(data=[RegisteredModelOut.from_entity(m) for m in models], count=len(models))
 
 
 @router.get("/{name}/versions", response_model=VersionList, summary="Versions, newest first")
@@ -76,7 +67,9 @@ async def list_versions(name: str, project: CurrentProject, settings: SettingsDe
         versions = await run_in_threadpool(registry.list_versions, project.name, name)
     except ModelNotFoundError as error:
         raise _not_found(error) from None
-    return VersionList(data=versions, count=len(versions))
+    return VersionList(
+        data=[ModelVersionOut.from_entity(version) for version in versions], count=len(versions)
+    )
 
 
 @router.get(
@@ -89,9 +82,16 @@ async def get_version(
 ) -> ModelVersionOut:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        return await run_in_threadpool(registry.describe_version, project.name, name, version)
+        found = await run_in_threadpool(registry.version, project.name, name, version)
     except ModelNotFoundError as error:
         raise _not_found(error) from None
+    return await _described(registry, found)
+
+
+async def _described(registry: ModelRegistry, version: ModelVersion) -> ModelVersionOut:
+    """The version with its run's metrics and link."""
+    run = await run_in_threadpool(registry.run_of, version)
+    return ModelVersionOut.from_entity(version, run, registry.tracking_uri)
 
 
 @router.get(
@@ -110,7 +110,7 @@ async def download_weights(
             project.name,
             name,
             str(found.version),
-            model_cache_dir(settings),
+            settings.model_cache_dir,
         )
     except ModelNotFoundError as error:
         raise _not_found(error) from None
@@ -133,7 +133,7 @@ async def set_alias(
 ) -> ModelVersionOut:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        return await run_in_threadpool(
+        moved = await run_in_threadpool(
             registry.set_alias, project.name, name, alias, update.version
         )
     except ModelNotFoundError as error:
@@ -142,3 +142,4 @@ async def set_alias(
         raise HTTPException(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)
         ) from None
+    return await _described(registry, moved)

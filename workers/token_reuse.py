@@ -1,0 +1,129 @@
+"""Stage-1 reuse: tokens an earlier job of the project learned for the same teacher and data.
+
+Stage 1 depends only on the teacher, the data and its own settings (never on the student), so a
+job whose stage-1 fingerprint matches a finished stage-1 run of its project takes that run's
+tokens instead of learning them again. The fingerprint and the checksum are tags on that run
+(``service.mlflow_names``); the tracker writes them when it uploads tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from maskd_core.files import file_sha256
+from maskd_core.spec import JobSpec
+from maskd_core.workdir import WorkDir
+from service.mlflow_names import (
+    FINGERPRINT_TAG,
+    JOB_ID_TAG,
+    PROJECT_TAG,
+    STAGE_TAG,
+    TOKENS_ARTIFACT,
+    TOKENS_SHA256_TAG,
+    experiment_name,
+    quoted,
+)
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FORMAT = "maskd-stage1-fingerprint/1"
+
+
+def stage1_fingerprint(spec: JobSpec) -> str:
+    """SHA-256 over everything stage 1's result depends on, so equal fingerprints mean
+    interchangeable tokens.
+
+    In: the task, the teacher (arch, args, tapped layers and the SHA-256 of its weights file,
+    not its path), every stage-1 setting but ``reuse``, the dataset spec, the batch size and
+    mixed precision (they change the optimisation), and the seed: it fixes the token
+    initialisation and the batch order, so a different seed is a different stage 1, and a user
+    who changes it on purpose (to measure variance) must get a fresh one.
+
+    Out: the student and stage 2 (stage 1 never sees them, which is the point of reuse),
+    ``device`` and ``num_workers`` (the batches are step-indexed and identical on any device up
+    to floating-point noise), evaluation and checkpoint cadence.
+
+    ``spec`` must have local weight paths (after ``resolve_registry_weights``).
+    """
+    teacher = spec.teacher
+    payload = {
+        "format": FINGERPRINT_FORMAT,
+        "task": spec.task,
+        "teacher": {
+            "arch": teacher.arch,
+            "args": teacher.args,
+            "layers": teacher.layers,
+            "weights_sha256": file_sha256(teacher.weights) if teacher.weights else None,
+        },
+        "stage1": spec.stage1.model_dump(mode="json", exclude={"reuse"}),
+        "dataset": spec.dataset.model_dump(mode="json"),
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "mixed_precision": spec.mixed_precision,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ReusedTokens:
+    """Where reused tokens came from: the job, its stage-1 run, and the fingerprint matched."""
+
+    job_id: str
+    run_id: str
+    fingerprint: str
+
+
+def reuse_stage1_tokens(
+    tracking_uri: str, project: str, spec: JobSpec, workdir: WorkDir
+) -> ReusedTokens | None:
+    """Puts the tokens of an earlier matching stage 1 at ``workdir.tokens``, or returns None.
+
+    Only finished stage-1 runs of the same project count (the project's experiment, and the
+    run's project tag as a second check). Nothing happens when ``stage1.reuse`` is false or the
+    job already has tokens (a resumed job keeps its own). The file is verified against the
+    SHA-256 recorded with it and moved into place atomically, so the core either sees a whole
+    artifact or none and then runs stage 1 itself.
+    """
+    from maskd_core.methods import job_needs_tokens
+
+    target = workdir.tokens
+    if not job_needs_tokens(spec) or not spec.stage1.reuse or target.exists():
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name(project))
+    if experiment is None:
+        return None
+    fingerprint = stage1_fingerprint(spec)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and tags.`{PROJECT_TAG}` = "
+            f"'{quoted(project)}' and tags.{STAGE_TAG} = 'stage1' and "
+            "attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    workdir.create()
+    with tempfile.TemporaryDirectory(dir=workdir.root, prefix=".tokens-") as tmp:
+        downloaded = Path(client.download_artifacts(run.info.run_id, TOKENS_ARTIFACT, dst_path=tmp))
+        expected = run.data.tags.get(TOKENS_SHA256_TAG)
+        if expected is not None and file_sha256(downloaded) != expected:
+            logger.warning("tokens of run %s fail their checksum; relearning", run.info.run_id)
+            return None
+        os.replace(downloaded, target)
+    return ReusedTokens(
+        job_id=run.data.tags.get(JOB_ID_TAG, "?"), run_id=run.info.run_id, fingerprint=fingerprint
+    )
