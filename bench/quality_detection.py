@@ -18,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import yaml
 from maskd_core.runner import run_job, train_teacher
 from maskd_core.spec import JobSpec
 
-RECIPE = Path(__file__).resolve().parent.parent / "examples" / "quickstart-detection.yaml"
+RECIPE = Path(str(files("maskd_examples") / "quickstart-detection.yaml"))
 ROWS = (
     ("teacher", "teacher_map"),
     ("teacher, masked by the tokens", "masked_teacher_map"),
@@ -71,7 +72,7 @@ def main() -> None:
             teacher = Path(tmp) / f"teacher-{seed}.pt"
             spec = spec_for(base, seed, args, teacher)
             train_teacher(spec, teacher, args.teacher_steps)
-            summary = run_job(spec, Path(tmp) / f"seed{seed}", baseline=True).summary
+            summary = run_job(spec, Path(tmp) / f"seed{seed}", baseline=True).runs[0].summary
             results.append(summary["metrics"])
             print(
                 f"seed {seed}: "

@@ -1,11 +1,11 @@
 """Stage-2 methods side by side: one comparison job per dataset, mean ± std over fixed seeds.
 
-Runs ``run_comparison`` (the job a user submits with a ``comparison`` section) on the procedural
+Runs ``run_job`` on a spec with a ``comparison`` section (the job a user submits) on the procedural
 segmentation data (``examples/compare-methods-segmentation.yaml``: the segmentation quickstart's
 setup), the procedural detection data (``examples/quickstart-detection.yaml``) or any job spec
 given with ``--spec`` (image folders, COCO, VOC). The teacher is trained first on the job's own
 data when its weights file does not exist yet. Every method keeps its registry defaults; MasKD
-keeps the spec's ``stage2.loss_weight`` (0.1 on the segmentation logits, 10 on the FCOS levels).
+keeps the spec's MasKD params (weight 0.1 on the segmentation logits, 10 on the FCOS levels).
 Prints the comparison table in markdown. Not a test: a measurement to record. Rerunning with the
 same ``--workdir`` resumes and skips finished runs.
 
@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from quality_segmentation import with_trained_teacher
 
 from maskd_cli.core_commands import load_spec
-from maskd_core.runner import comparison_markdown, run_comparison
-from maskd_core.spec import ComparisonSpec
+from maskd_core.comparison import comparison_markdown
+from maskd_core.runner import run_job
+from maskd_core.spec import JobSpec
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = files("maskd_examples")
 RECIPES = {
-    "segmentation": EXAMPLES / "compare-methods-segmentation.yaml",
-    "detection": EXAMPLES / "quickstart-detection.yaml",
+    "segmentation": Path(str(EXAMPLES / "compare-methods-segmentation.yaml")),
+    "detection": Path(str(EXAMPLES / "quickstart-detection.yaml")),
 }
 
 
@@ -54,30 +56,31 @@ def main() -> None:
 
     spec = load_spec(args.spec or RECIPES[args.data])
     workdir = args.workdir or Path("runs") / f"bench-quality-methods-{spec.name}"
-    methods = args.methods or (
-        [m.name for m in spec.comparison.methods] if spec.comparison else None
-    )
-    comparison = ComparisonSpec.model_validate(
-        {"methods": methods or ["maskd", "none", "fitnet", "mgd"], "seeds": args.seeds}
-    )
-    stage1 = spec.stage1.model_copy(
-        update={"iterations": args.stage1_iterations or spec.stage1.iterations}
-    )
-    stage2 = spec.stage2.model_copy(
-        update={"iterations": args.iterations or spec.stage2.iterations}
-    )
-    spec = spec.model_copy(update={"comparison": comparison, "stage1": stage1, "stage2": stage2})
+    # A method the spec already configures keeps its params (MasKD's weight above all).
+    configured = {m.name: m for m in spec.methods()}
+    names = args.methods or [m.name for m in spec.methods()]
+    if len(names) == 1 and not args.methods:
+        names = ["maskd", "none", "fitnet", "mgd"]
+    data = spec.model_dump(mode="json")
+    data["comparison"] = {
+        "methods": [configured[n].model_dump(mode="json") if n in configured else n for n in names],
+        "seeds": args.seeds,
+    }
+    data["stage1"]["iterations"] = args.stage1_iterations or spec.stage1.iterations
+    data["stage2"]["iterations"] = args.iterations or spec.stage2.iterations
+    spec = JobSpec.model_validate(data)
     teacher = Path(spec.teacher.weights) if spec.teacher.weights else workdir / "teacher.pt"
     spec = with_trained_teacher(spec, teacher, args.teacher_iterations)
 
     started = time.perf_counter()
-    result = run_comparison(spec, workdir)
+    result = run_job(spec, workdir)
     print(
         f"\n{spec.name} ({spec.task}, {spec.dataset.name}): stage 1 {spec.stage1.iterations} "
         f"steps, stage 2 {spec.stage2.iterations} steps per run, {len(result.runs)} runs, "
         f"{time.perf_counter() - started:.0f} s (teacher training excluded)\n"
     )
-    print(comparison_markdown(result.table), end="")
+    assert result.comparison is not None
+    print(comparison_markdown(result.comparison), end="")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main() -> None:
         spec = with_trained_teacher(
             base.model_copy(update={"seed": seed}), workdir / "teacher.pt", args.teacher_iterations
         )
-        summary = run_job(spec, workdir / "job", baseline=True).summary
+        summary = run_job(spec, workdir / "job", baseline=True).runs[0].summary
         metric = summary["primary_metric"]
         for _, key in ROWS:
             results[key].append(summary["metrics"][f"{key}_{metric}"])

@@ -20,11 +20,11 @@ from torch import nn
 
 from maskd_core.callbacks import Callback, Stage
 from maskd_core.errors import SpecError
+from maskd_core.plan import JobPlan, LevelPlan
 from maskd_core.spec import JobSpec
 from maskd_core.stages import TrainContext
 from maskd_core.taps import Taps
 from maskd_core.tasks import Task
-from maskd_core.plan import JobPlan, LevelPlan
 from maskd_core.validate import validate_job
 
 NUM_CLASSES = 3

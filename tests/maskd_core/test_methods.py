@@ -32,11 +32,11 @@ from maskd_core.methods import (
     MgdDistiller,
     build_distiller,
 )
+from maskd_core.plan import LevelPlan
 from maskd_core.runner import run_job
 from maskd_core.spec import JobSpec
 from maskd_core.stages import build_aligns, run_stage2, train_supervised
 from maskd_core.tokens import TokenSet
-from maskd_core.plan import LevelPlan
 from maskd_core.validate import validate_job
 
 ALL = ["maskd", "none", "fitnet", "mgd", "amd"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from maskd_core.data import build_dataset
 from maskd_core.data.loader import split_dataset, train_batches, val_batches
 from maskd_core.models import MODELS
 from maskd_core.runner import run_job, train_teacher
@@ -19,7 +20,6 @@ from maskd_core.taps import Taps
 from maskd_core.tasks import TASKS
 from maskd_core.tasks.detection import DetectionBatch, DetectionTask, coco_map
 from maskd_core.tokens import TokenSet
-from maskd_core.data import build_dataset
 from maskd_core.validate import validate_job
 
 SMALL_DATA = {"num_samples": 8, "image_size": 64, "max_object_size": 24, "vary_size": True}
