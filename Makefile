@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; reinstalls when pyproject.toml changes.
 STAMP := $(VENV)/.maskd-installed
 
-.PHONY: venv demo test lint
+.PHONY: venv demo test test-fast lint
 
 venv: $(STAMP)
 
@@ -25,7 +25,12 @@ demo: venv
 test: venv
 	$(BIN)/pytest
 
+# Everything but the tests marked slow (training runs, worker subprocesses, wheel builds).
+test-fast: venv
+	$(BIN)/pytest -m "not slow"
+
 lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports

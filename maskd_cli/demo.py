@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from maskd_cli.processes import open_store, start_worker_subprocess, stop_worker_subprocess
 from maskd_core.callbacks import Callback
 
 if TYPE_CHECKING:
     import uvicorn
 
+    from maskd_core.callbacks import Stage
+    from maskd_core.spec import JobSpec
     from service.client import MaskdClient
     from service.config import Settings
     from service.store import JobStore
@@ -55,8 +58,6 @@ def run_demo(directory: str | None) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     upgrade_to_head(settings.database_url)
-
-    from maskd_cli.service_commands import open_store
 
     engine, store = open_store(settings)
     api_key = store.create_api_key(PROJECT)
@@ -175,14 +176,16 @@ class _StepPrinter(Callback):
         self._totals: dict[str, int] = {}
         self._last_printed = 0.0
 
-    def on_stage_start(self, stage: str, start_step: int, total_steps: int) -> None:
-        self._totals[stage] = total_steps
+    def on_stage_start(
+        self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
+    ) -> None:
+        self._totals[str(stage)] = total_steps
 
-    def on_step(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+    def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         if time.monotonic() - self._last_printed < STEP_PRINT_SECONDS:
             return
         self._last_printed = time.monotonic()
-        total = self._totals.get(stage, "?")
+        total = self._totals.get(str(stage), "?")
         print(f"      {stage} step {step}/{total}  loss {metrics.get('loss', float('nan')):.4f}")
 
 
@@ -212,8 +215,6 @@ def _stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
 
 
 def _start_worker(stack: ExitStack, env: Mapping[str, str], log_path: Path) -> None:
-    from maskd_cli.service_commands import start_worker_subprocess, stop_worker_subprocess
-
     log = stack.enter_context(log_path.open("wb"))
     worker = start_worker_subprocess({**os.environ, **env}, log=log)
     stack.callback(stop_worker_subprocess, worker)

@@ -103,6 +103,7 @@ def models_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelsApi]:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_project_lists_only_its_models(models_api: ModelsApi) -> None:
     mine = models_api.http.get("/v1/models", headers=models_api.acme)
     assert mine.status_code == 200
@@ -114,6 +115,7 @@ def test_a_project_lists_only_its_models(models_api: ModelsApi) -> None:
     assert models_api.http.get("/v1/models").status_code == 401
 
 
+@pytest.mark.slow
 def test_version_details_carry_lineage_metrics_and_aliases(models_api: ModelsApi) -> None:
     name, number = models_api.version.name, models_api.version.version
     versions = models_api.http.get(f"/v1/models/{name}/versions", headers=models_api.acme)
@@ -133,6 +135,7 @@ def test_version_details_carry_lineage_metrics_and_aliases(models_api: ModelsApi
     assert "candidate" in detail["aliases"]
 
 
+@pytest.mark.slow
 def test_weights_download_as_a_state_dict(models_api: ModelsApi) -> None:
     name, number = models_api.version.name, models_api.version.version
     response = models_api.http.get(
@@ -144,6 +147,7 @@ def test_weights_download_as_a_state_dict(models_api: ModelsApi) -> None:
     assert set(state) == set(torch.load(models_api.weights, weights_only=True))
 
 
+@pytest.mark.slow
 def test_users_move_the_champion_alias(models_api: ModelsApi) -> None:
     name, number = models_api.version.name, models_api.version.version
     moved = models_api.http.put(
@@ -166,6 +170,7 @@ def test_users_move_the_champion_alias(models_api: ModelsApi) -> None:
     assert reserved.status_code == 422
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -193,6 +198,7 @@ def test_another_project_gets_404_for_everything(
     )
 
 
+@pytest.mark.slow
 def test_jobs_take_teacher_weights_from_their_own_registry(models_api: ModelsApi) -> None:
     uri = f"models:/{models_api.version.name}@candidate"
     body = {

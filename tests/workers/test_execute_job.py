@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from worker_testkit import an_hour_ago, store_on_clock, tiny_spec
 
 from maskd_core.spec import JobSpec
@@ -53,6 +54,7 @@ def test_a_delivery_for_a_finished_job_does_nothing(
     assert not (tmp_path / "jobs" / job.id).exists()
 
 
+@pytest.mark.slow
 def test_a_method_without_tokens_skips_stage_one_end_to_end(
     job_store: JobStore, database_url: str, tmp_path: Path
 ) -> None:
@@ -79,6 +81,7 @@ def test_a_method_without_tokens_skips_stage_one_end_to_end(
     assert not (tmp_path / "jobs" / job.id / "tokens.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_detection_job_runs_through_the_worker_logs_map_and_registers_its_student(
     job_store: JobStore, database_url: str, tmp_path: Path
 ) -> None:

@@ -102,6 +102,7 @@ def served(embedded_env: dict[str, str], api_key: str, tmp_path: Path) -> Iterat
             process.wait()
 
 
+@pytest.mark.slow
 def test_serve_embedded_runs_a_job_and_stops_its_worker_on_ctrl_c(
     served: Served, api_key: str
 ) -> None:

@@ -42,6 +42,9 @@ from workers.token_reuse import reuse_stage1_tokens, stage1_fingerprint
 
 torch.set_num_threads(1)
 
+# Real jobs trained and tracked end to end, and an MLflow server subprocess.
+pytestmark = pytest.mark.slow
+
 PROJECT = "acme"
 
 

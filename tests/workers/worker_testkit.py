@@ -12,14 +12,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from maskd_cli.service_commands import start_worker_subprocess
 from service.client import MaskdClient
 from service.config import Settings
+from service.db import make_engine, make_sessionmaker
 from service.dispatch import Dispatcher
 from service.store import JobStore
 
@@ -91,6 +94,34 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, poll: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
+
+
+class StoreClock:
+    """A settable clock for ``JobStore(clock=...)``, so leases expire without sleeping."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def an_hour_ago() -> StoreClock:
+    """A store clock an hour behind: leases it hands out are long expired for everyone else."""
+    return StoreClock(datetime.now(UTC) - timedelta(hours=1))
+
+
+@contextmanager
+def store_on_clock(database_url: str, clock: StoreClock) -> Iterator[JobStore]:
+    """A second store on ``database_url`` whose writes are stamped by ``clock``."""
+    engine = make_engine(database_url)
+    try:
+        yield JobStore(make_sessionmaker(engine), clock=clock)
+    finally:
+        engine.dispose()
 
 
 @dataclass
