@@ -45,8 +45,8 @@ from maskd_core.callbacks import (
 from maskd_core.checkpoint import atomic_save
 from maskd_core.comparison import comparison_markdown, comparison_metrics, comparison_table
 from maskd_core.data import DenseDataset, build_dataset
-from maskd_core.data.loader import DatasetSubset, split_dataset, train_batches, val_batches
 from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
+from maskd_core.loader import DatasetSubset, split_dataset, train_batches, val_batches
 from maskd_core.methods import job_needs_tokens
 from maskd_core.models import build_model, model_document
 from maskd_core.plan import JobPlan

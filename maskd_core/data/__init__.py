@@ -1,7 +1,7 @@
 """Datasets by name, the train/val split and deterministic batching.
 
 A dataset builder takes its validated argument model and the job seed and returns a
-``DenseDataset``. Batching is step-indexed (see ``maskd_core.data.loader``): the batch of
+``DenseDataset``. Batching is step-indexed (see ``maskd_core.loader``): the batch of
 global step k depends only on the seed and k, which is what makes a resumed run equal to an
 uninterrupted one.
 """

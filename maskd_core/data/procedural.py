@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
 from maskd_core.data import DATASETS
-from maskd_core.data._seeding import generator_for
 from maskd_core.data.base import DenseDataset
 from maskd_core.data.transforms import (
     ScaleRange,
@@ -27,6 +26,7 @@ from maskd_core.data.transforms import (
     normalize,
     random_scale_crop_flip,
 )
+from maskd_core.seeding import generator_for
 
 SHAPE_KINDS = (
     "disc",

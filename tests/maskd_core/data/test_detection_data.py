@@ -13,8 +13,8 @@ from PIL import Image
 
 from maskd_core.data import DATASETS
 from maskd_core.data.detection_common import DetectionSample, hflip
-from maskd_core.data.loader import train_batches
 from maskd_core.errors import DataError, SpecError
+from maskd_core.loader import train_batches
 from maskd_core.tasks import TASKS
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from maskd_core.data import build_dataset
-from maskd_core.data.loader import split_dataset, train_batches, val_batches
+from maskd_core.loader import split_dataset, train_batches, val_batches
 from maskd_core.models import MODELS
 from maskd_core.runner import run_job, train_teacher
 from maskd_core.spec import JobSpec

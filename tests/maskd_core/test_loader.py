@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from maskd_core.data import DATASETS, DenseDataset
-from maskd_core.data._seeding import SeededPermutation
-from maskd_core.data.loader import split_dataset, train_batches, val_batches
 from maskd_core.errors import SpecError
+from maskd_core.loader import split_dataset, train_batches, val_batches
+from maskd_core.seeding import SeededPermutation
 from maskd_core.tasks import TASKS, Task
 
 Batch = tuple[torch.Tensor, torch.Tensor]

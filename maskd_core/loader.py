@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maskd_core.data._seeding import SeededPermutation, derive_seed
 from maskd_core.data.base import DenseDataset
 from maskd_core.errors import SpecError
+from maskd_core.seeding import SeededPermutation, derive_seed
 from maskd_core.tasks.base import Batch, Task
 
 _SPLIT_STREAM = 0
