@@ -1,0 +1,71 @@
+"""The job store: every read and write of job state goes through ``JobStore``.
+
+The database is the source of truth; Celery only delivers messages, possibly twice. So every
+change a worker makes is a compare-and-set inside one short transaction: the job row is locked
+(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite takes its write lock at ``BEGIN IMMEDIATE``),
+the current state and lease owner are checked against ``service.lifecycle.ALLOWED``, and the
+update plus its ``job_events`` row commit together. A duplicate delivery therefore finds the
+lease taken and backs off instead of starting a second GPU run.
+
+Methods return frozen records, never ORM objects, so no caller holds a session. Times are
+aware UTC datetimes from the store's clock (injectable for tests); hosts running workers and
+the reconciler are expected to keep their clocks in sync (NTP), since leases compare wall time.
+
+Layout: ``JobStore`` is assembled here from one mixin per caller, all sharing the session
+factory, the clock and the transition writer of ``_base``: ``_projects`` (projects and API
+keys), ``_jobs_api`` (the API's submit/read/list/cancel/events), ``_worker`` (claim, heartbeat,
+transition, progress, outputs, release) and ``_reconciler`` (orphans and expired leases). The
+records, errors and cursors they hand out are in ``_records``. Import everything from
+``service.store``; the private modules are not an interface.
+"""
+
+from __future__ import annotations
+
+from service.store._jobs_api import JobsApiMixin
+from service.store._projects import ProjectsMixin
+from service.store._reconciler import ReconcilerMixin
+from service.store._records import (
+    EVENT_INFO,
+    EVENT_TRANSITION,
+    EventRecord,
+    HeartbeatResult,
+    IdempotencyConflict,
+    InvalidCursor,
+    JobAlreadyFinished,
+    JobNotFound,
+    JobRecord,
+    ProjectRecord,
+    StoreError,
+    decode_cursor,
+    encode_cursor,
+    spec_fingerprint,
+    utcnow,
+)
+from service.store._worker import WorkerMixin
+
+__all__ = [
+    "EVENT_INFO",
+    "EVENT_TRANSITION",
+    "EventRecord",
+    "HeartbeatResult",
+    "IdempotencyConflict",
+    "InvalidCursor",
+    "JobAlreadyFinished",
+    "JobNotFound",
+    "JobRecord",
+    "JobStore",
+    "ProjectRecord",
+    "StoreError",
+    "decode_cursor",
+    "encode_cursor",
+    "spec_fingerprint",
+    "utcnow",
+]
+
+
+class JobStore(ProjectsMixin, JobsApiMixin, WorkerMixin, ReconcilerMixin):
+    """Jobs, their events, projects and API keys over one SQLAlchemy ``sessionmaker``.
+
+    Every public method is one short transaction, safe to call from many threads and processes.
+    Construct it as ``JobStore(sessions, clock=utcnow)``.
+    """

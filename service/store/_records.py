@@ -1,0 +1,200 @@
+"""What the store hands out and raises: frozen records, errors, cursors and ORM-to-record helpers.
+
+Kept apart from the queries so every part of ``JobStore`` (and every caller) shares one
+definition of a job, an event and a project snapshot, and so that no ORM object leaves the
+store: the ``*_record`` helpers copy a row into a frozen dataclass while its session is open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from maskd_core.spec import JobSpec
+from service.lifecycle import TERMINAL, FailureKind, JobState
+from service.models import Job, JobEvent, Project
+
+EVENT_TRANSITION = "transition"
+EVENT_INFO = "info"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StoreError(Exception):
+    """Base class of the store's refusals; each message says what to do instead."""
+
+
+class JobNotFound(StoreError):  # noqa: N818 - reads as the condition it reports
+    """No such job in this project (other projects' jobs are deliberately indistinguishable)."""
+
+
+class IdempotencyConflict(StoreError):  # noqa: N818 - named as the API reports it
+    """An ``Idempotency-Key`` was reused with a different job spec."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for job {job_id} with a different "
+            "spec; resend the original spec to get that job back, or use a new key for a "
+            "new job"
+        )
+        self.key = key
+        self.job_id = job_id
+
+
+class JobAlreadyFinished(StoreError):  # noqa: N818 - reads as the condition it reports
+    """The job is terminal (SUCCEEDED, CANCELLED or FAILED), so there is nothing to cancel."""
+
+    def __init__(self, job_id: str, state: JobState) -> None:
+        super().__init__(f"job {job_id} already finished ({state}); there is nothing to cancel")
+        self.job_id = job_id
+        self.state = state
+
+
+class InvalidCursor(StoreError, ValueError):  # noqa: N818 - reads as the condition it reports
+    """A list cursor that this store did not produce."""
+
+
+@dataclass(frozen=True)
+class ProjectRecord:
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One history line: ``kind`` is "transition" (from_state/to_state set) or "info"."""
+
+    id: int
+    job_id: str
+    kind: str
+    from_state: JobState | None
+    to_state: JobState | None
+    message: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A snapshot of one job.
+
+    ``progress`` is ``{stage: {"step": int, "total": int}}``; ``metrics`` holds the latest value
+    of each metric; ``transitions`` (state changes, oldest first) is filled by ``get_job`` and
+    ``get_job_unscoped`` and left empty by ``list_jobs``.
+    """
+
+    id: str
+    project_id: str
+    name: str
+    spec: JobSpec
+    state: JobState
+    stage: str | None
+    progress: dict[str, dict[str, int]]
+    metrics: dict[str, float]
+    outputs: dict[str, Any]
+    failure_kind: FailureKind | None
+    message: str | None
+    attempt: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    dispatched_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    transitions: tuple[EventRecord, ...] = field(default=())
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """``lease_held`` False means stop at once (the job was re-queued or given to another
+    worker); ``cancel_requested`` means checkpoint, stop, and move the job to CANCELLED."""
+
+    lease_held: bool
+    cancel_requested: bool
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    """A hash of the normalised spec: bodies differing only in spelled-out defaults match."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id]).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        when = datetime.fromisoformat(created_at)
+    except (binascii.Error, ValueError, TypeError) as error:
+        raise InvalidCursor(
+            "cursor is not valid: pass the next_cursor of the previous page unchanged, or "
+            "leave it out to start from the newest job"
+        ) from error
+    if when.tzinfo is None or not isinstance(job_id, str):
+        raise InvalidCursor("cursor is not valid: pass the next_cursor of the previous page")
+    return when, job_id
+
+
+def lease_live(job: Job, now: datetime) -> bool:
+    return (
+        job.lease_owner is not None
+        and job.lease_expires_at is not None
+        and job.lease_expires_at > now
+    )
+
+
+def project_record(project: Project) -> ProjectRecord:
+    return ProjectRecord(id=project.id, name=project.name, created_at=project.created_at)
+
+
+def event_record(event: JobEvent) -> EventRecord:
+    return EventRecord(
+        id=event.id,
+        job_id=event.job_id,
+        kind=event.kind,
+        from_state=None if event.from_state is None else JobState(event.from_state),
+        to_state=None if event.to_state is None else JobState(event.to_state),
+        message=event.message,
+        created_at=event.created_at,
+    )
+
+
+def job_record(job: Job, transitions: tuple[EventRecord, ...]) -> JobRecord:
+    return JobRecord(
+        id=job.id,
+        project_id=job.project_id,
+        name=job.name,
+        spec=JobSpec.model_validate(job.spec),
+        state=JobState(job.state),
+        stage=job.stage,
+        progress={stage: dict(values) for stage, values in job.progress.items()},
+        metrics=dict(job.metrics),
+        outputs=dict(job.outputs),
+        failure_kind=None if job.failure_kind is None else FailureKind(job.failure_kind),
+        message=job.message,
+        attempt=job.attempt,
+        lease_owner=job.lease_owner,
+        lease_expires_at=job.lease_expires_at,
+        dispatched_at=job.dispatched_at,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        transitions=transitions,
+    )
