@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; reinstalls when pyproject.toml changes.
 STAMP := $(VENV)/.maskd-installed
 
-.PHONY: venv demo test test-fast lint
+.PHONY: venv demo test test-fast lint wheel-check
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip>=24" "setuptools>=77"
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[service,detection,dev]"
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[worker,dev]"
 	touch $(STAMP)
 
 demo: venv
@@ -34,3 +34,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The built wheel in fresh environments, away from the source tree: the bare client without
+# torch, then `maskd[worker]` migrating, serving and running the demo (minutes: it installs torch).
+wheel-check:
+	.ci/wheel-check

@@ -26,9 +26,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "torchvision", "numpy", "PIL", "tqdm"), "core"),
+    **dict.fromkeys(
+        (
+            "fastapi",
+            "uvicorn",
+            "pydantic_settings",
+            "sqlalchemy",
+            "alembic",
+            "psycopg",
+            "celery",
+            "kombu",
+            "redis",
+            "mlflow",
+        ),
+        "service",
+    ),
+    "pycocotools": "detection",
+}
+"""The extra that brings each third-party package a command may need: the bare package is the
+API client and ``maskd jobs`` only."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"maskd {args.command}: this installation lacks {error.name!r}; install the role "
+            f"that brings it: pip install 'maskd[{extra}]' (or 'maskd[worker]' for everything)",
+            file=sys.stderr,
+        )
+        return 2
     return result
 
 
