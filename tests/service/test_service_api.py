@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from service_testkit import Api, FakeClock, make_spec, open_api, spec_body
+from service_testkit import Api, FakeClock, LiveEventStream, make_spec, open_api, spec_body
 
 from service.client import ApiError, MaskdClient
 from service.config import Settings
@@ -312,25 +310,33 @@ def test_bad_list_parameters_are_422(api: Api, params: dict[str, Any], field: st
 # ------------------------------------------------------------------------ events
 
 
-def drive_to_success(store: JobStore, job_id: str, pause: float) -> None:
-    """What a worker writes, slowly enough for a stream to see the steps."""
+def drive_to_success(
+    store: JobStore, job_id: str, after_each_write: Callable[[], None] = lambda: None
+) -> None:
+    """What a worker writes for a successful run. ``after_each_write`` runs after every
+    write: a stream test waits there until the write has reached its client."""
     store.claim(job_id, "w1", 60)
+    after_each_write()
     for state in (JobState.STAGE1, JobState.STAGE2):
-        time.sleep(pause)
         store.transition(job_id, state, worker_id="w1")
+        after_each_write()
         stage = state.value.lower()
         store.add_event(job_id, f"{stage} started at step 0 of 2")
+        after_each_write()
         for step in (1, 2):
-            time.sleep(pause)
             store.record_progress(job_id, "w1", stage, step, 2, {"loss": 1.0 / step})
+            after_each_write()
     store.transition(job_id, JobState.REGISTERING, worker_id="w1")
+    after_each_write()
     store.record_outputs(job_id, {"student": "jobs/x/student.pt"})
+    after_each_write()
     store.transition(job_id, JobState.SUCCEEDED, worker_id="w1", message="done")
+    after_each_write()
 
 
 def test_events_history_and_after(api: Api) -> None:
     job, _ = api.store.create_job(api.project.id, make_spec())
-    drive_to_success(api.store, job.id, pause=0)
+    drive_to_success(api.store, job.id)
     events = api.http.get(f"/v1/jobs/{job.id}/events", headers=api.headers()).json()["data"]
     kinds = [(e["kind"], e["to_state"]) for e in events]
     assert kinds[0] == ("transition", "QUEUED") and kinds[-1] == ("transition", "SUCCEEDED")
@@ -355,19 +361,15 @@ def test_events_history_and_after(api: Api) -> None:
     assert all(t["at"] for t in detail["transitions"])
 
 
-def read_stream(api: Api, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    client = MaskdClient(api.http, api.key)
-    yield from client.stream_events(job_id)
-
-
 def test_event_stream_follows_a_job_to_the_end(api: Api) -> None:
+    """Every write reaches the client before the next one is made, so the events arrive
+    while the job is still running: a server that sent the stream only once the job ended
+    fails the first ``catch_up`` (the job is QUEUED then) rather than passing at the end."""
     job, _ = api.store.create_job(api.project.id, make_spec())
-    worker = threading.Thread(target=drive_to_success, args=(api.store, job.id, 0.15))
-    worker.start()
-    try:
-        received = list(read_stream(api, job.id))
-    finally:
-        worker.join()
+    with LiveEventStream(api, job.id) as stream:
+        stream.catch_up()
+        drive_to_success(api.store, job.id, after_each_write=stream.catch_up)
+        received = stream.read_to_end()
     names = [name for name, _ in received]
     assert names[-1] == "end" and received[-1][1]["state"] == "SUCCEEDED"
     states = [data["to_state"] for name, data in received if name == "transition"]
@@ -416,6 +418,7 @@ def test_readiness_reports_an_outdated_schema(api: Api) -> None:
     assert response.json()["checks"]["broker"] == "ok"
 
 
+@pytest.mark.slow
 def test_readiness_reports_an_unreachable_broker(
     service_settings: Settings, job_store: JobStore
 ) -> None:
