@@ -40,6 +40,7 @@ EXTRA_OF_MODULE = {
             "kombu",
             "redis",
             "mlflow",
+            "prometheus_client",
         ),
         "service",
     ),

@@ -99,6 +99,8 @@ def demo_environment(root: Path) -> dict[str, str]:
         "MASKD_BROKER_URL": "filesystem://",
         "MASKD_MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # The worker's log (worker.log) stays readable; the service commands default to JSON.
+        "MASKD_LOG_FORMAT": os.environ.get("MASKD_LOG_FORMAT", "text"),
         # Tiny models on a few cores: extra threads oversubscribe and slow them down a lot.
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }

@@ -3,14 +3,16 @@
 Each command imports the service, Celery and uvicorn inside its function, so ``maskd --help``
 stays instant and ``maskd run`` never loads the service stack. ``serve --embedded`` is the whole
 stack in one command (API, reconciler and a worker subprocess on SQLite and the filesystem
-broker); in production each piece runs on its own (``serve``, ``worker`` per GPU).
+broker); in production each piece runs on its own (``serve``, ``worker`` per GPU). ``serve``,
+``worker`` and ``reconcile`` log through ``service.logs.configure_logging`` (JSON lines by
+default, ``MASKD_LOG_FORMAT=text`` for readable ones).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maskd_cli.processes import (
     open_store,
@@ -18,6 +20,9 @@ from maskd_cli.processes import (
     stop_worker_subprocess,
     worker_argv,
 )
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,12 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument("--host", help="address to bind (default: MASKD_API_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default: MASKD_API_PORT)")
+    serve.add_argument(
+        "--no-reconciler",
+        action="store_true",
+        help="run no reconciler thread beside the API, for deployments that run `maskd "
+        "reconcile` as its own service",
+    )
     serve.set_defaults(func=_serve)
 
     worker = subparsers.add_parser("worker", help="run a Celery worker that trains jobs")
@@ -70,10 +81,10 @@ def register(subparsers: Any) -> None:
     demo.set_defaults(func=_demo)
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _configure_logging(settings: Settings) -> None:
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,25 +95,30 @@ def _serve(args: argparse.Namespace) -> int:
     from service.dispatch import Dispatcher, make_celery_app
     from workers.reconciler import start_reconciler_thread
 
-    _configure_logging()
     settings = get_settings()
+    _configure_logging(settings)
     if args.embedded:
         upgrade_to_head(settings.database_url)
     engine, store = open_store(settings)
     worker = start_worker_subprocess() if args.embedded else None
     if worker is not None:
         logger.info("started a Celery worker subprocess, pid %d", worker.pid)
-    dispatcher = Dispatcher(make_celery_app(settings, name="maskd-reconciler"), store)
-    _thread, stop_reconciler = start_reconciler_thread(store, dispatcher, settings)
+    stop_reconciler = None
+    if not args.no_reconciler:
+        dispatcher = Dispatcher(make_celery_app(settings, name="maskd-reconciler"), store)
+        _thread, stop_reconciler = start_reconciler_thread(store, dispatcher, settings)
     try:
         uvicorn.run(
             "service.main:create_app",
             factory=True,
             host=args.host or settings.api_host,
             port=args.port or settings.api_port,
+            # uvicorn's loggers (access lines included) go to the root handler set up above.
+            log_config=None,
         )
     finally:
-        stop_reconciler.set()
+        if stop_reconciler is not None:
+            stop_reconciler.set()
         if worker is not None:
             stop_worker_subprocess(worker)
         engine.dispose()
@@ -110,6 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+
+    # The worker configures it again from Celery's setup_logging signal (workers.observability),
+    # which also covers workers started as `celery -A workers.app worker`.
+    _configure_logging(get_settings())
     from workers.app import app
 
     app.worker_main(argv=worker_argv(args.concurrency, args.queues))
@@ -123,8 +144,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     from service.dispatch import Dispatcher, make_celery_app
     from workers.reconciler import reconcile_once, run_reconciler
 
-    _configure_logging()
     settings = get_settings()
+    _configure_logging(settings)
     engine, store = open_store(settings)
     dispatcher = Dispatcher(make_celery_app(settings, name="maskd-reconciler"), store)
     try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from maskd_core.workdir import WorkDir
@@ -110,6 +110,57 @@ class Settings(BaseSettings):
         description="How often an event stream (/v1/jobs/{id}/events/stream) polls the "
         "database for new events and progress.",
     )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="How `maskd serve`, `maskd worker` and `maskd reconcile` write their log "
+        "lines (to stderr): 'json', one object per line with time, level, logger, message "
+        "and, while a job is being handled, job_id, attempt and stage; or 'text', the same "
+        "fields as a readable line (what `maskd demo` uses).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO",
+        description="The least severe log records the service processes write.",
+    )
+    worker_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        lt=65536,
+        description="Port of the Prometheus endpoint a worker's parent process serves "
+        "(`GET /metrics`), summing the counters of all its prefork children; 0 (the "
+        "default) serves none. Give each worker on a host its own port.",
+    )
+    worker_metrics_host: str = Field(
+        default="0.0.0.0",
+        description="Address the worker's Prometheus endpoint binds to (when "
+        "worker_metrics_port is set). Keep the port on the internal network.",
+    )
+    worker_heartbeat_file: Path | None = Field(
+        default=None,
+        description="A file the worker's parent touches at every Celery heartbeat (about every "
+        "2 s while it is connected to the broker), for a liveness check that catches a hung "
+        "worker: `maskd-healthcheck heartbeat FILE --max-age 60` in the worker image. Unset "
+        "(the default): none.",
+    )
+    worker_torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads of each job a worker runs, set in the prefork "
+        "child before training. Unset (the default): OMP_NUM_THREADS when the environment "
+        "sets it, else the CPUs this worker may use (its CPU affinity) divided by its "
+        "concurrency, at least 1, so concurrent jobs do not oversubscribe the cores. On a "
+        "host busy with other work, fewer threads are faster: set it lower.",
+    )
+    mlflow_check_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long /readyz waits for the MLflow tracking store (an HTTP server's "
+        "/health, or its database) before reporting it unavailable.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Self:

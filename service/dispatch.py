@@ -31,6 +31,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     and a fresh process per job to release the CUDA context. Results live in the SQL store, so
     Celery keeps none.
 
+    Task events are on, on both sides (``task-sent`` from the API, ``task-received/started/
+    succeeded/failed`` and heartbeats from the workers), so Flower or ``celery events`` show
+    the jobs. They cost nothing stored: Redis carries them by publish/subscribe, and the
+    filesystem broker drops them unless a monitor has bound a queue.
+
     For the embedded broker (``filesystem://``) the message folders under
     ``settings.broker_dir`` are created here, because kombu expects them to exist.
     """
@@ -61,6 +66,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": dict(transport_options),
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,

@@ -20,9 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.routes import api_router
 from service.api.routes.health import router as health_router
+from service.api.routes.metrics import router as metrics_router
 from service.config import Settings, get_settings
 from service.db import check_schema_current, make_engine, make_sessionmaker
 from service.dispatch import Dispatcher, make_celery_app
+from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.store import JobStore
 
 INVALID_REQUEST_HINT = (
@@ -33,6 +35,7 @@ INVALID_REQUEST_HINT = (
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for ``settings`` (default: from ``MASKD_*`` environment variables)."""
     settings = settings or get_settings()
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,9 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine = engine
             app.state.store = store
             app.state.dispatcher = Dispatcher(celery_app, store)
+            metrics.watch_database(engine)
             try:
                 yield
             finally:
+                metrics.forget_database()
                 celery_app.close()
         finally:
             engine.dispose()
@@ -58,7 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(api_router)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,5 +1,6 @@
-"""The ORM tables of the job database. Only ``service.store`` uses them; nothing else sees ORM
-objects, so sessions never leak into the API or the workers.
+"""The ORM tables of the job database. Only ``service.store`` uses them (and ``service.metrics``,
+for read-only counts at scrape time); nothing else sees ORM objects, so sessions never leak
+into the API or the workers.
 
 Column types are chosen to behave the same on SQLite and PostgreSQL: times go through
 ``UTCDateTime`` (SQLite has no time zones), ids are UUID strings, and free-form job data

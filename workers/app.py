@@ -11,6 +11,9 @@ job gets three chances to end on time, from gentlest to hardest:
    in case the loop stopped polling (stuck in an evaluation, say);
 3. at ``job_time_limit_seconds`` Celery kills the process.
 
+Its logs, its Prometheus endpoint and torch's thread count are set up through Celery's signals
+(``workers.observability``), so they apply however the worker was started.
+
 This module must stay free of torch: the prefork parent imports it before forking children.
 """
 
@@ -20,6 +23,7 @@ from celery import Celery
 
 from service.config import Settings, get_settings
 from service.dispatch import celery_config
+from workers import observability
 
 
 def backstop_soft_time_limit(settings: Settings) -> int:
@@ -32,3 +36,4 @@ settings = get_settings()
 app = Celery("maskd", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
 app.conf.update(task_soft_time_limit=backstop_soft_time_limit(settings))
+observability.install(app)

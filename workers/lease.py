@@ -14,6 +14,7 @@ once per step always leaves one. Celery's limits stay as the backstop (see ``wor
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -68,7 +69,14 @@ class LeaseKeeper:
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._stop_reason: StopReason | None = None
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # Run in a copy of the creator's context, so the heartbeat's log lines name the job
+        # (service.logs.job_log_context) like the training loop's.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._run,),
+            name=f"lease-{job_id}",
+            daemon=True,
+        )
 
     @property
     def stop_reason(self) -> StopReason | None:

@@ -5,6 +5,7 @@ message vanishes before any worker took it (Redis restarted without persistence,
 message read by a worker killed before claiming). The database still knows both, so a periodic
 pass over it re-dispatches them. It is safe to run in several processes and next to live
 workers: every worker claims a job by compare-and-set, so a superfluous message is dropped.
+What it logs about a job carries the job's id, attempt and stage (``service.logs``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from service.config import Settings
 from service.dispatch import Dispatcher
 from service.lifecycle import JobState
+from service.logs import job_log_context
 from service.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -37,22 +39,25 @@ def reconcile_once(
 ) -> ReconcileReport:
     report = ReconcileReport()
     for job_id in store.find_orphans(now or datetime.now(UTC), settings.redispatch_after_seconds):
-        try:
-            job = store.get_job_unscoped(job_id)
-            if job is None:
-                continue
-            if job.state != JobState.QUEUED:
-                # Lease expired: QUEUED again (resumes from its checkpoint), or a job lost
-                # while cancelling, which becomes CANCELLED and needs no message.
-                if not store.requeue_expired(job_id):
+        with job_log_context(job_id) as log_context:
+            try:
+                job = store.get_job_unscoped(job_id)
+                if job is None:
                     continue
-                report.requeued.append(job_id)
-            dispatcher.send_job(job_id)
-        except Exception:
-            # One broken job (or a broker blip) must not stop the others from recovering.
-            logger.exception("reconciler: could not re-dispatch job %s", job_id)
-            continue
-        report.redispatched.append(job_id)
+                log_context.attempt, log_context.stage = job.attempt, job.stage
+                if job.state != JobState.QUEUED:
+                    # Lease expired: QUEUED again (resumes from its checkpoint), or a job lost
+                    # while cancelling, which becomes CANCELLED and needs no message.
+                    if not store.requeue_expired(job_id):
+                        continue
+                    report.requeued.append(job_id)
+                    logger.info("reconciler: job %s lost its worker; re-queued", job_id)
+                dispatcher.send_job(job_id)
+            except Exception:
+                # One broken job (or a broker blip) must not stop the others from recovering.
+                logger.exception("reconciler: could not re-dispatch job %s", job_id)
+                continue
+            report.redispatched.append(job_id)
     if report.redispatched:
         logger.info(
             "reconciler: re-queued %s, re-dispatched %s", report.requeued, report.redispatched

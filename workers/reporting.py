@@ -4,7 +4,8 @@ The core library knows nothing of databases; this is the bridge. Stage starts be
 transitions and events (an event says whether a stage started afresh or resumed from a
 checkpoint, which is what users and tests read to tell a resume from a restart), steps become
 progress rows throttled to about one write a second so SQL never slows the training loop, and
-evaluations become metrics. ``should_stop`` answers from the lease keeper, so a cancel or a lost
+evaluations become metrics. The stage that starts becomes the ``stage`` of the job's log lines
+(``service.logs``). ``should_stop`` answers from the lease keeper, so a cancel or a lost
 lease reaches the loop within one step without the loop touching SQL.
 
 Progress and notes are best effort: a database hiccup must not fail hours of training (the lease
@@ -23,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from maskd_core.callbacks import Callback, Stage
 from maskd_core.spec import JobSpec
 from service.lifecycle import JobState, can_transition
+from service.logs import set_job_stage
 from service.store import JobStore
 from workers.lease import LeaseKeeper
 
@@ -70,6 +72,7 @@ class StoreReporter(Callback):
         self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
     ) -> None:
         self._totals[str(stage)] = total_steps
+        set_job_stage(str(stage))
         # A comparison's runs ("stage2/mgd/seed1") all belong to STAGE2; progress stays keyed
         # by the full name, so each run has its own row.
         target = _STAGE_STATES.get(stage.kind)

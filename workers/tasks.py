@@ -7,7 +7,9 @@ heartbeat, resumes from the checkpoints in the job's work directory, and records
 attempt ended (``workers.outcomes``). A delivery that loses the claim does nothing.
 
 torch, the core runner and MLflow are imported inside ``_run_claimed``, i.e. in the prefork
-child that runs the job, never in the worker's parent.
+child that runs the job, never in the worker's parent; so is ``workers.metrics`` (see there).
+Every log line of an attempt carries the job id, the attempt and the stage
+(``service.logs.job_log_context``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from celery import Task
 from service.config import Settings, get_settings
 from service.db import make_engine, make_sessionmaker
 from service.lifecycle import FailureKind, JobState, can_transition
+from service.logs import job_log_context, set_job_stage
 from service.store import JobRecord, JobStore
 from workers.app import app
 from workers.lease import LeaseKeeper
+from workers.observability import apply_torch_threads
 from workers.outcomes import (
     LEASE_LOST,
     MAX_ATTEMPTS,
@@ -58,16 +62,35 @@ def run_job(self: Task, job_id: str) -> str:
 
 
 def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: str) -> str:
-    worker_id = new_worker_id()
-    record = store.claim(job_id, worker_id, settings.lease_seconds)
-    if record is None:
-        logger.info(
-            "job %s: not claimed by delivery %s (finished, cancelled or leased elsewhere)",
-            job_id,
-            delivery,
-        )
-        return SKIPPED
-    logger.info("job %s: claimed by %s (attempt %s)", job_id, worker_id, record.attempt)
+    # In the child, like torch: see workers.metrics.
+    from workers import metrics
+
+    with job_log_context(job_id) as log_context:
+        worker_id = new_worker_id()
+        record = store.claim(job_id, worker_id, settings.lease_seconds)
+        if record is None:
+            logger.info(
+                "job %s: not claimed by delivery %s (finished, cancelled or leased elsewhere)",
+                job_id,
+                delivery,
+            )
+            metrics.DELIVERIES_SKIPPED.inc()
+            return SKIPPED
+        log_context.attempt = record.attempt
+        log_context.stage = record.stage
+        logger.info("job %s: claimed by %s (attempt %s)", job_id, worker_id, record.attempt)
+        metrics.JOBS_STARTED.inc()
+        outcome = "error"
+        try:
+            outcome = _attempt(store, settings, record, worker_id)
+            return outcome
+        finally:
+            metrics.JOBS_FINISHED.labels(outcome.lower()).inc()
+
+
+def _attempt(store: JobStore, settings: Settings, record: JobRecord, worker_id: str) -> str:
+    """One claimed attempt, from the attempt limit to the lease's release."""
+    job_id = record.id
     end = AttemptEnd(store, settings, job_id, worker_id)
     if record.attempt > MAX_ATTEMPTS:
         return end.fail(FailureKind.INFRASTRUCTURE, attempts_exhausted_message(record.attempt))
@@ -95,9 +118,11 @@ def _run_claimed(
     """Runs the job from where its work directory says it stopped, then registers it."""
     # Imported here, in the child process: see the module docstring.
     from maskd_core.runner import first_stage, run_job
+    from workers.metrics import StepMetrics
     from workers.publishing import publish
     from workers.tracking import tracked_attempt
 
+    apply_torch_threads()
     job_id, state = record.id, record.state
     workdir = settings.job_workdir(job_id).create()
     start = JobState(first_stage(record.spec, workdir).upper())
@@ -106,14 +131,16 @@ def _run_claimed(
             logger.warning("job %s: could not start %s, leaving it", job_id, start)
             return SKIPPED
         state = start
+    set_job_stage(state.value.lower())
     reporter = StoreReporter(store, job_id, worker_id, lease, state=state)
     with tracked_attempt(store, settings, job_id, record.project_id, record.spec, workdir) as (
         tracker,
         resolved,
     ):
-        result = run_job(resolved, workdir.root, callbacks=[reporter, tracker])
+        result = run_job(resolved, workdir.root, callbacks=[reporter, tracker, StepMetrics()])
         if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
             return LEASE_LOST
+        set_job_stage("registering")
         store.record_outputs(job_id, publish(result, tracker, settings.mlflow_tracking_uri))
     outputs: dict[str, Any] = {
         "files": {name: str(path) for name, path in result.files.items()},

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.metrics import ApiMetrics
 from service.store import JobStore, ProjectRecord
 
 GET_A_KEY = (
@@ -48,10 +49,16 @@ def _dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+def _metrics(request: Request) -> ApiMetrics:
+    metrics: ApiMetrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
+MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
 
 
 def _current_project(

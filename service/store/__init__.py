@@ -25,6 +25,7 @@ from service.store._jobs_api import JobsApiMixin
 from service.store._projects import ProjectsMixin
 from service.store._reconciler import ReconcilerMixin
 from service.store._records import (
+    CLAIM_EVENT_PREFIX,
     EVENT_INFO,
     EVENT_TRANSITION,
     EventRecord,
@@ -44,6 +45,7 @@ from service.store._records import (
 from service.store._worker import WorkerMixin
 
 __all__ = [
+    "CLAIM_EVENT_PREFIX",
     "EVENT_INFO",
     "EVENT_TRANSITION",
     "EventRecord",

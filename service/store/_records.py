@@ -21,6 +21,8 @@ from service.models import Job, JobEvent, Project
 
 EVENT_TRANSITION = "transition"
 EVENT_INFO = "info"
+CLAIM_EVENT_PREFIX = "claimed by worker "
+"""How a claim's event begins; ``service.metrics`` finds claims (claim latency) by it."""
 
 
 def utcnow() -> datetime:

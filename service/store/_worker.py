@@ -13,6 +13,7 @@ from service.lifecycle import RUNNING, TERMINAL, FailureKind, JobState, can_tran
 from service.models import Job
 from service.store._base import StoreBase
 from service.store._records import (
+    CLAIM_EVENT_PREFIX,
     EVENT_INFO,
     EventRecord,
     HeartbeatResult,
@@ -57,7 +58,7 @@ class WorkerMixin(StoreBase):
             job.attempt += 1
             job.updated_at = now
             self._add_event(
-                session, job.id, f"claimed by worker {worker_id}, attempt {job.attempt}", at=now
+                session, job.id, f"{CLAIM_EVENT_PREFIX}{worker_id}, attempt {job.attempt}", at=now
             )
             return self._record_with_transitions(session, job)
 

@@ -406,7 +406,7 @@ def test_health_and_readiness_need_no_key(api: Api) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "schema": "ok", "broker": "ok"},
+        "checks": {"database": "ok", "schema": "ok", "broker": "ok", "mlflow": "ok"},
     }
 
 

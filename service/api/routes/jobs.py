@@ -15,19 +15,21 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError as BrokerError
 
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
-from service.api.deps import CurrentProject, DispatcherDep, SettingsDep, StoreDep
+from service.api.deps import CurrentProject, DispatcherDep, MetricsDep, SettingsDep, StoreDep
 from service.api.schemas import EventOut, EventPage, JobOut, JobPage
 from service.config import Settings
 from service.inputs import check_input_paths
 from service.lifecycle import JobState
-from service.model_uris import resolve_registry_weights
+from service.logs import bind_job
+from service.metrics import ApiMetrics, RegistryOutcome
+from service.model_uris import MODELS_SCHEME, resolve_registry_weights
 from service.store import (
     IdempotencyConflict,
     InvalidCursor,
@@ -39,7 +41,19 @@ from service.store import (
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+async def _job_in_logs(request: Request) -> None:
+    """Every log line of a request on ``/jobs/{job_id}…`` carries the job id.
+
+    An async dependency runs in the request's own context, which the handler's thread (and
+    the server's access log line) inherit.
+    """
+    job_id = request.path_params.get("job_id")
+    if job_id:
+        bind_job(str(job_id))
+
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(_job_in_logs)])
 
 KEEPALIVE_SECONDS = 15.0
 _ERROR = {"description": "What is wrong and how to fix it.", "content": {"application/json": {}}}
@@ -52,14 +66,17 @@ def job_not_found(job_id: str) -> HTTPException:
     )
 
 
-def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
+def validate_spec(
+    spec: JobSpec, project: str, settings: Settings, metrics: ApiMetrics | None = None
+) -> None:
     """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
 
     Local paths are checked against the input policy first, before anything opens them.
 
     ``models:/`` weights are checked against the project's registry and validated as the
     downloaded files; the stored spec keeps the URIs (the worker resolves them again, as an
-    alias may move before the job runs).
+    alias may move before the job runs). With ``metrics``, that lookup is counted as the
+    registry operation ``resolve_weights``.
 
     Imported here rather than at module level because it pulls in torch, which the API should
     only load once a job is actually submitted.
@@ -68,16 +85,37 @@ def validate_spec(spec: JobSpec, project: str, settings: Settings) -> None:
 
     try:
         check_input_paths(spec, project, settings)
-        validate_job(
-            resolve_registry_weights(
-                spec, project, settings.mlflow_tracking_uri, settings.model_cache_dir
-            )
-        )
+        validate_job(_resolved_weights(spec, project, settings, metrics))
     except SpecError as error:
         loc = ["body", *error.field.split(".")] if error.field else ["body"]
         raise RequestValidationError(
             [{"loc": loc, "msg": str(error), "type": "spec_error"}]
         ) from error
+
+
+def _resolved_weights(
+    spec: JobSpec, project: str, settings: Settings, metrics: ApiMetrics | None
+) -> JobSpec:
+    """``spec`` with its ``models:/`` weights as local files (see ``validate_spec``)."""
+
+    def resolve() -> JobSpec:
+        return resolve_registry_weights(
+            spec, project, settings.mlflow_tracking_uri, settings.model_cache_dir
+        )
+
+    weights = (spec.teacher.weights or "", spec.student.weights or "")
+    if metrics is None or not any(w.startswith(MODELS_SCHEME) for w in weights):
+        return resolve()
+    outcome: RegistryOutcome = "error"
+    try:
+        resolved = resolve()
+        outcome = "ok"
+    except SpecError:
+        outcome = "invalid"
+        raise
+    finally:
+        metrics.count_registry_operation("resolve_weights", outcome)
+    return resolved
 
 
 @router.post(
@@ -95,6 +133,7 @@ def submit_job(
     store: StoreDep,
     dispatcher: DispatcherDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -110,11 +149,12 @@ def submit_job(
     Nothing is stored when validation fails. If the broker is unreachable the job is still
     accepted: it stays QUEUED and the reconciler sends it once the broker is back.
     """
-    validate_spec(spec, project.name, settings)
+    validate_spec(spec, project.name, settings, metrics)
     try:
         job, created = store.create_job(project.id, spec, idempotency_key)
     except IdempotencyConflict as error:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
+    bind_job(job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobOut.from_record(job)
@@ -188,6 +228,7 @@ def cancel_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
         raise job_not_found(job_id) from error
     except JobAlreadyFinished as error:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
+    logger.info("job %s: cancel requested by project %s, now %s", job_id, project.name, job.state)
     return JobOut.from_record(job)
 
 

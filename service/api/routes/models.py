@@ -2,13 +2,15 @@
 
 Registration happens in the workers; these routes only read and move aliases (users promote a
 version by pointing ``champion`` at it). A model of another project answers 404 like a missing
-one. MLflow's client blocks on SQL or HTTP, so every call runs in the thread pool.
+one. MLflow's client blocks on SQL or HTTP, so every call runs in the thread pool, counted in
+``maskd_registry_operations_total`` under the ``ModelRegistry`` method's name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Body, HTTPException, status
 from fastapi.responses import FileResponse
@@ -18,11 +20,15 @@ from starlette.concurrency import run_in_threadpool
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-from service.api.deps import CurrentProject, SettingsDep
+from service.api.deps import CurrentProject, MetricsDep, SettingsDep
 from service.api.schemas import ModelVersionOut, RegisteredModelOut
+from service.metrics import ApiMetrics, RegistryOutcome
 from service.model_registry import InvalidAliasError, ModelNotFoundError, ModelRegistry
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 VersionPath = Annotated[
     str, Field(description="A version number, or an alias written '@champion'.")
@@ -49,22 +55,45 @@ def _registry(tracking_uri: str) -> ModelRegistry:
     return ModelRegistry(tracking_uri)
 
 
+async def _call(
+    metrics: ApiMetrics, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """A registry method in the thread pool, counted by its name and outcome."""
+    outcome: RegistryOutcome = "error"
+    try:
+        result = await run_in_threadpool(method, *args, **kwargs)
+        outcome = "ok"
+    except ModelNotFoundError:
+        outcome = "not_found"
+        raise
+    except InvalidAliasError:
+        outcome = "invalid"
+        raise
+    finally:
+        metrics.count_registry_operation(getattr(method, "__name__", "unknown"), outcome)
+    return result
+
+
 def _not_found(error: ModelNotFoundError) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=str(error))
 
 
 @router.get("", response_model=ModelList, summary="Registered models of the caller's project")
-async def list_models(project: CurrentProject, settings: SettingsDep) -> ModelList:
+async def list_models(
+    project: CurrentProject, settings: SettingsDep, metrics: MetricsDep
+) -> ModelList:
     registry = _registry(settings.mlflow_tracking_uri)
-    models = await run_in_threadpool(registry.list_models, project.name)
+    models = await _call(metrics, registry.list_models, project.name)
     return ModelList(data=[RegisteredModelOut.from_entity(m) for m in models], count=len(models))
 
 
 @router.get("/{name}/versions", response_model=VersionList, summary="Versions, newest first")
-async def list_versions(name: str, project: CurrentProject, settings: SettingsDep) -> VersionList:
+async def list_versions(
+    name: str, project: CurrentProject, settings: SettingsDep, metrics: MetricsDep
+) -> VersionList:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        versions = await run_in_threadpool(registry.list_versions, project.name, name)
+        versions = await _call(metrics, registry.list_versions, project.name, name)
     except ModelNotFoundError as error:
         raise _not_found(error) from None
     return VersionList(
@@ -78,19 +107,25 @@ async def list_versions(name: str, project: CurrentProject, settings: SettingsDe
     summary="One version: lineage tags, the job's metrics and a link to its run",
 )
 async def get_version(
-    name: str, version: VersionPath, project: CurrentProject, settings: SettingsDep
+    name: str,
+    version: VersionPath,
+    project: CurrentProject,
+    settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> ModelVersionOut:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        found = await run_in_threadpool(registry.version, project.name, name, version)
+        found = await _call(metrics, registry.version, project.name, name, version)
     except ModelNotFoundError as error:
         raise _not_found(error) from None
-    return await _described(registry, found)
+    return await _described(registry, found, metrics)
 
 
-async def _described(registry: ModelRegistry, version: ModelVersion) -> ModelVersionOut:
+async def _described(
+    registry: ModelRegistry, version: ModelVersion, metrics: ApiMetrics
+) -> ModelVersionOut:
     """The version with its run's metrics and link."""
-    run = await run_in_threadpool(registry.run_of, version)
+    run = await _call(metrics, registry.run_of, version)
     return ModelVersionOut.from_entity(version, run, registry.tracking_uri)
 
 
@@ -100,12 +135,17 @@ async def _described(registry: ModelRegistry, version: ModelVersion) -> ModelVer
     summary="The student's state dict (load with torch.load(path, weights_only=True))",
 )
 async def download_weights(
-    name: str, version: VersionPath, project: CurrentProject, settings: SettingsDep
+    name: str,
+    version: VersionPath,
+    project: CurrentProject,
+    settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> FileResponse:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        found = await run_in_threadpool(registry.version, project.name, name, version)
-        path = await run_in_threadpool(
+        found = await _call(metrics, registry.version, project.name, name, version)
+        path = await _call(
+            metrics,
             registry.download_weights,
             project.name,
             name,
@@ -130,16 +170,15 @@ async def set_alias(
     update: Annotated[AliasUpdate, Body()],
     project: CurrentProject,
     settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> ModelVersionOut:
     registry = _registry(settings.mlflow_tracking_uri)
     try:
-        moved = await run_in_threadpool(
-            registry.set_alias, project.name, name, alias, update.version
-        )
+        moved = await _call(metrics, registry.set_alias, project.name, name, alias, update.version)
     except ModelNotFoundError as error:
         raise _not_found(error) from None
     except InvalidAliasError as error:
         raise HTTPException(
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)
         ) from None
-    return await _described(registry, moved)
+    return await _described(registry, moved, metrics)
