@@ -10,6 +10,7 @@ than fail later on a missing column.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,10 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str:
-    """The revision the code expects: the head of ``migrations/versions``."""
+    """The revision the code expects: the head of the installed migration scripts (read once:
+    they do not change while a process runs)."""
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     if head is None:
         raise RuntimeError(f"no migration scripts found under {migrations_dir() / 'versions'}")

@@ -17,7 +17,7 @@ from worker_testkit import FAST_SETTINGS, Stack
 
 from service.client import MaskdClient
 from service.config import Settings
-from service.db import make_engine, make_sessionmaker, upgrade_to_head
+from service.db import make_engine, make_sessionmaker
 from service.dispatch import Dispatcher, make_celery_app
 from service.main import create_app
 from service.store import JobStore
@@ -46,11 +46,10 @@ def worker_broker_url(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def worker_settings(
-    empty_postgres_url: str, worker_broker_url: str, mlflow_tracking_uri: str, tmp_path: Path
+    migrated_postgres_url: str, worker_broker_url: str, mlflow_tracking_uri: str, tmp_path: Path
 ) -> Settings:
-    upgrade_to_head(empty_postgres_url)
     return Settings(
-        database_url=empty_postgres_url,
+        database_url=migrated_postgres_url,
         broker_url=worker_broker_url,
         data_dir=tmp_path / "var",
         mlflow_tracking_uri=mlflow_tracking_uri,
