@@ -77,12 +77,12 @@ def _call(args: argparse.Namespace, action: Any) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    import yaml
+    from maskd_cli.spec_files import SpecFileError, read_spec_file
 
     try:
-        body = yaml.safe_load(args.spec.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        print(f"maskd jobs: cannot read {args.spec}: {error}", file=sys.stderr)
+        body = read_spec_file(args.spec)
+    except SpecFileError as error:
+        print(f"maskd jobs: {error}", file=sys.stderr)
         return 2
 
     def submit(client: MaskdClient) -> int:

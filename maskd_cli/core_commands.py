@@ -53,18 +53,16 @@ def register(subparsers: Any) -> None:
 
 def load_spec(path: Path) -> JobSpec:
     """Parse a YAML job spec; raises ``SpecError`` with a readable message when it is invalid."""
-    import yaml
     from pydantic import ValidationError
 
+    from maskd_cli.spec_files import SpecFileError, read_spec_file
     from maskd_core.errors import SpecError
     from maskd_core.spec import JobSpec
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpecError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{str(path)!r} is not valid YAML: {exc}") from None
+        data = read_spec_file(path)
+    except SpecFileError as exc:
+        raise SpecError(str(exc)) from None
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from maskd_cli.processes import (
@@ -68,7 +70,37 @@ def register(subparsers: Any) -> None:
         "create-key", help="create a project if needed and print a new API key for it"
     )
     create_key.add_argument("--project", required=True, help="project (tenant) name")
+    expiry = create_key.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in",
+        type=parse_duration,
+        metavar="DURATION",
+        help="the key stops working after this long: a number and a unit, s m h d or w "
+        "(e.g. 30d, 12h); default: never",
+    )
+    expiry.add_argument(
+        "--expires-at",
+        type=parse_moment,
+        metavar="ISO",
+        help="the key stops working at this moment, ISO 8601 (e.g. 2031-01-31T00:00:00Z; "
+        "UTC when no zone is given); default: never",
+    )
     create_key.set_defaults(func=_create_key)
+
+    list_keys = admin_commands.add_parser(
+        "list-keys",
+        help="list API keys: id, prefix, project, created, expires, revoked (never the secret)",
+    )
+    list_keys.add_argument("--project", help="only this project's keys")
+    list_keys.set_defaults(func=_list_keys)
+
+    revoke_key = admin_commands.add_parser(
+        "revoke-key", help="revoke an API key at once: its next request gets 401"
+    )
+    revoke_key.add_argument(
+        "key", metavar="KEY_ID_OR_PREFIX", help="the key's id or prefix, as list-keys shows it"
+    )
+    revoke_key.set_defaults(func=_revoke_key)
 
     demo = subparsers.add_parser(
         "demo",
@@ -169,15 +201,111 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` as a positive ``timedelta``."""
+    amount, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit not in _DURATION_UNITS or not amount.isdigit() or int(amount) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: write a positive whole number and a unit, "
+            "s m h d or w, e.g. 30d or 12h"
+        )
+    return timedelta(seconds=int(amount) * _DURATION_UNITS[unit])
+
+
+def parse_moment(text: str) -> datetime:
+    """An ISO 8601 moment (a trailing ``Z`` allowed), taken as UTC when it has no zone."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 moment, e.g. 2031-01-31T00:00:00Z"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def _create_key(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+
+    expires_at: datetime | None = args.expires_at
+    if args.expires_in is not None:
+        expires_at = datetime.now(UTC) + args.expires_in
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        print(
+            f"maskd admin create-key: --expires-at {expires_at.isoformat()} is in the past; "
+            "give a later moment, or --expires-in such as 30d",
+            file=sys.stderr,
+        )
+        return 2
+    engine, store = open_store(get_settings())
+    try:
+        store.create_project(args.project)
+        print(store.create_api_key(args.project, expires_at=expires_at))
+    finally:
+        engine.dispose()
+    if expires_at is not None:
+        print(f"the key expires at {_moment(expires_at)}", file=sys.stderr)
+    return 0
+
+
+def _list_keys(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
     engine, store = open_store(get_settings())
     try:
-        store.create_project(args.project)
-        print(store.create_api_key(args.project))
+        keys = store.list_api_keys(args.project)
     finally:
         engine.dispose()
+    if not keys:
+        where = f" for project {args.project!r}" if args.project else ""
+        print(f"no API keys{where}; create one with `maskd admin create-key`", file=sys.stderr)
+        return 0
+    now = datetime.now(UTC)
+    rows = [("ID", "PREFIX", "PROJECT", "CREATED", "EXPIRES", "REVOKED", "STATUS")]
+    rows += [
+        (
+            key.id,
+            key.display_prefix,
+            key.project_name,
+            _moment(key.created_at),
+            _moment(key.expires_at, "never"),
+            _moment(key.revoked_at, "-"),
+            key.status(now),
+        )
+        for key in keys
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _moment(moment: datetime | None, missing: str = "") -> str:
+    return missing if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _revoke_key(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+    from service.store import ApiKeyNotFound
+
+    engine, store = open_store(get_settings())
+    try:
+        key, revoked_now = store.revoke_api_key(args.key)
+    except ApiKeyNotFound as error:
+        print(f"maskd admin revoke-key: {error}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    assert key.revoked_at is not None
+    when = _moment(key.revoked_at)
+    if revoked_now:
+        print(f"revoked {key.display_prefix} (id {key.id}, project {key.project_name}) at {when}")
+    else:
+        print(f"{key.display_prefix} (id {key.id}) was already revoked at {when}")
     return 0
 
 

@@ -3,51 +3,20 @@
 Models, tasks, datasets and distillation methods are chosen by name in the job spec. Each kind
 keeps one ``Registry``; an entry pairs the builder with a pydantic model of its arguments, so
 a spec's ``args`` are checked (and documented in the API schema) before anything is built.
+Arguments that name files or folders have the types of ``maskd_core.paths``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar, get_args, get_origin
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from maskd_core.errors import SpecError, UnknownNameError
 
 T = TypeVar("T")
-
-
-class InputPathMarker:
-    """Marks an argument that names a file or folder the job reads on the worker.
-
-    The core only reports such paths (``maskd_core.validate.input_paths``); which folders a
-    job may read is the service's policy, so that one tenant cannot point a job at another's
-    files.
-    """
-
-
-LocalPath = Annotated[str, InputPathMarker()]
-"""An argument naming a local file or folder the job reads (weights, dataset roots)."""
-
-
-def input_path_values(args: BaseModel) -> dict[str, str]:
-    """The ``LocalPath`` arguments of a parsed argument model that are set, by field name."""
-    found: dict[str, str] = {}
-    for name, info in type(args).model_fields.items():
-        value = getattr(args, name)
-        if value is not None and _marks_input_path(info.annotation, info.metadata):
-            found[name] = str(value)
-    return found
-
-
-def _marks_input_path(annotation: Any, metadata: Sequence[Any] = ()) -> bool:
-    """Whether a field's type carries the marker, also inside ``LocalPath | None``."""
-    if any(isinstance(m, InputPathMarker) for m in metadata):
-        return True
-    if get_origin(annotation) is Annotated:
-        return _marks_input_path(None, get_args(annotation)[1:])
-    return any(_marks_input_path(arg) for arg in get_args(annotation))
 
 
 class NoArgs(BaseModel):

@@ -13,17 +13,124 @@ on) and the optimisers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 TaskName = Literal["segmentation", "detection"]
 
+INT64_MAX = 2**63 - 1
+"""The largest integer a spec may hold anywhere: what PostgreSQL's BIGINT, a torch seed and
+every step counter can represent. No job needs more, and no system downstream can store it."""
+
+MAX_NESTING = 64
+"""How deeply a spec may nest, free-form ``args``/``params`` included (the typed part uses six
+levels). A structural bound: deeper data only exhausts recursion in the parsers downstream; the
+API refuses much less deep bodies already (``MASKD_MAX_JSON_DEPTH``)."""
+
 
 class StrictModel(BaseModel):
-    """Refuses unknown fields, so a typo in a spec is an error rather than a silent default."""
+    """Refuses unknown fields, so a typo in a spec is an error rather than a silent default.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every value, down to the free-form ``args`` and ``params``, must also be plain data that
+    every store and process downstream can hold: finite numbers, integers within ±``INT64_MAX``,
+    strings without NUL characters or unpaired surrogates, and nesting within ``MAX_NESTING``.
+    ``_plain_data`` walks the raw input once and names each offending field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_data(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            problems = list(_impossible_values(data, ()))
+            if problems:
+                raise ValidationError.from_exception_data(cls.__name__, problems[:20])
+        return data
+
+
+def _impossible_values(
+    value: Any, loc: tuple[str | int, ...], depth: int = 0
+) -> Iterator[InitErrorDetails]:
+    """Every value under ``value`` that no store or process downstream could hold, by location."""
+    if depth > MAX_NESTING:
+        yield _problem(
+            "nesting_too_deep",
+            f"nested more than {MAX_NESTING} levels deep; flatten this value",
+            loc,
+            "…",
+        )
+    elif isinstance(value, str):
+        yield from _string_problems(value, loc)
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not -INT64_MAX <= value <= INT64_MAX:
+            yield _problem(
+                "int64_range",
+                "must lie between -(2**63 - 1) and 2**63 - 1, the largest integers a job's "
+                "database and processes hold",
+                loc,
+                value,
+            )
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            yield _problem(
+                "finite_number", "Input should be a finite number (not inf or nan)", loc, value
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = (*loc, _printable_key(key))
+            if isinstance(key, str):
+                yield from _string_problems(key, where, what="key")
+            yield from _impossible_values(item, where, depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _impossible_values(item, (*loc, index), depth + 1)
+
+
+def _string_problems(
+    text: str, loc: tuple[str | int, ...], what: str = "string"
+) -> Iterator[InitErrorDetails]:
+    if "\x00" in text:
+        yield _problem(
+            "nul_character",
+            f"this {what} contains a NUL character (\\x00), which no file name, database or "
+            "log line can hold; remove it",
+            loc,
+            text,
+        )
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        yield _problem(
+            "string_unicode",
+            f"this {what} contains an unpaired UTF-16 surrogate, which is not valid Unicode; "
+            "send valid UTF-8 text",
+            loc,
+            repr(text),
+        )
+
+
+def _printable_key(key: Any) -> str | int:
+    """``key`` as a location part every client can print: escaped unless it is plain text."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.isprintable():
+        return key
+    return ascii(key)
+
+
+def _problem(kind: str, message: str, loc: tuple[str | int, ...], value: Any) -> InitErrorDetails:
+    # The message template holds no braces of its own: the text is passed as its one field.
+    return InitErrorDetails(
+        type=PydanticCustomError(kind, "{reason}", {"reason": message}), loc=loc, input=value
+    )
 
 
 class ModelSpec(StrictModel):
@@ -140,7 +247,7 @@ class ComparisonSpec(StrictModel):
     methods: list[MethodSpec] = Field(
         min_length=1, description="The methods to compare, e.g. [maskd, none, fitnet]."
     )
-    seeds: list[int] = Field(
+    seeds: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(
         min_length=1, description="Student seeds, e.g. [0, 1, 2]; each method runs once per seed."
     )
 
@@ -172,7 +279,7 @@ class JobSpec(StrictModel):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     stage1: Stage1Spec
     stage2: Stage2Spec
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=INT64_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=8, gt=0)
     num_workers: int = Field(default=0, ge=0)
@@ -201,9 +308,9 @@ class JobSpec(StrictModel):
         if not isinstance(data, dict):
             return data
         task = data.get("task", "segmentation")
-        defaults = TASK_DEFAULTS.get(task)
+        defaults = TASK_DEFAULTS.get(task) if isinstance(task, str) else None
         if defaults is None:
-            return data  # the Literal check reports the bad task name
+            return data  # the Literal check reports the bad task name (or a task that is no str)
         filled = dict(data)
         for stage in ("stage1", "stage2"):
             given = filled.get(stage, {})

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from maskd_core.data import DATASETS, DenseDataset, build_dataset
-from maskd_core.errors import SpecError
+from maskd_core.errors import DataError, SpecError
 from maskd_core.methods import METHODS
 from maskd_core.models import MODELS, build_model
+from maskd_core.paths import InputPath, args_input_paths, check_plain_path, resolve_path
 from maskd_core.plan import JobPlan, LevelPlan, Shape
-from maskd_core.registry import input_path_values
 from maskd_core.spec import JobSpec
 from maskd_core.taps import Taps
 from maskd_core.tasks import Task, build_task
@@ -97,24 +97,30 @@ def _level_shapes(
     return shapes
 
 
-def input_paths(spec: JobSpec) -> dict[str, str]:
-    """Every local file or folder the job would read, by spec field, without reading any.
+def input_paths(spec: JobSpec) -> list[InputPath]:
+    """Every local file or folder the job would read, resolved, without opening any.
 
-    A service calls this before ``validate_job`` to decide whether the submitter may read those
-    paths at all: validation itself opens them, and its errors would otherwise tell a tenant
-    which files exist elsewhere on the worker. Registry URIs (``models:/…``) are not local.
+    A service checks each one against its input policy before ``validate_job``: validation
+    itself opens them, and its errors would otherwise tell a tenant which files exist elsewhere
+    on the worker. Roots (weights, ``LocalPath`` arguments) come first, then sub-paths
+    (``SubPathOf`` arguments), each resolved under its resolved root with symbolic links
+    followed; ``InputPath.escapes_root`` says whether one leads out of its root. Registry URIs
+    (``models:/…``) are not local.
     """
-    found: dict[str, str] = {}
+    found: list[InputPath] = []
     for role, model in (("teacher", spec.teacher), ("student", spec.student)):
         if model.weights is not None and not model.weights.startswith("models:/"):
-            found[f"{role}.weights"] = model.weights
+            field = f"{role}.weights"
+            check_plain_path(model.weights, field)
+            found.append(InputPath(field, model.weights, resolve_path(model.weights, field)))
+        MODELS.entry(model.arch, field=f"{role}.arch")  # an unknown name is not the args' fault
         args = MODELS.parse_args(model.arch, model.args, field=f"{role}.args")
-        for name, value in input_path_values(args).items():
-            found[f"{role}.args.{name}"] = value
+        found.extend(args_input_paths(args, f"{role}.args"))
+    DATASETS.entry(spec.dataset.name, field="dataset.name")
     args = DATASETS.parse_args(spec.dataset.name, spec.dataset.args, field="dataset.args")
-    for name, value in input_path_values(args).items():
-        found[f"dataset.args.{name}"] = value
-    return found
+    found.extend(args_input_paths(args, "dataset.args"))
+    roots = [item for item in found if item.root is None]
+    return [*roots, *(item for item in found if item.root is not None)]
 
 
 def validate_job(
@@ -129,13 +135,21 @@ def validate_job(
     _check_layer_lists(spec)
     _check_methods(spec)
     task = build_task(spec)
-    dataset = dataset if dataset is not None else build_dataset(spec)
+    own_dataset = dataset is None
+    dataset = build_dataset(spec) if dataset is None else dataset
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
     MODELS.entry(spec.student.arch, field="student.arch")
     if teacher is None:
         teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
     student = build_model(spec.student, dataset.num_classes, field="student")
-    batch = task.collate([dataset[0]])
+    try:
+        sample = dataset[0]
+    except DataError as exc:
+        if not own_dataset:  # a running job: a failure of kind ``user``, naming the file
+            raise
+        # Submission: an unreadable first sample is a 422 the submitter can fix.
+        raise SpecError(str(exc), field="dataset.args") from None
+    batch = task.collate([sample])
     teacher_shapes = _level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")
     student_shapes = _level_shapes(task, student, batch, spec.student.layers, "student.layers")
     levels = []

@@ -154,5 +154,7 @@ def _body(response: httpx.Response) -> Any:
 
 def _describe(detail: Any) -> str:
     if isinstance(detail, dict):
-        return str(detail.get("message") or detail.get("detail") or detail)
+        inner = detail.get("message") or detail.get("detail") or detail
+        # A structured detail (a quota's 429) carries its own message.
+        return _describe(inner) if isinstance(inner, dict) and inner is not detail else str(inner)
     return str(detail)

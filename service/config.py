@@ -15,6 +15,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from maskd_core.spec import MAX_NESTING
 from maskd_core.workdir import WorkDir
 
 EMBEDDED_BROKER_URL = "filesystem://"
@@ -155,6 +156,62 @@ class Settings(BaseSettings):
         gt=0,
         description="How long /readyz waits for the MLflow tracking store (an HTTP server's "
         "/health, or its database) before reporting it unavailable.",
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body the API reads, in bytes; a larger one is refused "
+        "with 413 before it is parsed (a job spec is a few KiB).",
+    )
+    max_json_depth: int = Field(
+        default=32,
+        ge=8,
+        le=MAX_NESTING,
+        description="How deeply a JSON request body may nest (objects and arrays); a deeper "
+        f"one is refused with 422 before it is parsed. At most {MAX_NESTING}, which the job "
+        "spec itself allows.",
+    )
+    max_iterations: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Submission limit: the most steps a job's stage1.iterations or "
+        "stage2.iterations may ask for (the paper's longest schedule is 175,920).",
+    )
+    max_batch_size: int = Field(
+        default=256, ge=1, description="Submission limit: the largest batch_size of a job."
+    )
+    max_num_workers: int = Field(
+        default=32,
+        ge=0,
+        description="Submission limit: the most data-loading processes (num_workers) a job "
+        "may fork on a worker.",
+    )
+    max_image_size: int = Field(
+        default=4096,
+        ge=16,
+        description="Submission limit, in pixels: the largest image side a job may ask for, "
+        "in its detectors' min_size/max_size and its dataset's image_size.",
+    )
+    max_comparison_runs: int = Field(
+        default=64,
+        ge=1,
+        description="Submission limit: the most students one comparison job may train "
+        "(methods × seeds).",
+    )
+    max_queued_jobs_per_project: int = Field(
+        default=1000,
+        ge=0,
+        description="Quota: while a project has this many jobs QUEUED, its new submissions "
+        "are refused with 429 (and Retry-After) until some start or are cancelled; 0 means "
+        "unlimited. An idempotent replay of an existing job is never refused.",
+    )
+    max_running_jobs_per_project: int = Field(
+        default=0,
+        ge=0,
+        description="Quota: while a project has this many jobs running (STAGE1, STAGE2, "
+        "REGISTERING or CANCELLING), its new submissions are refused with 429 (and "
+        "Retry-After) until one ends; 0 (the default) means unlimited. It is checked at "
+        "submission only: jobs already queued still start when a worker is free.",
     )
 
     @field_validator("log_level", mode="before")

@@ -8,7 +8,7 @@ request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,18 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.body_limit import RequestBodyLimit
 from service.api.routes import api_router
 from service.api.routes.health import router as health_router
 from service.api.routes.metrics import router as metrics_router
+from service.api.schemas import FieldError, validation_error_body
 from service.config import Settings, get_settings
 from service.db import check_schema_current, make_engine, make_sessionmaker
 from service.dispatch import Dispatcher, make_celery_app
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.store import JobStore
-
-INVALID_REQUEST_HINT = (
-    "fix the fields listed in detail and resend; the job spec schema is at /docs and /openapi.json"
-)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,6 +62,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    # Inside the metrics middleware, so refused bodies are counted too.
+    app.add_middleware(
+        RequestBodyLimit,
+        max_bytes=settings.max_request_bytes,
+        max_depth=settings.max_json_depth,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(health_router)
     app.include_router(metrics_router)
@@ -77,17 +81,13 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     """422 with one ``{loc, msg, type}`` per problem and a one-line summary.
 
     FastAPI's default echoes the whole input back per error; this keeps the shape but drops
-    the echo and adds ``message``, which reads well in a terminal.
+    the echo and adds ``message``, which reads well in a terminal. The body is
+    ``service.api.schemas.ValidationErrorOut``, which the OpenAPI document shows.
     """
     assert isinstance(exc, RequestValidationError)
-    detail = [_error_item(error) for error in exc.errors()]
-    summary = "; ".join(f"{_dotted(item['loc'])}: {item['msg']}" for item in detail)
+    problems = [_field_error(error) for error in exc.errors()]
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        content={
-            "detail": detail,
-            "message": f"invalid request: {summary}. {INVALID_REQUEST_HINT}",
-        },
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content=validation_error_body(problems)
     )
 
 
@@ -99,15 +99,29 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"no endpoint at {request.url.path}; the API is under /v1 (see /docs)"
     elif exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
         detail = f"{request.method} is not supported on {request.url.path}; see /docs"
+    elif exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "There was an error parsing the body": say why (e.g. a 5000-digit number).
+        detail = f"the request body is not JSON this service can read: {exc.__cause__}"
+    if isinstance(detail, str):
+        detail = _printable(detail)
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-def _error_item(error: Any) -> dict[str, Any]:
+def _field_error(error: Any) -> FieldError:
     message = str(error.get("msg", "invalid value"))
     if error.get("type") == "extra_forbidden":
         message = "unknown field; remove it or check its spelling against the schema"
-    return {"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type")}
+    loc = [
+        part if isinstance(part, int) else _printable(str(part)) for part in error.get("loc", ())
+    ]
+    return FieldError(loc=loc, msg=_printable(message), type=str(error.get("type", "invalid")))
 
 
-def _dotted(loc: Sequence[Any]) -> str:
-    return ".".join(str(part) for part in loc) or "request"
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: a request can smuggle unpaired surrogates into messages (a
+    JSON ``"\\ud800"``), and a response must still encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -13,6 +13,7 @@ on MLflow (SQL or HTTP); the API runs them in a thread. Workers use the same cla
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,17 @@ from service.mlflow_names import (
     has_project_prefix,
     quoted,
 )
+
+MAX_VERSION = 2**31 - 1
+"""The largest version number MLflow's registry can hold (a 32-bit column); a larger one is
+a version that cannot exist, not an error of the store."""
+
+_VERSION_NUMBER = re.compile(r"[0-9]{1,10}")
+
+
+def is_version_number(text: str) -> bool:
+    """Whether ``text`` is a version number MLflow can hold: ASCII digits, at most MAX_VERSION."""
+    return _VERSION_NUMBER.fullmatch(text) is not None and int(text) <= MAX_VERSION
 
 
 class ModelNotFoundError(LookupError):
@@ -114,6 +126,8 @@ class ModelRegistry:
         ``str(found.version)``.
         """
         self.owned_model(project, name)
+        if not version.startswith("@") and not is_version_number(version):
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
         try:
             if version.startswith("@"):
                 return self.client.get_model_version_by_alias(name, version[1:])

@@ -16,7 +16,7 @@ from pathlib import Path
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec, ModelSpec
 from service.mlflow_names import VERSION_ARCH_TAG
-from service.model_registry import ModelNotFoundError, ModelRegistry
+from service.model_registry import ModelNotFoundError, ModelRegistry, is_version_number
 
 MODELS_SCHEME = "models:/"
 
@@ -46,7 +46,7 @@ def parse_model_uri(uri: str, field: str) -> RegistryReference | None:
             return RegistryReference(name=name, version=None, alias=alias)
     else:
         name, _, version = rest.partition("/")
-        if name and version.isdigit():
+        if name and is_version_number(version):
             return RegistryReference(name=name, version=version, alias=None)
     raise SpecError(
         f"{uri!r} is not a registry reference; write models:/NAME@ALIAS (e.g. "

@@ -72,7 +72,11 @@ class Project(Base):
 
 
 class ApiKey(Base):
-    """A project's API key, stored as a SHA-256 hash and found by its public prefix."""
+    """A project's API key, stored as a SHA-256 hash and found by its public prefix.
+
+    ``expires_at`` (optional) and ``revoked_at`` end a key; rows are kept, not deleted, so
+    ``maskd admin list-keys`` still shows what a revoked or expired key was.
+    """
 
     __tablename__ = "api_keys"
 
@@ -81,6 +85,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Job(Base):

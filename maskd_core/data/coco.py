@@ -25,7 +25,7 @@ from maskd_core.data.detection_common import (
     load_image,
 )
 from maskd_core.errors import DataError, SpecError
-from maskd_core.registry import LocalPath
+from maskd_core.paths import LocalPath, check_relative, file_under, resolve_path
 
 
 class CocoArgs(BaseModel):
@@ -41,12 +41,13 @@ class CocoArgs(BaseModel):
 
 
 class _Image:
-    """One image's file and targets, as plain lists until a sample is asked for."""
+    """One image's file (as the annotation file names it, relative to the image folder) and
+    targets, as plain lists until a sample is asked for."""
 
-    __slots__ = ("boxes", "file", "labels")
+    __slots__ = ("boxes", "file_name", "labels")
 
-    def __init__(self, file: Path) -> None:
-        self.file = file
+    def __init__(self, file_name: str) -> None:
+        self.file_name = file_name
         self.boxes: list[tuple[float, float, float, float]] = []
         self.labels: list[int] = []
 
@@ -55,22 +56,23 @@ class CocoDetection(DetectionDataset):
     """Images of a COCO instances file, in the file's image order."""
 
     def __init__(self, args: CocoArgs) -> None:
-        annotations = Path(args.annotations)
-        image_dir = Path(args.images)
+        annotations = resolve_path(args.annotations, "dataset.args.annotations")
+        image_dir = resolve_path(args.images, "dataset.args.images")
+        self.image_dir = image_dir
         if not annotations.is_file():
             raise SpecError(
-                f"COCO annotation file {str(annotations)!r} does not exist; give the path of an "
+                f"COCO annotation file {args.annotations!r} does not exist; give the path of an "
                 "instances JSON such as annotations/instances_train2017.json",
                 field="dataset.args.annotations",
             )
         if not image_dir.is_dir():
             raise SpecError(
-                f"COCO image folder {str(image_dir)!r} does not exist; give the folder holding "
+                f"COCO image folder {args.images!r} does not exist; give the folder holding "
                 "the files named by the annotation file's images[].file_name (e.g. train2017/)",
                 field="dataset.args.images",
             )
-        data = _read_json(annotations)
-        name = annotations.name
+        name = Path(args.annotations).name
+        data = _read_json(annotations, name)
         categories = sorted(
             {_field(entry, "id", name, "category") for entry in _entries(data, "categories", name)}
         )
@@ -84,11 +86,13 @@ class CocoDetection(DetectionDataset):
             image_id = _field(entry, "id", name, "image")
             try:
                 sizes[image_id] = (float(entry["width"]), float(entry["height"]))
-                images[image_id] = _Image(image_dir / str(entry["file_name"]))
+                file_name = str(entry["file_name"])
             except (KeyError, TypeError, ValueError):
                 raise DataError(
                     f"{name}: image id {image_id} needs file_name, width and height"
                 ) from None
+            check_relative(file_name, f"{name}: image id {image_id}")
+            images[image_id] = _Image(file_name)
         for entry in _entries(data, "annotations", name):
             ann_id = _field(entry, "id", name, "annotation")
             if entry.get("iscrowd", 0):
@@ -123,16 +127,21 @@ class CocoDetection(DetectionDataset):
     def __getitem__(self, index: int) -> DetectionSample:
         entry = self.images[index]
         boxes, labels = as_targets(entry.boxes, entry.labels)
-        return DetectionSample(load_image(entry.file), boxes, labels)
+        # Resolved when read, so a link inside the image folder cannot lead out of it.
+        where = f"the COCO file_name of sample {index}"
+        return DetectionSample(
+            load_image(file_under(self.image_dir, entry.file_name, where)), boxes, labels
+        )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, name: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path.name}: not a readable JSON file ({exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise DataError(f"{name}: not a readable JSON file ({reason})") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path.name}: expected a JSON object with images, annotations, categories")
+        raise DataError(f"{name}: expected a JSON object with images, annotations, categories")
     return data
 
 

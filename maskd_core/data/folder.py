@@ -14,6 +14,7 @@ during training; problems found then are ``DataError``s naming the file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maskd_core.data import DATASETS
 from maskd_core.data.base import DenseDataset
+from maskd_core.data.scan import ScanDeadline, list_files
 from maskd_core.data.transforms import (
     IGNORE_INDEX,
     ScaleRange,
@@ -31,7 +33,7 @@ from maskd_core.data.transforms import (
     resize_sample,
 )
 from maskd_core.errors import DataError, SpecError
-from maskd_core.registry import LocalPath
+from maskd_core.paths import LocalPath, SubPathOf, file_under, resolve_path, sub_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _ROOT_FIELD = "dataset.args.root"
@@ -46,8 +48,12 @@ class ImageFolderArgs(BaseModel):
     num_classes: int = Field(
         ge=2, le=255, description="Classes including background; mask values 0..num_classes-1."
     )
-    images_dir: str = Field(default="images", description="Subfolder of root with the images.")
-    masks_dir: str = Field(default="masks", description="Subfolder of root with the masks.")
+    images_dir: Annotated[str, SubPathOf("root")] = Field(
+        default="images", description="Subfolder of root with the images (relative, inside root)."
+    )
+    masks_dir: Annotated[str, SubPathOf("root")] = Field(
+        default="masks", description="Subfolder of root with the masks (relative, inside root)."
+    )
     ignore_index: int = Field(
         default=IGNORE_INDEX,
         ge=0,
@@ -88,38 +94,66 @@ def _expected_layout(args: ImageFolderArgs) -> str:
     )
 
 
-def _find_pairs(args: ImageFolderArgs) -> list[tuple[Path, Path]]:
-    root = Path(args.root)
+def _find_pairs(args: ImageFolderArgs) -> tuple[Path, list[tuple[Path, Path]]]:
+    """The resolved root and the (image, mask) pairs under it.
+
+    Both subfolders are listed within bounds (``maskd_core.data.scan``), each resolved under
+    the root, so neither a sub-path nor a link inside them leads out of it. Errors repeat the
+    paths the spec gave, never where links lead.
+    """
+    root = resolve_path(args.root, _ROOT_FIELD)
     if not root.is_dir():
         raise SpecError(
-            f"dataset folder {str(root)!r} does not exist or is not a folder; "
+            f"dataset folder {args.root!r} does not exist or is not a folder; "
             + _expected_layout(args),
             field=_ROOT_FIELD,
         )
-    images_root, masks_root = root / args.images_dir, root / args.masks_dir
-    images = sorted(
-        path
-        for path in images_root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    images_root, masks_root = sub_path(args, "images_dir"), sub_path(args, "masks_dir")
+    deadline = ScanDeadline()
+    images: list[Path] = []
+    if images_root.is_dir():
+        images = list_files(
+            images_root,
+            suffixes=IMAGE_EXTENSIONS,
+            within=root,
+            field="dataset.args.images_dir",
+            deadline=deadline,
+        )
     if not images:
         raise SpecError(
-            f"no images found under {str(images_root)!r}; " + _expected_layout(args),
+            f"no images found under {args.root}/{args.images_dir}; " + _expected_layout(args),
             field=_ROOT_FIELD,
         )
+    masks: set[Path] = set()
+    if masks_root.is_dir():
+        masks = {
+            mask.relative_to(masks_root)
+            for mask in list_files(
+                masks_root,
+                suffixes=frozenset({".png"}),
+                within=root,
+                field="dataset.args.masks_dir",
+                deadline=deadline,
+            )
+        }
     pairs = [
-        (image, (masks_root / image.relative_to(images_root)).with_suffix(".png"))
-        for image in images
+        (image, masks_root / image.relative_to(images_root).with_suffix(".png")) for image in images
     ]
-    missing = [mask for _, mask in pairs if not mask.is_file()]
+    missing = [mask for _, mask in pairs if mask.relative_to(masks_root) not in masks]
     if missing:
-        listing = ", ".join(repr(str(mask)) for mask in missing[:3])
+        listing = ", ".join(
+            repr(f"{args.masks_dir}/{mask.relative_to(masks_root)}") for mask in missing[:3]
+        )
         raise SpecError(
             f"{len(missing)} of {len(pairs)} images have no mask (e.g. {listing}); "
             + _expected_layout(args),
             field=_ROOT_FIELD,
         )
-    return pairs
+    return root, pairs
+
+
+def _inside(root: Path, path: Path) -> Path:
+    return file_under(root, str(path.relative_to(root)), "image_folder")
 
 
 def _read_image(path: Path) -> torch.Tensor:
@@ -153,15 +187,16 @@ class ImageFolder(DenseDataset):
     def __init__(self, args: ImageFolderArgs) -> None:
         self.args = args
         self.num_classes = args.num_classes
-        self.pairs = _find_pairs(args)
+        self.root, self.pairs = _find_pairs(args)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> SegmentationSample:
         image_path, mask_path = self.pairs[index]
-        image = _read_image(image_path)
-        mask = _read_mask(mask_path)
+        # Checked again when read: a link swapped in after the listing still cannot lead out.
+        image = _read_image(_inside(self.root, image_path))
+        mask = _read_mask(_inside(self.root, mask_path))
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise DataError(
                 f"mask {str(mask_path)!r} is {mask.shape[1]}×{mask.shape[0]} but its image "

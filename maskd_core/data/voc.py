@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from maskd_core.data import DATASETS
+from maskd_core.data import DATASETS, scan
 from maskd_core.data.detection_common import (
     DetectionDataset,
     DetectionSample,
@@ -24,8 +24,16 @@ from maskd_core.data.detection_common import (
     clean_box,
     load_image,
 )
+from maskd_core.data.scan import ScanDeadline, list_files
 from maskd_core.errors import DataError, SpecError
-from maskd_core.registry import LocalPath
+from maskd_core.paths import (
+    LocalPath,
+    SubPathOf,
+    check_relative,
+    file_under,
+    resolve_path,
+    sub_path,
+)
 
 VOC_CLASSES = (
     "aeroplane",
@@ -58,9 +66,15 @@ class VocArgs(BaseModel):
         description="VOC year folder (e.g. /data/VOCdevkit/VOC2007) holding Annotations/ and "
         "JPEGImages/ (and ImageSets/Main/ when split is given)."
     )
-    split: str | None = Field(
+    split: Annotated[str, SubPathOf("root", "ImageSets/Main/{}.txt")] | None = Field(
         default="trainval",
         description="Read image ids from ImageSets/Main/{split}.txt; none: every XML file.",
+    )
+    annotations_dir: Annotated[str, SubPathOf("root")] = Field(
+        default="Annotations", description="Subfolder of root with one XML file per image."
+    )
+    images_dir: Annotated[str, SubPathOf("root")] = Field(
+        default="JPEGImages", description="Subfolder of root with the images."
     )
     classes: list[str] = Field(
         default_factory=lambda: list(VOC_CLASSES), min_length=1, description="Class names, 1..K."
@@ -81,39 +95,49 @@ class VocDetection(DetectionDataset):
     """The images of one VOC split, in the order of the split file (or of the file names)."""
 
     def __init__(self, args: VocArgs) -> None:
-        root = Path(args.root)
-        annotation_dir, image_dir = root / "Annotations", root / "JPEGImages"
-        for folder, what in ((annotation_dir, "XML annotations"), (image_dir, "images")):
+        root = resolve_path(args.root, "dataset.args.root")
+        annotation_dir = sub_path(args, "annotations_dir")
+        self.image_dir = image_dir = sub_path(args, "images_dir")
+        for folder, given, what in (
+            (annotation_dir, args.annotations_dir, "XML annotations"),
+            (image_dir, args.images_dir, "images"),
+        ):
             if not folder.is_dir():
                 raise SpecError(
-                    f"VOC folder {str(folder)!r} does not exist; root must hold Annotations/ "
+                    f"VOC folder {args.root}/{given} does not exist; root must hold Annotations/ "
                     f"(one XML per image), JPEGImages/ and optionally ImageSets/Main/<split>.txt, "
                     f"and this one should hold the {what}",
                     field="dataset.args.root",
                 )
+        deadline = ScanDeadline()
         if args.split is None:
-            ids = sorted(path.stem for path in annotation_dir.glob("*.xml"))
+            listed = list_files(
+                annotation_dir,
+                suffixes=frozenset({".xml"}),
+                within=root,
+                field="dataset.args.annotations_dir",
+                deadline=deadline,
+                recursive=False,
+            )
+            ids = sorted(path.stem for path in listed)
+            where = "the annotation folder"
         else:
-            split_file = root / "ImageSets" / "Main" / f"{args.split}.txt"
-            if not split_file.is_file():
-                raise SpecError(
-                    f"VOC split file {str(split_file)!r} does not exist; name a split listed in "
-                    "ImageSets/Main (train, val, trainval, test) or set split to null to use "
-                    "every XML file",
-                    field="dataset.args.split",
-                )
-            ids = split_file.read_text(encoding="utf-8").split()
+            ids = _read_split(sub_path(args, "split"), args)
+            where = f"split {args.split!r}"
         self.class_ids = {name: index + 1 for index, name in enumerate(args.classes)}
         self.num_classes = len(args.classes)
         self.keep_difficult = args.difficult == "keep"
-        self.samples = [
-            self._parse(annotation_dir / f"{image_id}.xml", image_dir) for image_id in ids
-        ]
+        self.samples = []
+        for image_id in ids:
+            deadline.check("dataset.args.root")
+            xml_file = file_under(annotation_dir, f"{image_id}.xml", f"{where} (id {image_id!r})")
+            self.samples.append(self._parse(xml_file))
 
     def _parse(
-        self, xml_file: Path, image_dir: Path
-    ) -> tuple[Path, list[tuple[float, float, float, float]], list[int]]:
-        """The image path, boxes and labels of one annotation file."""
+        self, xml_file: Path
+    ) -> tuple[str, list[tuple[float, float, float, float]], list[int]]:
+        """The image file name (relative to the image folder), boxes and labels of one
+        annotation file."""
         name = xml_file.name
         try:
             tree = ET.parse(xml_file)
@@ -123,6 +147,7 @@ class VocDetection(DetectionDataset):
             raise DataError(f"{name}: not well-formed XML ({exc})") from None
         annotation = tree.getroot()
         file_name = annotation.findtext("filename") or f"{xml_file.stem}.jpg"
+        check_relative(file_name, f"{name}: <filename>")
         try:
             width = float(annotation.findtext("size/width") or "inf")
             height = float(annotation.findtext("size/height") or "inf")
@@ -153,15 +178,51 @@ class VocDetection(DetectionDataset):
             if box is not None:
                 boxes.append(box)
                 labels.append(self.class_ids[class_name])
-        return image_dir / file_name, boxes, labels
+        return file_name, boxes, labels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> DetectionSample:
-        image_file, box_list, label_list = self.samples[index]
+        file_name, box_list, label_list = self.samples[index]
         boxes, labels = as_targets(box_list, label_list)
+        # Resolved when read, so a link inside the image folder cannot lead out of it.
+        image_file = file_under(self.image_dir, file_name, f"the <filename> of sample {index}")
         return DetectionSample(load_image(image_file), boxes, labels)
+
+
+MAX_SPLIT_FILE_BYTES = 64 * 1024 * 1024
+"""The largest split file read (the ids of ``scan.MAX_FOLDER_ENTRIES`` images take a few MiB)."""
+
+
+def _read_split(split_file: Path, args: VocArgs) -> list[str]:
+    """The image ids a split file lists, within the bounds every dataset listing has."""
+    given = f"{args.root}/ImageSets/Main/{args.split}.txt"
+    if not split_file.is_file():
+        raise SpecError(
+            f"VOC split file {given!r} does not exist; name a split listed in "
+            "ImageSets/Main (train, val, trainval, test) or set split to null to use "
+            "every XML file",
+            field="dataset.args.split",
+        )
+    if split_file.stat().st_size > MAX_SPLIT_FILE_BYTES:
+        raise SpecError(
+            f"VOC split file {given!r} is larger than {MAX_SPLIT_FILE_BYTES} bytes, the most a "
+            "split file may be",
+            field="dataset.args.split",
+        )
+    try:
+        ids = split_file.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc.reason
+        raise DataError(f"VOC split file {given!r} cannot be read as text ({reason})") from None
+    if len(ids) > scan.MAX_FOLDER_ENTRIES:
+        raise SpecError(
+            f"VOC split file {given!r} lists more than {scan.MAX_FOLDER_ENTRIES} images, the "
+            "most a dataset may hold",
+            field="dataset.args.split",
+        )
+    return ids
 
 
 @DATASETS.register("voc", args=VocArgs)

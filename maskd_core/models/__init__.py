@@ -36,7 +36,11 @@ def build_model(spec: ModelSpec, num_classes: int, field: str = "model") -> nn.M
 def read_state_dict(path: str | Path, field: str = "weights") -> dict[str, torch.Tensor]:
     """Read a state dict file without unpickling code; refuse anything else."""
     file = Path(path)
-    if not file.is_file():
+    try:
+        exists = file.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL: no such file either
+        exists = False
+    if not exists:
         raise SpecError(
             f"weights file {str(file)!r} does not exist; give the path of a state dict saved "
             "with torch.save(model.state_dict(), path)",

@@ -49,7 +49,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from maskd_core.errors import SpecError
 from maskd_core.models import MODELS, read_state_dict
-from maskd_core.registry import LocalPath
+from maskd_core.paths import LocalPath
 
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"

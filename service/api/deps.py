@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from service.config import Settings
 from service.dispatch import Dispatcher
 from service.metrics import ApiMetrics
-from service.store import JobStore, ProjectRecord
+from service.store import ApiKeyRejected, JobStore, ProjectRecord
 
 GET_A_KEY = (
     "create one with `maskd admin create-key --project NAME` and send it as "
@@ -65,10 +65,19 @@ def _current_project(
     store: StoreDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ProjectRecord:
-    """The project owning the request's API key; 401 (with how to get a key) otherwise."""
+    """The project owning the request's API key; 401 (with how to get a key) otherwise.
+
+    A revoked or expired key is told so (it was once valid: its holder needs a new one), and
+    nothing else: not its project, nor anything about other keys.
+    """
     if credentials is None:
         raise _unauthorized(f"missing API key: {GET_A_KEY}")
-    project = store.authenticate(credentials.credentials)
+    try:
+        project = store.authenticate(credentials.credentials)
+    except ApiKeyRejected as error:
+        raise _unauthorized(
+            f"{error}; it can no longer be used. Ask your administrator for a new key: {GET_A_KEY}"
+        ) from error
     if project is None:
         raise _unauthorized(f"unknown API key: {GET_A_KEY}")
     return project

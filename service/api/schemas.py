@@ -219,3 +219,88 @@ class ModelVersionOut(BaseModel):
             metrics=dict(run.data.metrics) if run is not None else {},
             created_at=_millis(version.creation_timestamp),
         )
+
+
+# ------------------------------------------------------------------------ errors
+
+
+class ErrorOut(BaseModel):
+    """An error answer (400, 401, 404, 409, 413): what is wrong and how to fix it."""
+
+    detail: str = Field(description="What is wrong and how to fix it, in one sentence or two.")
+
+
+class FieldError(BaseModel):
+    """One problem with one field of the request."""
+
+    loc: list[str | int] = Field(
+        description="Where: 'body', 'query', 'path' or 'header', then the field's path, "
+        "e.g. ['body', 'stage1', 'iterations']."
+    )
+    msg: str = Field(description="What is wrong with it and how to fix it.")
+    type: str = Field(description="A stable code for the kind of problem, e.g. 'missing'.")
+
+
+class ValidationErrorOut(BaseModel):
+    """A 422: one entry per problem, and all of them on one line in ``message``."""
+
+    detail: list[FieldError]
+    message: str = Field(description="Every problem on one line, for a terminal.")
+
+
+class QuotaDetail(BaseModel):
+    message: str = Field(description="Which quota is reached and when to submit again.")
+    quota: str = Field(description="'queued_jobs' or 'running_jobs'.")
+    limit: int = Field(description="The quota's value.")
+    current: int = Field(description="How many such jobs the project has now.")
+
+
+class QuotaErrorOut(BaseModel):
+    """A 429: a project quota is reached; retry after ``Retry-After`` seconds."""
+
+    detail: QuotaDetail
+
+
+INVALID_REQUEST_HINT = (
+    "fix the fields listed in detail and resend; the job spec schema is at /docs and /openapi.json"
+)
+
+
+def validation_error_body(problems: list[FieldError]) -> dict[str, Any]:
+    """The body of every 422 the API sends, as ``ValidationErrorOut`` describes it."""
+    summary = "; ".join(
+        f"{'.'.join(str(part) for part in problem.loc) or 'request'}: {problem.msg}"
+        for problem in problems
+    )
+    body = ValidationErrorOut(
+        detail=problems, message=f"invalid request: {summary}. {INVALID_REQUEST_HINT}"
+    )
+    return body.model_dump(mode="json")
+
+
+_ERROR_DESCRIPTIONS: dict[int, tuple[type[BaseModel], str]] = {
+    400: (ErrorOut, "The body could not be read as JSON."),
+    401: (ErrorOut, "Missing or unknown API key; `detail` says how to get one."),
+    404: (ErrorOut, "No such job or model in this project (another project's is reported alike)."),
+    409: (ErrorOut, "The request conflicts with the resource's state; `detail` says how."),
+    413: (ErrorOut, "The request body is larger than MASKD_MAX_REQUEST_BYTES."),
+    422: (ValidationErrorOut, "Invalid request: each problem names its field."),
+    429: (QuotaErrorOut, "A project quota is reached; retry after `Retry-After` seconds."),
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error status codes, each with its body model."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        model, description = _ERROR_DESCRIPTIONS[code]
+        responses[code] = {"model": model, "description": description}
+        if code == 401:
+            responses[code]["headers"] = {
+                "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}
+            }
+        if code == 429:
+            responses[code]["headers"] = {
+                "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+            }
+    return responses

@@ -13,29 +13,37 @@ the reconciler are expected to keep their clocks in sync (NTP), since leases com
 
 Layout: ``JobStore`` is assembled here from one mixin per caller, all sharing the session
 factory, the clock and the transition writer of ``_base``: ``_projects`` (projects and API
-keys), ``_jobs_api`` (the API's submit/read/list/cancel/events), ``_worker`` (claim, heartbeat,
-transition, progress, outputs, release) and ``_reconciler`` (orphans and expired leases). The
-records, errors and cursors they hand out are in ``_records``. Import everything from
-``service.store``; the private modules are not an interface.
+keys: creation with an optional expiry, listing, revocation), ``_jobs_api`` (the API's
+submit, with its per-project quotas, and read/list/cancel/events), ``_worker`` (claim,
+heartbeat, transition, progress, outputs, release) and ``_reconciler`` (orphans and expired
+leases). The records, errors and cursors they hand out are in ``_records``. Import everything
+from ``service.store``; the private modules are not an interface.
 """
 
 from __future__ import annotations
 
-from service.store._jobs_api import JobsApiMixin
+from service.store._jobs_api import QUOTA_RUNNING_STATES, JobsApiMixin
 from service.store._projects import ProjectsMixin
 from service.store._reconciler import ReconcilerMixin
 from service.store._records import (
     CLAIM_EVENT_PREFIX,
     EVENT_INFO,
     EVENT_TRANSITION,
+    ApiKeyExpired,
+    ApiKeyNotFound,
+    ApiKeyRecord,
+    ApiKeyRejected,
+    ApiKeyRevoked,
     EventRecord,
     HeartbeatResult,
     IdempotencyConflict,
     InvalidCursor,
     JobAlreadyFinished,
     JobNotFound,
+    JobQuotas,
     JobRecord,
     ProjectRecord,
+    QuotaExceeded,
     StoreError,
     decode_cursor,
     encode_cursor,
@@ -48,15 +56,23 @@ __all__ = [
     "CLAIM_EVENT_PREFIX",
     "EVENT_INFO",
     "EVENT_TRANSITION",
+    "QUOTA_RUNNING_STATES",
+    "ApiKeyExpired",
+    "ApiKeyNotFound",
+    "ApiKeyRecord",
+    "ApiKeyRejected",
+    "ApiKeyRevoked",
     "EventRecord",
     "HeartbeatResult",
     "IdempotencyConflict",
     "InvalidCursor",
     "JobAlreadyFinished",
     "JobNotFound",
+    "JobQuotas",
     "JobRecord",
     "JobStore",
     "ProjectRecord",
+    "QuotaExceeded",
     "StoreError",
     "decode_cursor",
     "encode_cursor",

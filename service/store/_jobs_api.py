@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from maskd_core.spec import JobSpec
 from service.lifecycle import RUNNING, TERMINAL, JobState
-from service.models import Job, JobEvent
+from service.models import Job, JobEvent, Project
 from service.store._base import StoreBase
 from service.store._records import (
     EVENT_TRANSITION,
@@ -23,7 +24,9 @@ from service.store._records import (
     IdempotencyConflict,
     JobAlreadyFinished,
     JobNotFound,
+    JobQuotas,
     JobRecord,
+    QuotaExceeded,
     decode_cursor,
     encode_cursor,
     event_record,
@@ -31,18 +34,32 @@ from service.store._records import (
     spec_fingerprint,
 )
 
+QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
+"""The states that count against ``JobQuotas.max_running``: the job holds a worker."""
+
 
 class JobsApiMixin(StoreBase):
     """``JobStore``'s methods for the HTTP API."""
 
     def create_job(
-        self, project_id: str, spec: JobSpec, idempotency_key: str | None = None
+        self,
+        project_id: str,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        *,
+        quotas: JobQuotas | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new QUEUED job; returns ``(job, created)``.
 
         With an ``idempotency_key`` already used in this project, the earlier job is returned
         (``created`` False) when the spec is the same, and ``IdempotencyConflict`` is raised
         when it differs. The caller dispatches only when ``created`` is True.
+
+        With ``quotas``, a new job that would go over them raises ``QuotaExceeded`` and
+        nothing is stored; a replay is never refused. The count and the insert happen in one
+        transaction holding the project's row lock (``SELECT ... FOR NO KEY UPDATE`` on
+        PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers), so concurrent
+        submissions cannot all slip under the quota.
         """
         fingerprint = spec_fingerprint(spec)
         if idempotency_key is not None:
@@ -68,6 +85,10 @@ class JobsApiMixin(StoreBase):
         )
         try:
             with self._sessions.begin() as session:
+                if quotas is not None and quotas.enabled:
+                    earlier = self._check_quotas(session, project_id, quotas, idempotency_key)
+                    if earlier is not None:
+                        return self._replay(earlier, idempotency_key or "", fingerprint), False
                 session.add(job)
                 session.flush()
                 event = self._add_event(
@@ -193,6 +214,57 @@ class JobsApiMixin(StoreBase):
             job = self._locked(session, job_id)
             if job is not None:
                 job.dispatched_at = self._clock()
+
+    def check_quotas(
+        self, project_id: str, quotas: JobQuotas, idempotency_key: str | None = None
+    ) -> None:
+        """Raise ``QuotaExceeded`` if a new job of the project would go over ``quotas`` now,
+        unless ``idempotency_key`` already names one of its jobs (a replay).
+
+        A cheap early answer that takes no lock, so the API can refuse before it validates a
+        spec; ``create_job`` checks again when it stores the job, which is what counts.
+        """
+        if not quotas.enabled:
+            return
+        with self._sessions.begin() as session:
+            self._check_quotas(session, project_id, quotas, idempotency_key, lock=False)
+
+    def _check_quotas(
+        self,
+        session: Session,
+        project_id: str,
+        quotas: JobQuotas,
+        idempotency_key: str | None,
+        *,
+        lock: bool = True,
+    ) -> JobRecord | None:
+        """Lock the project's row, then raise ``QuotaExceeded`` if a new job would go over
+        ``quotas``. Returns the job an ``idempotency_key`` already made when a concurrent
+        submission stored it while this one waited for the lock: that is a replay."""
+        if lock:
+            session.get(Project, project_id, with_for_update={"key_share": True})
+        if idempotency_key is not None:
+            earlier = session.scalars(
+                select(Job).where(
+                    Job.project_id == project_id, Job.idempotency_key == idempotency_key
+                )
+            ).one_or_none()
+            if earlier is not None:
+                return self._record_with_transitions(session, earlier)
+        counted = [state.value for state in (JobState.QUEUED, *QUOTA_RUNNING_STATES)]
+        rows = session.execute(
+            select(Job.state, func.count())
+            .where(Job.project_id == project_id, Job.state.in_(counted))
+            .group_by(Job.state)
+        )
+        counts = {state: count for state, count in rows}
+        queued = counts.get(JobState.QUEUED.value, 0)
+        running = sum(counts.get(state.value, 0) for state in QUOTA_RUNNING_STATES)
+        if quotas.max_queued > 0 and queued >= quotas.max_queued:
+            raise QuotaExceeded("queued_jobs", quotas.max_queued, queued)
+        if quotas.max_running > 0 and running >= quotas.max_running:
+            raise QuotaExceeded("running_jobs", quotas.max_running, running)
+        return None
 
     def _job_by_idempotency_key(self, project_id: str, key: str) -> JobRecord | None:
         with self._sessions.begin() as session:

@@ -7,14 +7,23 @@ the project name, constant-cost key checks) and touches no job rows.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
 from service import security
 from service.models import ApiKey, Project
 from service.store._base import StoreBase
-from service.store._records import ProjectRecord, project_record
+from service.store._records import (
+    ApiKeyExpired,
+    ApiKeyNotFound,
+    ApiKeyRecord,
+    ApiKeyRevoked,
+    ProjectRecord,
+    api_key_record,
+    project_record,
+)
 
 # Compared against when a key's prefix is unknown, so that case costs the same as a bad secret.
 _UNKNOWN_KEY_HASH = security.hash_api_key("mk_unknown_unknown")
@@ -40,9 +49,18 @@ class ProjectsMixin(StoreBase):
                 raise
             return raced
 
-    def create_api_key(self, project_name: str) -> str:
+    def create_api_key(self, project_name: str, *, expires_at: datetime | None = None) -> str:
         """A new key for the project (created if missing). The plaintext is returned once
-        and only its hash is kept, so a lost key is replaced, never recovered."""
+        and only its hash is kept, so a lost key is replaced, never recovered.
+
+        With ``expires_at`` (an aware time, later than now) the key stops working then.
+        """
+        now = self._clock()
+        if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
+            raise ValueError(
+                f"expires_at must be a time zone-aware moment after now ({now.isoformat()}), "
+                f"got {expires_at.isoformat()}"
+            )
         project = self.create_project(project_name)
         generated = security.generate_api_key()
         with self._sessions.begin() as session:
@@ -52,13 +70,20 @@ class ProjectsMixin(StoreBase):
                     project_id=project.id,
                     prefix=generated.prefix,
                     key_hash=generated.key_hash,
-                    created_at=self._clock(),
+                    created_at=now,
+                    expires_at=expires_at,
                 )
             )
         return generated.plaintext
 
     def authenticate(self, key: str) -> ProjectRecord | None:
-        """The project a key belongs to, or None for an unknown, malformed or wrong key."""
+        """The project a key belongs to, or None for an unknown, malformed or wrong key.
+
+        The key's row is read on every call, so a revocation counts from the next request.
+        A key whose secret matches but which was revoked or has expired raises
+        ``ApiKeyRevoked`` or ``ApiKeyExpired``. Every path compares one hash, so the time
+        taken does not tell an unknown prefix from a wrong secret.
+        """
         prefix = security.key_prefix(key)
         with self._sessions.begin() as session:
             row = session.execute(
@@ -72,7 +97,42 @@ class ProjectsMixin(StoreBase):
         api_key, project = row
         if not security.key_matches(key, api_key.key_hash):
             return None
+        if api_key.revoked_at is not None:
+            raise ApiKeyRevoked(api_key.prefix, api_key.revoked_at)
+        if api_key.expires_at is not None and api_key.expires_at <= self._clock():
+            raise ApiKeyExpired(api_key.prefix, api_key.expires_at)
         return project_record(project)
+
+    def list_api_keys(self, project_name: str | None = None) -> list[ApiKeyRecord]:
+        """Every key (of ``project_name`` only, when given), oldest first; revoked and
+        expired keys included. An unknown project has no keys."""
+        query = select(ApiKey, Project).join(Project, Project.id == ApiKey.project_id)
+        if project_name is not None:
+            query = query.where(Project.name == project_name)
+        query = query.order_by(ApiKey.created_at, ApiKey.id)
+        with self._sessions.begin() as session:
+            return [api_key_record(api_key, project) for api_key, project in session.execute(query)]
+
+    def revoke_api_key(self, id_or_prefix: str) -> tuple[ApiKeyRecord, bool]:
+        """Revoke the key with this id or prefix (``abc123``, ``mk_abc123`` or the whole key);
+        returns ``(key, revoked_now)``. Revoking a revoked key changes nothing (its first
+        revocation time is kept; ``revoked_now`` is False). Raises ``ApiKeyNotFound``."""
+        wanted = id_or_prefix.strip()
+        prefix = security.key_prefix(wanted) or security.key_prefix(f"{wanted}_x") or wanted
+        with self._sessions.begin() as session:
+            row = session.execute(
+                select(ApiKey, Project)
+                .join(Project, Project.id == ApiKey.project_id)
+                .where(or_(ApiKey.id == wanted, ApiKey.prefix == prefix))
+                .with_for_update(of=ApiKey)
+            ).one_or_none()
+            if row is None:
+                raise ApiKeyNotFound(id_or_prefix)
+            api_key, project = row
+            revoked_now = api_key.revoked_at is None
+            if revoked_now:
+                api_key.revoked_at = self._clock()
+            return api_key_record(api_key, project), revoked_now
 
     def get_project(self, project_id: str) -> ProjectRecord | None:
         """The project by id: workers need its name, the tenant key in MLflow's registry."""

@@ -16,12 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from maskd_core.spec import JobSpec
+from service import security
 from service.lifecycle import TERMINAL, FailureKind, JobState
-from service.models import Job, JobEvent, Project
+from service.models import ApiKey, Job, JobEvent, Project
 
 EVENT_TRANSITION = "transition"
 EVENT_INFO = "info"
 CLAIM_EVENT_PREFIX = "claimed by worker "
+KEY_DISPLAY_PREFIX = f"{security.KEY_SCHEME}_"
 """How a claim's event begins; ``service.metrics`` finds claims (claim latency) by it."""
 
 
@@ -63,11 +65,116 @@ class InvalidCursor(StoreError, ValueError):  # noqa: N818 - reads as the condit
     """A list cursor that this store did not produce."""
 
 
+class ApiKeyNotFound(StoreError):  # noqa: N818 - reads as the condition it reports
+    """No API key has this id or prefix."""
+
+    def __init__(self, id_or_prefix: str) -> None:
+        super().__init__(
+            f"no API key with id or prefix {id_or_prefix!r}; `maskd admin list-keys` shows "
+            "every key's id and prefix"
+        )
+        self.id_or_prefix = id_or_prefix
+
+
+class ApiKeyRejected(StoreError):  # noqa: N818 - the base of the two refusals below
+    """A correct key (the secret matched) that may no longer be used: revoked or expired.
+
+    Raised only once the whole key matched, so guessing a prefix tells nothing about it.
+    The message names the key's public prefix and when it ended, never its project.
+    """
+
+    def __init__(self, message: str, prefix: str, at: datetime) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+        self.at = at
+
+
+class ApiKeyRevoked(ApiKeyRejected):
+    def __init__(self, prefix: str, revoked_at: datetime) -> None:
+        super().__init__(
+            f"API key {KEY_DISPLAY_PREFIX}{prefix} was revoked at {revoked_at.isoformat()}",
+            prefix,
+            revoked_at,
+        )
+
+
+class ApiKeyExpired(ApiKeyRejected):
+    def __init__(self, prefix: str, expired_at: datetime) -> None:
+        super().__init__(
+            f"API key {KEY_DISPLAY_PREFIX}{prefix} expired at {expired_at.isoformat()}",
+            prefix,
+            expired_at,
+        )
+
+
+@dataclass(frozen=True)
+class JobQuotas:
+    """Per-project limits checked when a job is submitted; 0 means unlimited.
+
+    ``max_queued``: jobs in QUEUED. ``max_running``: jobs holding a worker (STAGE1, STAGE2,
+    REGISTERING, CANCELLING).
+    """
+
+    max_queued: int = 0
+    max_running: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_queued > 0 or self.max_running > 0
+
+
+class QuotaExceeded(StoreError):  # noqa: N818 - reads as the condition it reports
+    """A submission would go over one of the project's ``JobQuotas``; nothing was stored.
+
+    ``quota`` is ``"queued_jobs"`` or ``"running_jobs"``; ``limit`` its value; ``current`` how
+    many such jobs the project has now.
+    """
+
+    def __init__(self, quota: str, limit: int, current: int) -> None:
+        what, until = (
+            ("queued", "some of them start") if quota == "queued_jobs" else ("running", "one ends")
+        )
+        jobs = "job" if current == 1 else "jobs"
+        super().__init__(
+            f"quota reached: this project has {current} {what} {jobs} and may have at most "
+            f"{limit}; wait until {until} (or cancel some), then submit again"
+        )
+        self.quota = quota
+        self.limit = limit
+        self.current = current
+
+
 @dataclass(frozen=True)
 class ProjectRecord:
     id: str
     name: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """What may be shown about an API key: never the secret, nor its hash."""
+
+    id: str
+    prefix: str
+    project_id: str
+    project_name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def display_prefix(self) -> str:
+        """How the key begins, as its holder sees it (``mk_<prefix>``)."""
+        return f"{KEY_DISPLAY_PREFIX}{self.prefix}"
+
+    def status(self, now: datetime) -> str:
+        """``"revoked"``, ``"expired"`` or ``"active"`` at ``now``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
 
 
 @dataclass(frozen=True)
@@ -143,13 +250,19 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
         when = datetime.fromisoformat(created_at)
-    except (binascii.Error, ValueError, TypeError) as error:
+    except (binascii.Error, ValueError, TypeError, RecursionError) as error:
         raise InvalidCursor(
             "cursor is not valid: pass the next_cursor of the previous page unchanged, or "
             "leave it out to start from the newest job"
         ) from error
-    if when.tzinfo is None or not isinstance(job_id, str):
+    if when.tzinfo is None or not isinstance(job_id, str) or "\x00" in job_id:
         raise InvalidCursor("cursor is not valid: pass the next_cursor of the previous page")
+    try:
+        when = when.astimezone(UTC)  # as stored; a time beyond the year 9999 there cannot be
+    except OverflowError:
+        raise InvalidCursor(
+            "cursor is not valid: pass the next_cursor of the previous page"
+        ) from None
     return when, job_id
 
 
@@ -163,6 +276,18 @@ def lease_live(job: Job, now: datetime) -> bool:
 
 def project_record(project: Project) -> ProjectRecord:
     return ProjectRecord(id=project.id, name=project.name, created_at=project.created_at)
+
+
+def api_key_record(api_key: ApiKey, project: Project) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        id=api_key.id,
+        prefix=api_key.prefix,
+        project_id=project.id,
+        project_name=project.name,
+        created_at=api_key.created_at,
+        expires_at=api_key.expires_at,
+        revoked_at=api_key.revoked_at,
+    )
 
 
 def event_record(event: JobEvent) -> EventRecord:

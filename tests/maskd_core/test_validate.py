@@ -119,11 +119,12 @@ def test_input_paths_lists_every_local_file_without_reading_it() -> None:
             "student": {"arch": "fcos", "weights": "models:/p.s@champion", "layers": ["backbone"]},
         }
     )
-    assert input_paths(spec) == {
-        "teacher.weights": "/nowhere/teacher.pt",
-        "teacher.args.backbone_weights": "/nowhere/r18.pt",
-        "dataset.args.annotations": "/nowhere/a.json",
-        "dataset.args.images": "/nowhere/img",
+    found = {item.field: (item.given, item.path, item.root) for item in input_paths(spec)}
+    assert found == {
+        "teacher.weights": ("/nowhere/teacher.pt", Path("/nowhere/teacher.pt"), None),
+        "teacher.args.backbone_weights": ("/nowhere/r18.pt", Path("/nowhere/r18.pt"), None),
+        "dataset.args.annotations": ("/nowhere/a.json", Path("/nowhere/a.json"), None),
+        "dataset.args.images": ("/nowhere/img", Path("/nowhere/img"), None),
     }
 
 

@@ -24,10 +24,10 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from service.api.deps import DispatcherDep, EngineDep, SettingsDep
-from service.api.schemas import Health, Readiness
+from service.api.schemas import Health, Readiness, error_responses
 from service.db import check_schema_current
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=error_responses(413))
 
 
 @router.get("/healthz")

@@ -23,10 +23,19 @@ from kombu.exceptions import OperationalError as BrokerError
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
 from service.api.deps import CurrentProject, DispatcherDep, MetricsDep, SettingsDep, StoreDep
-from service.api.schemas import EventOut, EventPage, JobOut, JobPage
+from service.api.params import INT64_MAX, UtcTime
+from service.api.schemas import (
+    EventOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    QuotaErrorOut,
+    error_responses,
+)
 from service.config import Settings
 from service.inputs import check_input_paths
 from service.lifecycle import JobState
+from service.limits import limits_exceeded
 from service.logs import bind_job
 from service.metrics import ApiMetrics, RegistryOutcome
 from service.model_uris import MODELS_SCHEME, resolve_registry_weights
@@ -35,8 +44,10 @@ from service.store import (
     InvalidCursor,
     JobAlreadyFinished,
     JobNotFound,
+    JobQuotas,
     JobRecord,
     JobStore,
+    QuotaExceeded,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,13 +67,51 @@ async def _job_in_logs(request: Request) -> None:
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(_job_in_logs)])
 
 KEEPALIVE_SECONDS = 15.0
-_ERROR = {"description": "What is wrong and how to fix it.", "content": {"application/json": {}}}
+QUOTA_RETRY_AFTER_SECONDS = 60
+"""The ``Retry-After`` of a submission refused by a quota: jobs take minutes, so a minute."""
+_JOB_LINKS = {
+    # For clients and stateful API tests: what the job's id opens. (Not the event stream,
+    # which stays open until the job ends.)
+    "GetJob": {
+        "operationId": "get_job_v1_jobs__job_id__get",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+    "CancelJob": {
+        "operationId": "cancel_job_v1_jobs__job_id__cancel_post",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+    "ListEvents": {
+        "operationId": "list_events_v1_jobs__job_id__events_get",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+}
+_QUOTA_ERROR = {
+    "description": "A project quota (MASKD_MAX_QUEUED_JOBS_PER_PROJECT or "
+    "MASKD_MAX_RUNNING_JOBS_PER_PROJECT) is reached; nothing was stored. `detail` holds "
+    "`quota` (`queued_jobs` or `running_jobs`), its `limit`, the project's `current` count "
+    "and a `message`. Retry after `Retry-After` seconds.",
+    "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    "content": {"application/json": {}},
+}
 
 
 def job_not_found(job_id: str) -> HTTPException:
     return HTTPException(
         status_code=status.HTTP_404_NOT_FOUND,
         detail=f"job {job_id} not found in this project; list your jobs with GET /v1/jobs",
+    )
+
+
+def quota_exceeded(error: QuotaExceeded) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+        detail={
+            "message": str(error),
+            "quota": error.quota,
+            "limit": error.limit,
+            "current": error.current,
+        },
+        headers={"Retry-After": str(QUOTA_RETRY_AFTER_SECONDS)},
     )
 
 
@@ -80,9 +129,20 @@ def validate_spec(
 
     Imported here rather than at module level because it pulls in torch, which the API should
     only load once a job is actually submitted.
+
+    The service's limits (``service.limits``: steps, batch size, image sizes, ...) come first
+    of all, so an absurd spec costs no dry run.
     """
     from maskd_core.validate import validate_job
 
+    exceeded = limits_exceeded(spec, settings)
+    if exceeded:
+        raise RequestValidationError(
+            [
+                {"loc": ["body", *problem.loc], "msg": problem.message, "type": "limit_exceeded"}
+                for problem in exceeded
+            ]
+        )
     try:
         check_input_paths(spec, project, settings)
         validate_job(_resolved_weights(spec, project, settings, metrics))
@@ -122,9 +182,14 @@ def _resolved_weights(
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"model": JobOut, "description": "Replay: this Idempotency-Key made this job."},
-        409: _ERROR,
-        422: _ERROR,
+        200: {
+            "model": JobOut,
+            "description": "Replay: this Idempotency-Key made this job.",
+            "links": _JOB_LINKS,
+        },
+        201: {"description": "The job, QUEUED.", "links": _JOB_LINKS},
+        **error_responses(400, 409),
+        429: {**_QUOTA_ERROR, "model": QuotaErrorOut},
     },
 )
 def submit_job(
@@ -148,12 +213,23 @@ def submit_job(
 
     Nothing is stored when validation fails. If the broker is unreachable the job is still
     accepted: it stays QUEUED and the reconciler sends it once the broker is back.
+
+    Over a project quota the answer is 429 with ``Retry-After``: checked cheaply before the
+    validation (so a tenant at its quota costs no dry runs), and again, authoritatively, in
+    the transaction that stores the job. A replay of an existing job is never refused.
     """
-    validate_spec(spec, project.name, settings, metrics)
+    quotas = JobQuotas(
+        max_queued=settings.max_queued_jobs_per_project,
+        max_running=settings.max_running_jobs_per_project,
+    )
     try:
-        job, created = store.create_job(project.id, spec, idempotency_key)
+        store.check_quotas(project.id, quotas, idempotency_key)
+        validate_spec(spec, project.name, settings, metrics)
+        job, created = store.create_job(project.id, spec, idempotency_key, quotas=quotas)
     except IdempotencyConflict as error:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
+    except QuotaExceeded as error:
+        raise quota_exceeded(error) from error
     bind_job(job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -168,7 +244,7 @@ def submit_job(
     return JobOut.from_record(job)
 
 
-@router.get("", responses={422: _ERROR})
+@router.get("")
 def list_jobs(
     project: CurrentProject,
     store: StoreDep,
@@ -177,10 +253,10 @@ def list_jobs(
     ] = None,
     name: Annotated[str | None, Query(description="Only jobs with exactly this name.")] = None,
     created_after: Annotated[
-        datetime | None, Query(description="Only jobs created after this time (UTC if no zone).")
+        UtcTime | None, Query(description="Only jobs created after this time (UTC if no zone).")
     ] = None,
     created_before: Annotated[
-        datetime | None, Query(description="Only jobs created before this time (UTC if no zone).")
+        UtcTime | None, Query(description="Only jobs created before this time (UTC if no zone).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     cursor: Annotated[
@@ -205,7 +281,7 @@ def list_jobs(
     return JobPage(data=[JobOut.from_record(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", responses={404: _ERROR})
+@router.get("/{job_id}", responses=error_responses(404))
 def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
     """The job's spec, state, progress, metrics, transitions, failure reason and outputs."""
     job = store.get_job(project.id, job_id)
@@ -217,7 +293,7 @@ def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
 @router.post(
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={404: _ERROR, 409: _ERROR},
+    responses=error_responses(404, 409),
 )
 def cancel_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
     """Stop a job: a queued one is CANCELLED at once, a running one goes CANCELLING and stops
@@ -232,12 +308,14 @@ def cancel_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
     return JobOut.from_record(job)
 
 
-@router.get("/{job_id}/events", responses={404: _ERROR})
+@router.get("/{job_id}/events", responses=error_responses(404))
 def list_events(
     job_id: str,
     project: CurrentProject,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=INT64_MAX, description="Only events with a larger id.")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 1000,
 ) -> EventPage:
     """The job's history, oldest first: transitions and notes such as stage starts/resumes."""
@@ -251,7 +329,7 @@ def list_events(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: _ERROR},
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)},
 )
 def stream_events(
     job_id: str,
@@ -259,9 +337,12 @@ def stream_events(
     project: CurrentProject,
     store: StoreDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=INT64_MAX, description="Only events with a larger id.")
+    ] = 0,
     last_event_id: Annotated[
-        int | None, Header(ge=0, description="Sent by EventSource when it reconnects.")
+        int | None,
+        Header(ge=0, le=INT64_MAX, description="Sent by EventSource when it reconnects."),
     ] = None,
 ) -> StreamingResponse:
     """Server-sent events: ``transition``/``info`` events as they are written (``id`` is the

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import MetricsDep
+from service.api.schemas import error_responses
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=error_responses(413))
 
 
 @router.get(

@@ -12,26 +12,33 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
-from fastapi import APIRouter, Body, HTTPException, status
+from fastapi import APIRouter, Body, HTTPException, Path, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 from service.api.deps import CurrentProject, MetricsDep, SettingsDep
-from service.api.schemas import ModelVersionOut, RegisteredModelOut
+from service.api.params import ModelVersionNumber, version_or_alias
+from service.api.schemas import ModelVersionOut, RegisteredModelOut, error_responses
 from service.metrics import ApiMetrics, RegistryOutcome
 from service.model_registry import InvalidAliasError, ModelNotFoundError, ModelRegistry
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(404))
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 VersionPath = Annotated[
-    str, Field(description="A version number, or an alias written '@champion'.")
+    str,
+    Path(
+        pattern=r"^([0-9]{1,10}|@.+)$",
+        description="A version number, or an alias written '@champion'.",
+    ),
+    AfterValidator(version_or_alias),
 ]
 
 
@@ -46,7 +53,9 @@ class VersionList(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    version: str = Field(pattern=r"^[0-9]+$", examples=["3"], description="Version number.")
+    version: ModelVersionNumber = Field(
+        pattern=r"^[0-9]+$", examples=["3"], description="Version number."
+    )
 
 
 @lru_cache(maxsize=4)
@@ -163,6 +172,7 @@ async def download_weights(
     "/{name}/aliases/{alias}",
     response_model=ModelVersionOut,
     summary="Point an alias (e.g. champion) at a version; returns that version",
+    responses=error_responses(400),
 )
 async def set_alias(
     name: str,
@@ -178,7 +188,7 @@ async def set_alias(
     except ModelNotFoundError as error:
         raise _not_found(error) from None
     except InvalidAliasError as error:
-        raise HTTPException(
-            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)
+        raise RequestValidationError(
+            [{"loc": ("path", "alias"), "msg": str(error), "type": "invalid_alias"}]
         ) from None
     return await _described(registry, moved, metrics)
