@@ -131,12 +131,14 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from maskd_core.comparison import comparison_markdown
     from maskd_core.errors import SpecError
-    from maskd_core.runner import run_job
 
     try:
+        # Read before torch is imported (seconds), so a bad file is refused at once.
         spec = load_spec(args.job)
+        from maskd_core.comparison import comparison_markdown
+        from maskd_core.runner import run_job
+
         if spec.comparison is not None and args.baseline:
             raise SpecError(
                 "--baseline is for single-method jobs; a comparison lists method 'none' "

@@ -19,6 +19,10 @@ from maskd_core.errors import SpecError, UnknownNameError
 T = TypeVar("T")
 
 
+MAX_LISTED_PROBLEMS = 10
+"""How many invalid arguments an error message lists; it counts the rest."""
+
+
 class NoArgs(BaseModel):
     """Argument model for entries that take no arguments."""
 
@@ -67,10 +71,13 @@ class Registry(Generic[T]):
         try:
             return entry.args.model_validate(dict(args))
         except ValidationError as exc:
+            errors = exc.errors()
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or '(args)'}: {err['msg']}"
-                for err in exc.errors()
+                for err in errors[:MAX_LISTED_PROBLEMS]
             )
+            if len(errors) > MAX_LISTED_PROBLEMS:  # a message, not an echo of a hostile input
+                problems += f"; and {len(errors) - MAX_LISTED_PROBLEMS} more"
             allowed = ", ".join(entry.args.model_fields) or "none"
             raise SpecError(
                 f"invalid arguments for {self.kind} {name!r}: {problems}. Allowed arguments: "

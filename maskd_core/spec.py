@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import islice
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
@@ -25,6 +26,17 @@ TaskName = Literal["segmentation", "detection"]
 INT64_MAX = 2**63 - 1
 """The largest integer a spec may hold anywhere: what PostgreSQL's BIGINT, a torch seed and
 every step counter can represent. No job needs more, and no system downstream can store it."""
+
+NAME_LENGTH = 128
+"""The longest registry name (architecture, dataset, method) a spec may give."""
+
+LAYER_NAME_LENGTH = 512
+"""The longest layer name: a dotted module path (``backbone.body.layer4.2.conv3``)."""
+
+INT64_MESSAGE = (
+    "must lie between -(2**63 - 1) and 2**63 - 1, the largest integers a job's database and "
+    "processes hold"
+)
 
 MAX_NESTING = 64
 """How deeply a spec may nest, free-form ``args``/``params`` included (the typed part uses six
@@ -47,9 +59,9 @@ class StrictModel(BaseModel):
     @classmethod
     def _plain_data(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            problems = list(_impossible_values(data, ()))
+            problems = list(islice(_impossible_values(data, ()), 20))  # the first 20 say enough
             if problems:
-                raise ValidationError.from_exception_data(cls.__name__, problems[:20])
+                raise ValidationError.from_exception_data(cls.__name__, problems)
         return data
 
 
@@ -70,13 +82,7 @@ def _impossible_values(
         return
     elif isinstance(value, int):
         if not -INT64_MAX <= value <= INT64_MAX:
-            yield _problem(
-                "int64_range",
-                "must lie between -(2**63 - 1) and 2**63 - 1, the largest integers a job's "
-                "database and processes hold",
-                loc,
-                value,
-            )
+            yield _problem("int64_range", INT64_MESSAGE, loc, value)
     elif isinstance(value, float):
         if not math.isfinite(value):
             yield _problem(
@@ -136,7 +142,9 @@ def _problem(kind: str, message: str, loc: tuple[str | int, ...], value: Any) ->
 class ModelSpec(StrictModel):
     """A network built by name from the model registry, with optional weights."""
 
-    arch: str = Field(description="Name in the model registry, e.g. 'seg_tiny_teacher'.")
+    arch: str = Field(
+        max_length=NAME_LENGTH, description="Name in the model registry, e.g. 'seg_tiny_teacher'."
+    )
     args: dict[str, JsonValue] = Field(
         default_factory=dict, description="Arguments of the architecture (see its registry entry)."
     )
@@ -145,7 +153,7 @@ class ModelSpec(StrictModel):
         description="A local state-dict file (loaded with weights_only=True), or none for "
         "random initialisation.",
     )
-    layers: list[str] = Field(
+    layers: list[Annotated[str, Field(max_length=LAYER_NAME_LENGTH)]] = Field(
         min_length=1,
         description="Module names whose outputs are distilled, paired by position between "
         "teacher and student. A module returning a tuple or dict (FPN) yields one level per "
@@ -155,7 +163,9 @@ class ModelSpec(StrictModel):
 
 class DatasetSpec(StrictModel):
     name: str = Field(
-        default="procedural_shapes", description="Name in the dataset registry for the task."
+        default="procedural_shapes",
+        max_length=NAME_LENGTH,
+        description="Name in the dataset registry for the task.",
     )
     args: dict[str, JsonValue] = Field(default_factory=dict)
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -203,6 +213,7 @@ class MethodSpec(StrictModel):
 
     name: str = Field(
         default="maskd",
+        max_length=NAME_LENGTH,
         description="'maskd' (default), 'none', 'fitnet', 'mgd' or 'amd'; see docs/methods.md.",
     )
     params: dict[str, JsonValue] = Field(

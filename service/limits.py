@@ -38,7 +38,7 @@ def limits_exceeded(spec: JobSpec, settings: Settings) -> list[LimitExceeded]:
 
 
 def _exceeded(spec: JobSpec, settings: Settings) -> Iterator[LimitExceeded]:
-    def over(loc: tuple[str | int, ...], value: int, limit: int, setting: str) -> LimitExceeded:
+    def over(loc: tuple[str | int, ...], value: float, limit: int, setting: str) -> LimitExceeded:
         field = ".".join(str(part) for part in loc)
         return LimitExceeded(
             loc,
@@ -79,12 +79,13 @@ def _exceeded(spec: JobSpec, settings: Settings) -> Iterator[LimitExceeded]:
 
 def _sides(
     loc: tuple[str | int, ...], value: JsonValue
-) -> Iterator[tuple[tuple[str | int, ...], int]]:
-    """The integers of a size argument (an int or a list of them), by location. Anything else
-    is left to the argument's own model, which the dry run reports."""
-    if isinstance(value, int) and not isinstance(value, bool):
+) -> Iterator[tuple[tuple[str | int, ...], float]]:
+    """The numbers of a size argument (a number or a list of them), by location: a float too,
+    which the argument's model would take as an int (1e9). Anything else is left to that model,
+    which the dry run reports."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         yield loc, value
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            if isinstance(item, int) and not isinstance(item, bool):
+            if isinstance(item, int | float) and not isinstance(item, bool):
                 yield (*loc, index), item

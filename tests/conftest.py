@@ -170,9 +170,15 @@ def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
+)
 def database_url(request: pytest.FixtureRequest) -> str:
-    """A database at the head revision, once on SQLite and once on PostgreSQL."""
+    """A database at the head revision, once on SQLite and once on PostgreSQL.
+
+    The PostgreSQL run counts as slow: `make test-fast` checks the logic on SQLite, and
+    `make test` (CI) checks it on both.
+    """
     url: str = request.getfixturevalue(
         "sqlite_url" if request.param == "sqlite" else "migrated_postgres_url"
     )

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def refuse_nul_characters(request: Request) -> None:
+async def refuse_nul_characters(request: Request) -> None:
     """A dependency of every ``/v1`` route: no path, query or header value may hold a NUL.
 
     It runs before the route's own dependencies (authentication included), so nothing passes

@@ -242,7 +242,7 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorOut(BaseModel):
-    """A 422: one entry per problem, and all of them on one line in ``message``."""
+    """A 422: one entry per problem (the first 50), and all of them on one line in ``message``."""
 
     detail: list[FieldError]
     message: str = Field(description="Every problem on one line, for a terminal.")
@@ -266,14 +266,22 @@ INVALID_REQUEST_HINT = (
 )
 
 
+MAX_LISTED_PROBLEMS = 50
+"""How many problems a 422 lists; ``message`` counts the rest (a list of 100,000 bad values
+gets an answer of a few KiB, not one larger than the request)."""
+
+
 def validation_error_body(problems: list[FieldError]) -> dict[str, Any]:
     """The body of every 422 the API sends, as ``ValidationErrorOut`` describes it."""
+    listed = problems[:MAX_LISTED_PROBLEMS]
     summary = "; ".join(
         f"{'.'.join(str(part) for part in problem.loc) or 'request'}: {problem.msg}"
-        for problem in problems
+        for problem in listed
     )
+    if len(problems) > len(listed):
+        summary += f"; and {len(problems) - len(listed)} more problems"
     body = ValidationErrorOut(
-        detail=problems, message=f"invalid request: {summary}. {INVALID_REQUEST_HINT}"
+        detail=listed, message=f"invalid request: {summary}. {INVALID_REQUEST_HINT}"
     )
     return body.model_dump(mode="json")
 
