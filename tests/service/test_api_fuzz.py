@@ -23,9 +23,9 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
-from sqlalchemy import delete
 from schemathesis import GenerationMode
 from service_testkit import spec_body
+from sqlalchemy import delete
 
 from maskd_core.spec import JobSpec
 from maskd_core.validate import validate_job
