@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="How often a running job renews its lease and checks for a cancel "
         "request. Must be well below lease_seconds.",
     )
+    cancel_poll_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often a running job reads whether it was cancelled, between "
+        "heartbeats: a cancel stops training within this plus one training step.",
+    )
     redispatch_after_seconds: int = Field(
         default=300,
         gt=0,

@@ -21,6 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_PACKAGE = "maskd_migrations"
 """``migrations/`` at the repository root, shipped in the wheel under this name."""
@@ -31,18 +32,20 @@ class SchemaOutdatedError(RuntimeError):
     """The database's schema revision is not the one this code was written for."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
     """An engine configured for the backend named by ``url``.
 
     For a SQLite file the parent folder is created, so the embedded default
-    (``sqlite:///var/maskd.db``) works in a fresh checkout.
+    (``sqlite:///var/maskd.db``) works in a fresh checkout. ``pooled=False`` closes each
+    connection after use: for a process that forks, whose children must not inherit open ones.
     """
     parsed = make_url(url)
+    pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=pooled, **pool)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    engine = create_engine(url, connect_args={"check_same_thread": False}, **pool)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_immediate)
     return engine

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from service.store import JobStore
+from service.store import HeartbeatResult, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,13 @@ _PRECEDENCE = list(StopReason)
 class LeaseKeeper:
     """Renews a job's lease every ``interval_seconds`` on a daemon thread.
 
-    A failing heartbeat (database briefly unreachable) is retried on the next tick; once no
-    heartbeat has succeeded for ``lease_seconds`` the lease must be presumed expired and taken
-    over, so the keeper reports it lost even though the database never said so. With
-    ``time_limit_seconds`` it also asks the run to stop once that long has passed since
-    ``start``.
+    Between renewals it reads the job every ``poll_seconds`` (a read without a lock or a
+    write), so a cancel reaches the training loop within ``poll_seconds`` plus one step
+    rather than at the next renewal. A failing heartbeat (database briefly unreachable) is
+    retried on the next tick; once no heartbeat has succeeded for ``lease_seconds`` the lease
+    must be presumed expired and taken over, so the keeper reports it lost even though the
+    database never said so. With ``time_limit_seconds`` it also asks the run to stop once
+    that long has passed since ``start``.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class LeaseKeeper:
         *,
         lease_seconds: float,
         interval_seconds: float,
+        poll_seconds: float | None = None,
         time_limit_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -64,6 +67,7 @@ class LeaseKeeper:
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._interval_seconds = interval_seconds
+        self._poll_seconds = min(poll_seconds or interval_seconds, interval_seconds)
         self._time_limit_seconds = time_limit_seconds
         self._clock = clock
         self._finished = threading.Event()
@@ -109,11 +113,17 @@ class LeaseKeeper:
                 self._stop_reason = reason
 
     def _run(self) -> None:
-        started = last_renewed = self._clock()
-        while not self._finished.wait(self._interval_seconds):
+        started = last_renewed = last_attempt = self._clock()
+        while not self._finished.wait(self._poll_seconds):
+            now = self._clock()
             limit = self._time_limit_seconds
-            if limit is not None and self._clock() - started >= limit:
+            if limit is not None and now - started >= limit:
                 self._set_reason(StopReason.TIME_LIMIT)
+            if now - last_attempt < self._interval_seconds:
+                if not self._keep_going(self._peek()):
+                    return
+                continue
+            last_attempt = now
             try:
                 result = self._store.heartbeat(self._job_id, self._worker_id, self._lease_seconds)
             except Exception:
@@ -128,9 +138,26 @@ class LeaseKeeper:
                     return
                 continue
             last_renewed = self._clock()
-            if not result.lease_held:
-                logger.warning("job %s: lease lost to another worker, stopping", self._job_id)
-                self._set_reason(StopReason.LEASE_LOST)
+            if not self._keep_going(result):
                 return
-            if result.cancel_requested:
-                self._set_reason(StopReason.CANCEL_REQUESTED)
+
+    def _peek(self) -> HeartbeatResult | None:
+        """The job's lease and cancel flags between heartbeats; None when the read failed
+        (the next heartbeat decides what an unreachable database means)."""
+        try:
+            return self._store.lease_status(self._job_id, self._worker_id)
+        except Exception:
+            logger.debug("lease status of job %s unreadable", self._job_id, exc_info=True)
+            return None
+
+    def _keep_going(self, result: HeartbeatResult | None) -> bool:
+        """Turns an answer into a stop reason; False once the lease is lost for good."""
+        if result is None:
+            return True
+        if not result.lease_held:
+            logger.warning("job %s: lease lost to another worker, stopping", self._job_id)
+            self._set_reason(StopReason.LEASE_LOST)
+            return False
+        if result.cancel_requested:
+            self._set_reason(StopReason.CANCEL_REQUESTED)
+        return True

@@ -3,10 +3,11 @@
 The core library knows nothing of databases; this is the bridge. Stage starts become lifecycle
 transitions and events (an event says whether a stage started afresh or resumed from a
 checkpoint, which is what users and tests read to tell a resume from a restart), steps become
-progress rows throttled to about one write a second so SQL never slows the training loop, and
-evaluations become metrics. The stage that starts becomes the ``stage`` of the job's log lines
-(``service.logs``). ``should_stop`` answers from the lease keeper, so a cancel or a lost
-lease reaches the loop within one step without the loop touching SQL.
+progress rows throttled to about one write a second so SQL never slows the training loop,
+evaluations become metrics, and every checkpoint moves the progress to its step. The stage that
+starts becomes the ``stage`` of the job's log lines (``service.logs``). ``should_stop`` answers
+from the lease keeper, so a cancel or a lost lease reaches the loop without the loop touching
+SQL.
 
 Progress and notes are best effort: a database hiccup must not fail hours of training (the lease
 keeper decides when the database has been gone too long). Transitions are not: a job whose
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -100,6 +102,11 @@ class StoreReporter(Callback):
         owner = name if name in self._totals else _STAGE_NAMES.get(self.state, name)
         self._write_progress(owner, self._steps.get(owner, step), metrics)
         self._note(f"{stage} evaluation at step {step}: {format_metrics(metrics)}")
+
+    def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
+        # Unthrottled: the progress a user reads after a cancel or a crash is the step the
+        # job will resume from, not an older one the throttle happened to keep.
+        self._write_progress(str(stage), step, {})
 
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._write_progress(str(stage), step, metrics)

@@ -4,7 +4,9 @@ Celery delivers at least once (a late-acked message comes back after a crash or 
 timeout, the reconciler re-sends lost ones), so the task makes each delivery safe on its own:
 it runs only after winning a compare-and-set claim on the job row, keeps the claim alive with a
 heartbeat, resumes from the checkpoints in the job's work directory, and records how the
-attempt ended (``workers.outcomes``). A delivery that loses the claim does nothing.
+attempt ended (``workers.outcomes``). A delivery that loses the claim does nothing; one whose
+job plainly cannot be claimed is dropped earlier, in the worker's parent, without using a pool
+process (``workers.delivery_gate``).
 
 torch, the core runner and MLflow are imported inside ``_run_claimed``, i.e. in the prefork
 child that runs the job, never in the worker's parent; so is ``workers.metrics`` (see there).
@@ -49,7 +51,12 @@ def new_worker_id() -> str:
 
 
 # Celery ships no type hints, so its decorator is untyped to mypy.
-@app.task(name="maskd.run_job", bind=True, acks_late=True)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    name="maskd.run_job",
+    bind=True,
+    acks_late=True,
+    Request="workers.delivery_gate:JobDeliveryRequest",
+)
 def run_job(self: Task, job_id: str) -> str:
     """Celery entry point; returns the state the job was left in (for worker logs only)."""
     settings = get_settings()
@@ -100,6 +107,7 @@ def _attempt(store: JobStore, settings: Settings, record: JobRecord, worker_id: 
         worker_id,
         lease_seconds=settings.lease_seconds,
         interval_seconds=settings.heartbeat_seconds,
+        poll_seconds=settings.cancel_poll_seconds,
         time_limit_seconds=settings.job_soft_time_limit_seconds,
     )
     try:

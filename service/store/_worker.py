@@ -6,7 +6,7 @@ Every write here is a compare-and-set against the lease owner, so a worker that 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.lifecycle import RUNNING, TERMINAL, FailureKind, JobState, can_transition
@@ -23,6 +23,20 @@ from service.store._records import (
 )
 
 _CANCEL_STATES = frozenset({JobState.CANCELLING, JobState.CANCELLED})
+
+
+def _claimable(job: Job, now: datetime) -> bool:
+    """QUEUED, or running with an expired lease (its worker is gone), and nobody holds it."""
+    state = JobState(job.state)
+    return (state == JobState.QUEUED or state in RUNNING) and not lease_live(job, now)
+
+
+def _lease_status(job: Job, worker_id: str) -> HeartbeatResult:
+    state = JobState(job.state)
+    return HeartbeatResult(
+        lease_held=job.lease_owner == worker_id and state not in TERMINAL,
+        cancel_requested=state in _CANCEL_STATES,
+    )
 
 
 class WorkerMixin(StoreBase):
@@ -46,12 +60,7 @@ class WorkerMixin(StoreBase):
         now = self._clock()
         with self._sessions.begin() as session:
             job = self._locked(session, job_id)
-            if job is None:
-                return None
-            state = JobState(job.state)
-            if state != JobState.QUEUED and state not in RUNNING:
-                return None
-            if lease_live(job, now):
+            if job is None or not _claimable(job, now):
                 return None
             job.lease_owner = worker_id
             job.lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -61,6 +70,27 @@ class WorkerMixin(StoreBase):
                 session, job.id, f"{CLAIM_EVENT_PREFIX}{worker_id}, attempt {job.attempt}", at=now
             )
             return self._record_with_transitions(session, job)
+
+    def claimable(self, job_id: str) -> bool:
+        """Whether ``claim`` could succeed now, read without a lock or a write.
+
+        For the worker's parent process, which drops a delivery nobody may run (a finished,
+        cancelled or unknown job, or one a live worker holds) without spending a pool process
+        on it. Only a hint: a job that is claimable here may be claimed by another worker
+        before this one's ``claim``, which stays the one that decides.
+        """
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            return job is not None and _claimable(job, self._clock())
+
+    def lease_status(self, job_id: str, worker_id: str) -> HeartbeatResult:
+        """What ``heartbeat`` would answer, without extending the lease: a cheap read a
+        running job makes between heartbeats, so a cancel reaches it within a second."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return HeartbeatResult(lease_held=False, cancel_requested=True)
+            return _lease_status(job, worker_id)
 
     def heartbeat(self, job_id: str, worker_id: str, lease_seconds: float) -> HeartbeatResult:
         """Extend the worker's lease and report whether the user asked to cancel.
@@ -73,11 +103,10 @@ class WorkerMixin(StoreBase):
             job = self._locked(session, job_id)
             if job is None:
                 return HeartbeatResult(lease_held=False, cancel_requested=True)
-            state = JobState(job.state)
-            held = job.lease_owner == worker_id and state not in TERMINAL
-            if held:
+            status = _lease_status(job, worker_id)
+            if status.lease_held:
                 job.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            return HeartbeatResult(lease_held=held, cancel_requested=state in _CANCEL_STATES)
+            return status
 
     def transition(
         self,

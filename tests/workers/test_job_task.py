@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 CLAIM_EVENT = re.compile(r"^claimed by worker ")
 RESUME_EVENT = re.compile(r"^stage2 resumed from checkpoint at step (\d+) of (\d+)$")
+DROPPED = re.compile(r"delivery \S+ dropped before the pool .*? in ([\d.]+) ms")
+STALE_DELIVERIES = 40
 
 
 def transitions(job: dict[str, Any]) -> list[str]:
@@ -87,7 +89,7 @@ def test_duplicate_delivery_during_a_run_does_not_start_a_second_run(stack: Stac
 
     stack.dispatcher.send_job(job_id)  # the same message again, e.g. a redelivery
     wait_for(
-        lambda: f"job {job_id}: not claimed by delivery" in worker.log(),
+        lambda: DROPPED.search(worker.log()),
         60,
         "the second delivery to be turned away",
     )
@@ -120,8 +122,42 @@ def test_reconciler_resends_a_message_lost_with_a_flushed_redis(stack: Stack) ->
     assert job["attempt"] == 1
 
 
-def test_cancel_stops_a_running_job_at_its_next_step_with_a_checkpoint(stack: Stack) -> None:
-    stack.start_worker()
+def test_stale_deliveries_are_dropped_in_the_parent_without_using_a_pool_process(
+    stack: Stack,
+) -> None:
+    """A cancelled job's message and many re-sends of it wait in the queue: a worker drops
+    each in milliseconds, keeps its pool process, and then runs a real job as usual."""
+    cancelled = stack.client.submit_job(tiny_spec())["id"]
+    assert stack.client.cancel_job(cancelled)["state"] == "CANCELLED"
+    for _ in range(STALE_DELIVERIES - 1):
+        stack.dispatcher.send_job(cancelled)
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    assert broker.llen(GPU_QUEUE) == STALE_DELIVERIES
+
+    worker = stack.start_worker()
+    pool = wait_for(lambda: worker.pool_pids() or None, 60, "the worker's pool process")
+    drops = wait_for(
+        lambda: len(found := DROPPED.findall(worker.log())) == STALE_DELIVERIES and found,
+        60,
+        f"{STALE_DELIVERIES} deliveries to be dropped",
+    )
+    assert broker.llen(GPU_QUEUE) == 0
+    broker.close()
+    assert worker.pool_pids() == pool, "a pool process was used (and replaced) for a drop"
+    assert "not claimed by delivery" not in worker.log()
+    milliseconds = sorted(float(ms) for ms in drops)
+    print(f"drop: median {milliseconds[len(drops) // 2]:.1f} ms, max {milliseconds[-1]:.1f} ms")
+    assert milliseconds[len(drops) // 2] < 100
+
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=10))["id"]
+    job = stack.wait_terminal(job_id)
+    assert job["state"] == "SUCCEEDED", job["message"]
+    assert job["attempt"] == 1
+
+
+def test_cancel_stops_a_running_job_within_a_second_with_its_checkpoint(stack: Stack) -> None:
+    # Heartbeats far apart: the cancel must not wait for one.
+    stack.start_worker(MASKD_HEARTBEAT_SECONDS="20", MASKD_LEASE_SECONDS="60")
     job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000))["id"]
     wait_for(
         lambda: stack.job(job_id)["progress"].get("stage2", {}).get("step", 0) > 0,
@@ -135,9 +171,13 @@ def test_cancel_stops_a_running_job_at_its_next_step_with_a_checkpoint(stack: St
     took = time.monotonic() - asked
 
     assert job["state"] == "CANCELLED", job["message"]
-    # One heartbeat to see the request, one step to stop, one checkpoint to write.
-    assert took < stack.settings.heartbeat_seconds + 5
-    assert re.match(r"cancelled during stage2 at step \d+", job["message"])
+    # A read every 0.5 s sees the request, one step stops, one checkpoint is written; the
+    # rest is this test polling the API and a busy machine.
+    print(f"cancel took {took:.2f} s")
+    assert took < 3.0
+    stopped = re.match(r"cancelled during stage2 at step (\d+)", job["message"])
+    assert stopped, job["message"]
+    assert job["progress"]["stage2"]["step"] == int(stopped[1]), "progress is not the checkpoint"
     assert (stack.workdir(job_id) / "stage2" / "checkpoint.pt").is_file()
     assert transitions(job)[-2:] == ["CANCELLING", "CANCELLED"]
 

@@ -68,6 +68,46 @@ def test_keeper_renews_the_lease_and_reports_a_cancel(job_store: JobStore) -> No
     assert current(job_store, job.id).lease_owner == "w1"
 
 
+def test_keeper_sees_a_cancel_between_heartbeats_without_renewing(job_store: JobStore) -> None:
+    job = running_job(job_store)
+    claimed_until = current(job_store, job.id).lease_expires_at
+    lease = LeaseKeeper(
+        job_store, job.id, "w1", lease_seconds=30, interval_seconds=3600, poll_seconds=0.05
+    )
+    with lease:
+        job_store.request_cancel(job.project_id, job.id)
+        wait_for(lease.should_stop, 2, "the cancel to reach the keeper before any heartbeat")
+
+    assert lease.stop_reason is StopReason.CANCEL_REQUESTED
+    assert current(job_store, job.id).lease_expires_at == claimed_until, "it renewed the lease"
+
+
+def test_lease_status_reads_what_a_heartbeat_would_answer(job_store: JobStore) -> None:
+    job = running_job(job_store)
+    assert job_store.lease_status(job.id, "w1") == job_store.heartbeat(job.id, "w1", 30)
+    assert not job_store.lease_status(job.id, "w2").lease_held
+    job_store.request_cancel(job.project_id, job.id)
+    status = job_store.lease_status(job.id, "w1")
+    assert status.lease_held and status.cancel_requested
+    assert not job_store.lease_status("no-such-job", "w1").lease_held
+
+
+def test_a_job_is_claimable_only_when_a_claim_could_win(
+    job_store: JobStore, database_url: str
+) -> None:
+    project = job_store.create_project("p")
+    queued, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
+    assert job_store.claimable(queued.id)
+    running = running_job(job_store)
+    assert not job_store.claimable(running.id), "a live worker holds it"
+    with store_on_clock(database_url, an_hour_ago()) as past:
+        orphan = running_job(past, worker_id="gone")
+    assert job_store.claimable(orphan.id), "its worker's lease ran out: resumable"
+    job_store.request_cancel(project.id, queued.id)
+    assert not job_store.claimable(queued.id), "cancelled"
+    assert not job_store.claimable("no-such-job")
+
+
 def test_keeper_stops_the_run_when_another_worker_took_the_job(
     job_store: JobStore, database_url: str
 ) -> None:

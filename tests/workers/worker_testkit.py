@@ -132,11 +132,25 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def pool_pids(self) -> set[int]:
+        """The pids of the worker's pool processes (children of Celery's parent process)."""
+        return _children(self.process.pid)
+
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once: no cleanup, no acks."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+
+
+def _children(pid: int) -> set[int]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.update(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
 
 
 @dataclass
