@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery
 
+from service.broker_queue import JOB_ID_HEADER, waiting_job_ids
 from service.config import Settings
 from service.store import JobStore
 
@@ -104,8 +105,15 @@ class Dispatcher:
     def send_job(self, job_id: str) -> None:
         """Publish one ``maskd.run_job`` message. Raises the broker's error when it is down;
         the job then stays QUEUED and undispatched, and the reconciler sends it later."""
-        self._celery.send_task(RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE)
+        self._celery.send_task(
+            RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, headers={JOB_ID_HEADER: job_id}
+        )
         self._store.mark_dispatched(job_id)
+
+    def waiting_job_ids(self) -> frozenset[str] | None:
+        """Jobs whose message the broker still holds (see ``service.broker_queue``)."""
+        conf = self._celery.conf
+        return waiting_job_ids(conf.broker_url, conf.broker_transport_options or {}, GPU_QUEUE)
 
     def check_broker(self) -> None:
         """Raise when the broker cannot be reached (for readiness checks)."""

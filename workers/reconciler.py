@@ -3,7 +3,9 @@
 The broker can lose a job two ways: a worker dies mid-run (its lease stops being renewed), or a
 message vanishes before any worker took it (Redis restarted without persistence, a filesystem
 message read by a worker killed before claiming). The database still knows both, so a periodic
-pass over it re-dispatches them. It is safe to run in several processes and next to live
+pass over it re-dispatches them. A QUEUED job that only waits its turn behind a long queue looks
+the same to the database, so the broker is asked first (``service.broker_queue``) and a job whose
+message it still holds is not sent twice. It is safe to run in several processes and next to live
 workers: every worker claims a job by compare-and-set, so a superfluous message is dropped.
 What it logs about a job carries the job's id, attempt and stage (``service.logs``).
 """
@@ -32,12 +34,15 @@ class ReconcileReport:
     """Running jobs whose lease had expired, handed back to the queue."""
     redispatched: list[str] = field(default_factory=list)
     """Jobs whose message was sent to the broker again (including every requeued one)."""
+    still_waiting: list[str] = field(default_factory=list)
+    """QUEUED jobs that looked lost but whose message the broker still holds: not re-sent."""
 
 
 def reconcile_once(
     store: JobStore, dispatcher: Dispatcher, settings: Settings, now: datetime | None = None
 ) -> ReconcileReport:
     report = ReconcileReport()
+    waiting = _BrokerView(dispatcher)
     for job_id in store.find_orphans(now or datetime.now(UTC), settings.redispatch_after_seconds):
         with job_log_context(job_id) as log_context:
             try:
@@ -45,6 +50,9 @@ def reconcile_once(
                 if job is None:
                     continue
                 log_context.attempt, log_context.stage = job.attempt, job.stage
+                if job.state == JobState.QUEUED and waiting.holds(job_id):
+                    report.still_waiting.append(job_id)
+                    continue
                 if job.state != JobState.QUEUED:
                     # Lease expired: QUEUED again (resumes from its checkpoint), or a job lost
                     # while cancelling, which becomes CANCELLED and needs no message.
@@ -63,6 +71,22 @@ def reconcile_once(
             "reconciler: re-queued %s, re-dispatched %s", report.requeued, report.redispatched
         )
     return report
+
+
+class _BrokerView:
+    """The broker's waiting messages, read at most once per pass and only if a pass needs it."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._job_ids: frozenset[str] | None = None
+        self._read = False
+
+    def holds(self, job_id: str) -> bool:
+        """True when the broker surely still has a message for ``job_id``."""
+        if not self._read:
+            self._job_ids = self._dispatcher.waiting_job_ids()
+            self._read = True
+        return self._job_ids is not None and job_id in self._job_ids
 
 
 def run_reconciler(

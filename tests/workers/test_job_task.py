@@ -106,10 +106,15 @@ def test_reconciler_resends_a_message_lost_with_a_flushed_redis(stack: Stack) ->
     job_id = stack.client.submit_job(tiny_spec())["id"]
     assert broker.llen(GPU_QUEUE) == 1
 
+    # Waiting long behind other jobs is not lost: the broker still holds its message.
+    later = datetime.now(UTC) + timedelta(seconds=stack.settings.redispatch_after_seconds + 1)
+    report = reconcile_once(stack.store, stack.dispatcher, stack.settings, now=later)
+    assert (report.still_waiting, report.redispatched) == ([job_id], [])
+    assert broker.llen(GPU_QUEUE) == 1
+
     broker.flushdb()  # Redis restarted without persistence, before any worker took the job
     assert reconcile_once(stack.store, stack.dispatcher, stack.settings).redispatched == []
     # The reconciler's next pass, once the message has been missing for long enough.
-    later = datetime.now(UTC) + timedelta(seconds=stack.settings.redispatch_after_seconds + 1)
     report = reconcile_once(stack.store, stack.dispatcher, stack.settings, now=later)
     assert report.redispatched == [job_id]
     assert report.requeued == []
