@@ -2,14 +2,17 @@
 
 The service maps each class onto a job failure kind, so the split matters:
 ``SpecError`` is the submitter's to fix before training (HTTP 422), ``DataError`` is found while
-training and is still the user's (FAILED, kind ``user``), and ``JobCancelled`` is the cooperative
-stop a user asked for. Anything else escaping the core is treated as an infrastructure failure.
+training and is still the user's (FAILED, kind ``user``), ``TrainingDiverged`` is a run whose
+optimisation settings blew the loss up (FAILED, kind ``training``), and ``JobCancelled`` is the
+cooperative stop a user asked for. Anything else escaping the core is treated as an
+infrastructure failure.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 
 class MaskdError(Exception):
@@ -46,6 +49,75 @@ class UnknownNameError(SpecError):
 
 class DataError(MaskdError):
     """The data a job points at cannot be read or does not match the task (user-fixable)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A spec field and the value a run used, as hints name it: ``stage2.optimizer.lr = 0.5``."""
+
+    field: str
+    value: float | None
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value:g}" if self.value is not None else self.field
+
+
+class TrainingDiverged(MaskdError):  # noqa: N818 - names what happened, like JobCancelled
+    """The loss became inf or NaN: the run's optimisation settings are too aggressive for it.
+
+    Not a ``DataError``: the data was read and matched the task, and the fix is a setting, so the
+    message names the stage's learning rate, the distillation method's loss weight (MasKD's
+    ``loss_weight``, MGD's ``alpha``; stage 2 only) and the gradient clip, each as the spec field
+    with the value the run used. ``nonfinite`` lists the loss parts that were non-finite
+    themselves; ``steps`` is how many steps in a row had a non-finite loss (more than one only
+    under fp16, whose scaler skips such steps).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        step: int,
+        loss: float,
+        nonfinite: Sequence[str],
+        *,
+        lr: Setting,
+        loss_weight: Setting | None,
+        grad_clip: Setting,
+        steps: int = 1,
+    ) -> None:
+        self.stage = stage
+        self.step = step
+        self.loss = loss
+        self.nonfinite = tuple(nonfinite)
+        self.lr = lr
+        self.loss_weight = loss_weight
+        self.grad_clip = grad_clip
+        self.steps = steps
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        when = f"{self.stage} step {self.step}"
+        if self.steps > 1:
+            when += f" (non-finite for {self.steps} steps in a row, each skipped by fp16's scaler)"
+        parts = f" (non-finite: {', '.join(self.nonfinite)})" if self.nonfinite else ""
+        named = [("the learning rate", self.lr)]
+        if self.loss_weight is not None:
+            named.append(("the loss weight", self.loss_weight))
+        lower = " and ".join(f"{what} {setting}" for what, setting in named)
+        tries = ", ".join(
+            f"{setting.field.rsplit('.', 1)[-1]} {setting.value / 10:g}"
+            for _, setting in named
+            if setting.value is not None
+        )
+        clip = (
+            f"set {self.grad_clip.field} (e.g. 1.0)"
+            if self.grad_clip.value is None
+            else f"lower {self.grad_clip}"
+        )
+        return (
+            f"training diverged at {when}: the loss is {self.loss}{parts}. Lower {lower}, "
+            f"e.g. by 10x ({tries}); to bound each update, also {clip}"
+        )
 
 
 class JobCancelled(MaskdError):  # noqa: N818 - it is a signal, not a failure

@@ -63,6 +63,8 @@ class Distiller(nn.Module):
     uses_teacher: ClassVar[bool] = True
     weight: float
     """Multiplies ``loss`` in the student's objective."""
+    weight_field: ClassVar[str | None] = None
+    """The params field ``weight`` comes from, which the hint of a diverged run names."""
 
     def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
         super().__init__()
@@ -125,6 +127,7 @@ class MaskdDistiller(Distiller):
     """loss_weight · Σ_levels MasKD loss through the frozen stage-1 tokens (docs/method.md)."""
 
     needs_tokens = True
+    weight_field = "loss_weight"
 
     def __init__(self, params: MaskdParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
@@ -176,6 +179,8 @@ class FitnetDistiller(Distiller):
 
     The mean over every element keeps the weight independent of feature size, like MasKD's.
     """
+
+    weight_field = "weight"
 
     def __init__(self, params: FitnetParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
@@ -235,6 +240,8 @@ class MgdDistiller(Distiller):
     (so a resumed run draws the same masks); one generator G per level; loss
     α · Σ_levels Σ (G(A(S) ⊙ R) − F)² / N.
     """
+
+    weight_field = "alpha"
 
     def __init__(self, params: MgdParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)

@@ -30,9 +30,9 @@ from torch import nn
 
 from maskd_core.callbacks import STAGE1, STAGE2, Callback, Stage
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
-from maskd_core.errors import DataError, JobCancelled, SpecError
+from maskd_core.errors import JobCancelled, Setting, SpecError, TrainingDiverged
 from maskd_core.losses import dice_diversity
-from maskd_core.methods import MethodSetup, build_distiller
+from maskd_core.methods import Distiller, MethodSetup, build_distiller
 from maskd_core.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, OptimizerSpec
@@ -62,6 +62,15 @@ FROZEN_IN_STAGE1 = (
     nn.AlphaDropout,
 )
 """Layers that behave differently in train mode; stage 1 keeps them in eval mode."""
+
+FP16_NONFINITE_STEPS = 20
+"""Non-finite losses in a row after which an fp16 run counts as diverged.
+
+Without a scaler the first non-finite loss is fatal: its step would write NaN into every weight.
+With fp16 the GradScaler skips such a step, so the weights stay as they were and one overflow on
+an unlucky batch is survivable. A skipped step changes nothing, though, so the next batches meet
+the very same weights: a few overflows in a row are still bad luck, twenty different batches in a
+row are weights that overflow on any data, and going on would only burn the job's time."""
 
 
 def resolve_device(spec: JobSpec) -> torch.device:
@@ -135,6 +144,19 @@ class StageResult:
     metrics: dict[str, float]
 
 
+class NonFiniteStreak:
+    """Counts the non-finite losses in a row; ``limit`` of them is divergence."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.length = 0
+
+    def diverged(self, loss: float) -> bool:
+        """Records one step's loss; True once ``limit`` non-finite ones came in a row."""
+        self.length = 0 if math.isfinite(loss) else self.length + 1
+        return self.length >= self.limit
+
+
 def _train(
     ctx: TrainContext,
     *,
@@ -142,6 +164,8 @@ def _train(
     step_fn: StepFn,
     trainable: Mapping[str, nn.Module],
     optimizer_spec: OptimizerSpec,
+    optimizer_field: str,
+    loss_weight: Setting | None,
     iterations: int,
     checkpoint: Path | None,
     set_modes: Callable[[], object],
@@ -151,11 +175,14 @@ def _train(
 
     ``set_modes`` puts the models in their training modes; it runs before the first step and
     after every evaluation rather than every step, since ``Module.train()`` walks every
-    submodule and costs a noticeable share of a small model's step.
+    submodule and costs a noticeable share of a small model's step. ``optimizer_field`` (the
+    spec field ``optimizer_spec`` comes from) and ``loss_weight`` are what ``TrainingDiverged``
+    tells the user to lower.
     """
     params = [p for module in trainable.values() for p in module.parameters()]
     optimizer = build_optimizer(params, optimizer_spec)
     scaler = torch.amp.GradScaler("cuda") if ctx.spec.mixed_precision == "fp16" else None
+    nonfinite = NonFiniteStreak(1 if scaler is None else FP16_NONFINITE_STEPS)
     seed_everything(ctx.spec.seed)
     start = 0
     if checkpoint is not None and checkpoint.is_file():
@@ -192,10 +219,16 @@ def _train(
                 loss, parts = step_fn(batch, step)
             values = torch.stack([t.detach().float() for t in (loss, *parts.values())]).tolist()
             scalars = dict(zip(["loss", *parts], values, strict=True))
-            if scaler is None and not math.isfinite(scalars["loss"]):
-                raise DataError(
-                    f"training diverged at {stage} step {done}: the loss is {scalars['loss']}; "
-                    "lower the learning rate or check the data"
+            if nonfinite.diverged(scalars["loss"]):
+                raise TrainingDiverged(
+                    str(stage),
+                    done,
+                    scalars["loss"],
+                    [name for name in parts if not math.isfinite(scalars[name])],
+                    lr=Setting(f"{optimizer_field}.lr", optimizer_spec.lr),
+                    loss_weight=loss_weight,
+                    grad_clip=Setting(f"{optimizer_field}.grad_clip", optimizer_spec.grad_clip),
+                    steps=nonfinite.length,
                 )
             _optimise(loss, optimizer, scaler, optimizer_spec.grad_clip)
             seconds = time.perf_counter() - tic
@@ -280,6 +313,8 @@ def run_stage1(
             step_fn=step_fn,
             trainable={"tokens": tokens},
             optimizer_spec=spec.optimizer,
+            optimizer_field="stage1.optimizer",
+            loss_weight=None,
             iterations=spec.iterations,
             checkpoint=checkpoint,
             set_modes=lambda: train_with_frozen_norms(teacher),
@@ -391,11 +426,26 @@ def run_stage2(
             step_fn=step_fn,
             trainable=trainable,
             optimizer_spec=spec.optimizer,
+            optimizer_field="stage2.optimizer",
+            loss_weight=_method_weight(distiller, stage),
             iterations=spec.iterations,
             checkpoint=checkpoint,
             set_modes=set_modes,
             evaluate=lambda: ctx.evaluate(student, "student"),
         )
+
+
+def _method_weight(distiller: Distiller, stage: Stage) -> Setting | None:
+    """The method's loss weight as the spec field that set it; None if it weighs nothing.
+
+    A comparison run's method is the entry of ``comparison.methods`` with the run's name.
+    """
+    if distiller.weight_field is None or not distiller.weight:
+        return None
+    method = "stage2.method"
+    if stage.is_comparison_run:
+        method = f"comparison.methods[name={stage.method}]"
+    return Setting(f"{method}.params.{distiller.weight_field}", distiller.weight)
 
 
 def train_supervised(
@@ -405,8 +455,13 @@ def train_supervised(
     iterations: int,
     checkpoint: Path | None,
     stage: Stage,
+    optimizer_field: str = "stage2.optimizer",
 ) -> StageResult:
-    """Plain task-loss training: teachers for the examples and the no-KD student baseline."""
+    """Plain task-loss training: teachers for the examples and the no-KD student baseline.
+
+    Both train with the stage-2 recipe, hence the default ``optimizer_field``: the spec field
+    ``optimizer_spec`` comes from, named if the run diverges.
+    """
     model.to(ctx.device)
 
     def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -419,6 +474,8 @@ def train_supervised(
         step_fn=step_fn,
         trainable={"model": model},
         optimizer_spec=optimizer_spec,
+        optimizer_field=optimizer_field,
+        loss_weight=None,
         iterations=iterations,
         checkpoint=checkpoint,
         set_modes=lambda: model.train(),

@@ -25,6 +25,9 @@ class FailureKind(StrEnum):
     """The spec could not run (found by the worker's own validation)."""
     USER = "user"
     """The user's data or weights are unusable (unreadable files, wrong classes)."""
+    TRAINING = "training"
+    """The loss diverged (inf or NaN): the spec's learning rate or loss weight is too high for
+    the run. Apart from ``user`` because the data is fine and the message names the settings."""
     INFRASTRUCTURE = "infrastructure"
     """Our fault or the machine's: crashes, lost workers, out of memory, retries exhausted."""
     TIMEOUT = "timeout"

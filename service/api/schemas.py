@@ -55,7 +55,9 @@ class JobOut(BaseModel):
     metrics: dict[str, float] = Field(description="Latest value of each training metric.")
     outputs: dict[str, Any] = Field(description="Artifact paths, model links, final metrics.")
     failure_kind: FailureKind | None = Field(
-        description="Why a FAILED job failed: validation, user, infrastructure or timeout."
+        description="Why a FAILED job failed: validation (the spec), user (the data), training "
+        "(the loss diverged: lower the learning rate or loss weight the message names), "
+        "infrastructure or timeout."
     )
     message: str | None = Field(description="The latest human-readable status or failure reason.")
     attempt: int = Field(description="How many times a worker has started this job.")

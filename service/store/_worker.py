@@ -6,6 +6,7 @@ Every write here is a compare-and-set against the lease owner, so a worker that 
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -149,14 +150,17 @@ class WorkerMixin(StoreBase):
         """Store the stage's step/total and merge the latest metrics (no event per step).
 
         Ignored when ``worker_id`` no longer holds the lease, so a worker that lost its job
-        cannot overwrite the progress of the one that took over.
+        cannot overwrite the progress of the one that took over. Non-finite values (an fp16
+        step its scaler skipped) are left out: JSON has no NaN, and the last finite value is
+        the one worth showing.
         """
         with self._sessions.begin() as session:
             job = self._locked(session, job_id)
             if job is None or job.lease_owner != worker_id:
                 return
             job.progress = {**job.progress, stage: {"step": step, "total": total_steps}}
-            job.metrics = {**job.metrics, **{key: float(value) for key, value in metrics.items()}}
+            finite = {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
+            job.metrics = {**job.metrics, **finite}
             job.stage = stage
             job.updated_at = self._clock()
 

@@ -1,4 +1,4 @@
-"""``execute_job`` decisions that need no training: what a delivery does before any work."""
+"""``execute_job`` in process: what a delivery does before any work, and how an attempt ends."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from worker_testkit import an_hour_ago, store_on_clock, tiny_spec
 
+from maskd_core.errors import DataError, Setting, TrainingDiverged
 from maskd_core.spec import JobSpec
 from service.config import Settings
 from service.lifecycle import FailureKind, JobState
 from service.store import JobStore
-from workers.outcomes import MAX_ATTEMPTS
+from workers.outcomes import MAX_ATTEMPTS, AttemptEnd
 from workers.tasks import execute_job
 
 
@@ -52,6 +53,74 @@ def test_a_delivery_for_a_finished_job_does_nothing(
     assert record is not None
     assert (record.state, record.attempt) == (JobState.CANCELLED, 0)
     assert not (tmp_path / "jobs" / job.id).exists()
+
+
+DIVERGED = TrainingDiverged(
+    "stage2",
+    2,
+    float("nan"),
+    ["task_loss", "kd_loss"],
+    lr=Setting("stage2.optimizer.lr", 1e30),
+    loss_weight=Setting("stage2.method.params.loss_weight", 1000.0),
+    grad_clip=Setting("stage2.optimizer.grad_clip", None),
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (DataError("masks/0003.png cannot be read: not a PNG file"), FailureKind.USER),
+        (DIVERGED, FailureKind.TRAINING),
+    ],
+)
+def test_unreadable_data_fails_as_user_and_a_diverged_loss_as_training(
+    job_store: JobStore, database_url: str, tmp_path: Path, error: Exception, kind: FailureKind
+) -> None:
+    project = job_store.create_project("p")
+    job, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
+    assert job_store.claim(job.id, "w", lease_seconds=30) is not None
+    settings = Settings(database_url=database_url, data_dir=tmp_path)
+
+    assert AttemptEnd(job_store, settings, job.id, "w").after(error, None) == "FAILED"
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert (record.state, record.failure_kind, record.message) == (
+        JobState.FAILED,
+        kind,
+        str(error),
+    )
+
+
+@pytest.mark.slow
+def test_a_job_whose_training_diverges_fails_as_training_naming_lr_and_loss_weight(
+    job_store: JobStore, database_url: str, tmp_path: Path
+) -> None:
+    project = job_store.create_project("p")
+    body = tiny_spec(stage2_iterations=4)
+    body["stage2"] = {
+        **body["stage2"],
+        "optimizer": {"lr": 1e30},
+        "method": {"name": "maskd", "params": {"loss_weight": 1000.0}},
+    }
+    job, _ = job_store.create_job(project.id, JobSpec.model_validate(body))
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    outcome = execute_job(job_store, settings, job.id, delivery="first")
+
+    record = job_store.get_job_unscoped(job.id)
+    assert record is not None
+    assert outcome == "FAILED"
+    assert (record.state, record.failure_kind) == (JobState.FAILED, FailureKind.TRAINING)
+    message = record.message or ""
+    assert message.startswith("training diverged at stage2 step "), message
+    assert "stage2.optimizer.lr = 1e+30" in message
+    assert "stage2.method.params.loss_weight = 1000" in message
+    assert record.transitions[-1].to_state is JobState.FAILED
+    assert record.lease_owner is None
 
 
 @pytest.mark.slow

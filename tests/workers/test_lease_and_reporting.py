@@ -6,6 +6,8 @@ read while a job trains, checked directly and fast, without a Celery worker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from worker_testkit import an_hour_ago, store_on_clock, tiny_spec, wait_for
 
@@ -200,6 +202,28 @@ def test_reporter_moves_a_comparison_to_stage2_with_progress_per_run(
         "stage2/mgd/seed0": {"step": 20, "total": 20},
         "stage2/mgd/seed1": {"step": 0, "total": 20},
     }
+
+
+def test_progress_keeps_the_last_finite_metrics(job_store: JobStore) -> None:
+    job = running_job(job_store)
+    job_store.record_progress(job.id, "w1", "stage1", 1, 10, {"loss": 0.5, "kd_loss": 0.2})
+    nan, inf = float("nan"), float("inf")
+    job_store.record_progress(job.id, "w1", "stage1", 2, 10, {"loss": nan, "kd_loss": inf})
+
+    record = current(job_store, job.id)
+    assert record.metrics == {"loss": 0.5, "kd_loss": 0.2}
+    assert record.progress["stage1"] == {"step": 2, "total": 10}
+
+
+def test_reporter_moves_the_progress_to_every_checkpoint(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, _ = reporter_parts
+    reporter.on_stage_start(Stage("stage1"), 0, 100, SPEC)
+    reporter.on_step(Stage("stage1"), 7, {"loss": 1.0})  # throttled: not written
+    reporter.on_checkpoint(Stage("stage1"), 7, Path("checkpoint.pt"))
+
+    assert current(job_store, job.id).progress["stage1"] == {"step": 7, "total": 100}
 
 
 def test_reporter_writes_progress_about_once_a_second(
