@@ -223,6 +223,11 @@ class ServiceStack:
         maskd = Path(sys.executable).with_name("maskd")
         return self._spawn([str(maskd), "worker"], log_name)
 
+    def start_reconciler(self, log_name: str = "reconciler.log") -> subprocess.Popen[bytes]:
+        """``maskd reconcile``: the reconciler as its own process, as deployed."""
+        maskd = Path(sys.executable).with_name("maskd")
+        return self._spawn([str(maskd), "reconcile"], log_name)
+
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}

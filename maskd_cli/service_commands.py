@@ -183,7 +183,10 @@ def _reconcile(args: argparse.Namespace) -> int:
     try:
         if args.once:
             report = reconcile_once(store, dispatcher, settings)
-            print(f"re-queued {len(report.requeued)}, re-dispatched {len(report.redispatched)}")
+            print(
+                f"re-queued {len(report.requeued)}, re-dispatched {len(report.redispatched)}, "
+                f"left waiting in the broker {len(report.still_waiting)}"
+            )
         else:
             run_reconciler(store, dispatcher, settings, threading.Event())
     except KeyboardInterrupt:

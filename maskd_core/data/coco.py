@@ -27,6 +27,10 @@ from maskd_core.data.detection_common import (
 from maskd_core.errors import DataError, SpecError
 from maskd_core.paths import LocalPath, check_relative, file_under, resolve_path
 
+MAX_ANNOTATION_FILE_BYTES = 1024 * 2**20
+"""The largest annotation file read: twice COCO's largest, so a stray multi-gigabyte file is
+refused before validation (on the API, while the submitter waits) loads it into memory."""
+
 
 class CocoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +74,13 @@ class CocoDetection(DetectionDataset):
                 f"COCO image folder {args.images!r} does not exist; give the folder holding "
                 "the files named by the annotation file's images[].file_name (e.g. train2017/)",
                 field="dataset.args.images",
+            )
+        if annotations.stat().st_size > MAX_ANNOTATION_FILE_BYTES:
+            raise SpecError(
+                f"COCO annotation file {args.annotations!r} is larger than "
+                f"{MAX_ANNOTATION_FILE_BYTES // 2**20} MiB, the most one may be (COCO's "
+                "instances_train2017.json is 448 MiB); split it into smaller annotation files",
+                field="dataset.args.annotations",
             )
         name = Path(args.annotations).name
         data = _read_json(annotations, name)

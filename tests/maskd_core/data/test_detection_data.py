@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from maskd_core.data import DATASETS
+from maskd_core.data.coco import MAX_ANNOTATION_FILE_BYTES
 from maskd_core.data.detection_common import DetectionSample, hflip
 from maskd_core.errors import DataError, SpecError
 from maskd_core.loader import train_batches
@@ -187,6 +188,16 @@ def test_coco_missing_paths_are_spec_errors_naming_the_path(tmp_path: Path) -> N
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DataError, match=r"broken.json: not a readable JSON"):
         build("coco", {**files, "annotations": str(tmp_path / "broken.json")})
+
+
+def test_a_coco_annotation_file_past_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    files = coco_files(tmp_path)
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as sparse:  # no disk used: the size is all that is checked
+        sparse.truncate(MAX_ANNOTATION_FILE_BYTES + 1)
+    with pytest.raises(SpecError, match=r"huge.json.* larger than 1024 MiB") as refused:
+        build("coco", {**files, "annotations": str(huge)})
+    assert refused.value.field == "dataset.args.annotations"
 
 
 def test_coco_missing_image_file_is_a_data_error_naming_it(tmp_path: Path) -> None:
