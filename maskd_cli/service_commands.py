@@ -175,6 +175,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.dispatch import Dispatcher, make_celery_app
     from workers.reconciler import reconcile_once, run_reconciler
+    from workers.run_closer import close_runs_of_ended_jobs
 
     settings = get_settings()
     _configure_logging(settings)
@@ -183,9 +184,11 @@ def _reconcile(args: argparse.Namespace) -> int:
     try:
         if args.once:
             report = reconcile_once(store, dispatcher, settings)
+            closed = close_runs_of_ended_jobs(store, settings.mlflow_tracking_uri)
             print(
                 f"re-queued {len(report.requeued)}, re-dispatched {len(report.redispatched)}, "
-                f"left waiting in the broker {len(report.still_waiting)}"
+                f"left waiting in the broker {len(report.still_waiting)}, "
+                f"MLflow runs ended {len(closed)}"
             )
         else:
             run_reconciler(store, dispatcher, settings, threading.Event())

@@ -22,8 +22,12 @@ PROJECT_TAG = "maskd.project"
 boundary. A model whose tag names another project is answered like a missing one."""
 
 
+EXPERIMENT_PREFIX = "maskd/"
+"""Every project's experiment is named so: how a sweep over all of maskd's runs finds them."""
+
+
 def experiment_name(project: str) -> str:
-    return f"maskd/{project}"
+    return f"{EXPERIMENT_PREFIX}{project}"
 
 
 def registered_model_name(project: str, job_name: str) -> str:

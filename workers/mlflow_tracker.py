@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -34,7 +33,6 @@ from mlflow.utils.validation import (
 )
 
 from maskd_core.callbacks import STAGE1, Callback, Stage
-from maskd_core.errors import JobCancelled
 from maskd_core.files import file_sha256
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
@@ -360,27 +358,6 @@ class MlflowTracker(Callback):
         rows = [Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
         for chunk in _chunks(rows, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
-
-    def __enter__(self) -> MlflowTracker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Ends the runs as the job ended: FINISHED, KILLED (cancelled) or FAILED."""
-        if exc is None:
-            status = "FINISHED"
-        else:
-            status = "KILLED" if isinstance(exc, JobCancelled) else "FAILED"
-        try:
-            self.finish(status)
-        except Exception:
-            if exc is None:
-                raise
-            logger.warning("job %s: could not end its MLflow runs", self.job_id, exc_info=True)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the job's runs: FINISHED, FAILED or KILLED (cancelled). Safe to call twice."""

@@ -8,11 +8,15 @@ of the job's registered model, ``<project>.<job name>-student``, with lineage ta
 same model, each logged on its own nested run and told apart by the method and seed tags; no
 alias moves, since which method wins is for the user to read from the table, not for the last
 run to decide.
+
+Registration happens exactly once per (job, method, seed) student, across crashes: a worker
+killed after registering leaves the job in REGISTERING, and the retry finds the version (and
+the logged model) the dead attempt made instead of making another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -20,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -44,6 +49,7 @@ from service.mlflow_names import (
     VERSION_TEACHER_SHA256_TAG,
     VERSION_TEACHER_WEIGHTS_TAG,
     WEIGHTS_SHA256_TAG,
+    quoted,
     registered_model_name,
 )
 from workers.token_reuse import stage1_fingerprint
@@ -138,8 +144,12 @@ def register_student(
     model_run_id: str | None = None,
     alias: str | None = CANDIDATE_ALIAS,
 ) -> RegisteredVersion:
-    """Logs ``student``'s weights as a pyfunc model, registers a version with lineage tags and
-    points ``alias`` at it.
+    """The version of ``student`` in the registry, with lineage tags and ``alias`` on it.
+
+    Idempotent per (job, method, seed): an attempt killed after registering is retried from its
+    checkpoints and registers again, and a job must still end with one version per student. So
+    the version is found by its identity tags before one is created (``_find_or_create_version``)
+    and what the dead attempt may not have written (tags, the alias) is completed.
 
     ``student.spec`` is the resolved spec (local paths) of this student, whose method and seed
     the version's tags record; the weights source the user wrote is read back from the job's
@@ -147,21 +157,124 @@ def register_student(
     logged on (the job's run when None). ``example`` (two validation images) becomes the input
     example: two, not one, since an example of batch 1 is easily read as "the batch size is 1".
     """
-    spec = student.spec
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     # pyfunc.log_model resolves the store from the process-wide URI; set it explicitly so it
     # can never be a default.
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     run = client.get_run(run_id)
-    model_run_id = model_run_id or run_id
+    name = registered_model_name(project, student.spec.name)
+    _get_or_create_registered_model(client, name, project)
+    lineage = _lineage(student, project, run.data.tags, run.data.params)
+    version = _find_or_create_version(
+        client,
+        name,
+        lineage,
+        lambda: log_student_model(
+            client,
+            run.info.experiment_id,
+            model_run_id or run_id,
+            student,
+            num_classes,
+            example,
+        ),
+    )
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    return RegisteredVersion(
+        name=name, version=str(version.version), uri=f"models:/{name}/{version.version}"
+    )
+
+
+VERSION_IDENTITY_TAGS = (VERSION_JOB_ID_TAG, VERSION_METHOD_TAG, VERSION_SEED_TAG)
+"""The lineage tags that say which student a version is: one version per job, method and seed."""
+
+
+def _find_or_create_version(
+    client: MlflowClient,
+    name: str,
+    lineage: Mapping[str, str],
+    log_model: Callable[[], LoggedModel],
+) -> ModelVersion:
+    """The one place that decides whether a student gets a new version of ``name``.
+
+    A version carrying the student's identity tags is reused: the attempt that made it died
+    before the job was recorded as registered. Its tags were written with it, in one call, but
+    any lineage tag it lacks is written now. Otherwise the model is logged (``log_model``) and a
+    version created. Two registrars at once (a worker that lost its lease while registering,
+    and its successor) would each create one; both then keep the lowest-numbered, and the
+    other is deleted by the registrar that made it.
+    """
+    found = _find_version(client, name, lineage)
+    if found is not None:
+        for key, value in lineage.items():
+            if key not in found.tags:
+                client.set_model_version_tag(name, str(found.version), key, value)
+        return found
+    logged = log_model()
+    created = client.create_model_version(
+        name,
+        source=f"models:/{logged.model_id}",
+        run_id=logged.source_run_id,
+        tags=dict(lineage),
+        model_id=logged.model_id,
+    )
+    first = _find_version(client, name, lineage)
+    if first is not None and str(first.version) != str(created.version):
+        client.delete_model_version(name, str(created.version))
+        return first
+    return created
+
+
+def _find_version(
+    client: MlflowClient, name: str, lineage: Mapping[str, str]
+) -> ModelVersion | None:
+    """The oldest version of ``name`` with the identity tags of ``lineage``, if any."""
+    conditions = [f"name = '{quoted(name)}'"] + [
+        f"tags.`{key}` = '{quoted(lineage[key])}'" for key in VERSION_IDENTITY_TAGS
+    ]
+    found = client.search_model_versions(
+        " and ".join(conditions), max_results=1, order_by=["version_number ASC"]
+    )
+    return found[0] if found else None
+
+
+def log_student_model(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    student: StudentRun,
+    num_classes: int,
+    example: np.ndarray | None,
+) -> LoggedModel:
+    """``student`` as a pyfunc model on run ``run_id``, logged by an earlier attempt if one
+    finished logging these very weights there, else logged now.
+
+    MLflow marks a logged model READY only after its files are written, and the run's output
+    link is made before them, so a READY one with the weights' checksum is complete; one whose
+    attempt died while logging stays PENDING and is passed over. Finding it again spares
+    uploading the weights twice after a crash between logging and registering.
+    """
+    weights_sha256 = file_sha256(student.workdir.student)
+    # The status is matched here, not in the filter: MLflow's SQL store compares a status
+    # filter with the integer it stores and never matches.
+    earlier = client.search_logged_models(
+        [experiment_id],
+        filter_string=f"source_run_id = '{quoted(run_id)}' AND name = '{STUDENT_MODEL_NAME}' "
+        f"AND tags.`{WEIGHTS_SHA256_TAG}` = '{weights_sha256}'",
+    )
+    for model in earlier:
+        if model.status == LoggedModelStatus.READY:
+            return model
     logged = client.create_logged_model(
-        run.info.experiment_id,
+        experiment_id,
         name=STUDENT_MODEL_NAME,
-        source_run_id=model_run_id,
+        source_run_id=run_id,
+        tags={WEIGHTS_SHA256_TAG: weights_sha256},
         model_type=STUDENT_MODEL_TYPE,
     )
-    info = mlflow.pyfunc.log_model(
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    mlflow.pyfunc.log_model(
         name=STUDENT_MODEL_NAME,
         python_model=str(files("workers") / STUDENT_MODEL_CODE),
         artifacts={
@@ -169,23 +282,11 @@ def register_student(
             "model_spec": str(student.workdir.model_spec),
         },
         pip_requirements=student_pip_requirements(),
-        signature=_signature(spec.task, num_classes),
+        signature=_signature(student.spec.task, num_classes),
         input_example=example,
         model_id=logged.model_id,
     )
-    client.log_outputs(model_run_id, [LoggedModelOutput(logged.model_id, step=0)])
-
-    name = registered_model_name(project, spec.name)
-    _get_or_create_registered_model(client, name, project)
-    lineage = _lineage(student, project, run.data.tags, run.data.params)
-    version = client.create_model_version(
-        name, source=info.model_uri, run_id=model_run_id, tags=lineage, model_id=logged.model_id
-    )
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version.version)
-    return RegisteredVersion(
-        name=name, version=str(version.version), uri=f"models:/{name}/{version.version}"
-    )
+    return logged
 
 
 def _lineage(

@@ -22,6 +22,7 @@ from service.dispatch import Dispatcher
 from service.lifecycle import JobState
 from service.logs import job_log_context
 from service.store import JobStore
+from workers.run_closer import close_runs_of_ended_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,16 @@ class _BrokerView:
 def run_reconciler(
     store: JobStore, dispatcher: Dispatcher, settings: Settings, stop: threading.Event
 ) -> None:
-    """Reconciles every ``reconcile_interval_seconds`` until ``stop`` is set."""
+    """Reconciles every ``reconcile_interval_seconds`` until ``stop`` is set, and ends the
+    MLflow runs that killed workers left open on jobs now over (``workers.run_closer``)."""
     while True:
         try:
             reconcile_once(store, dispatcher, settings)
         except Exception:
             logger.exception("reconciler pass failed; retrying next interval")
+        # After the jobs: with MLflow away its client retries for minutes, which must not
+        # delay re-queueing. It never raises.
+        close_runs_of_ended_jobs(store, settings.mlflow_tracking_uri)
         if stop.wait(settings.reconcile_interval_seconds):
             return
 

@@ -33,7 +33,6 @@ from workers.app import app
 from workers.lease import LeaseKeeper
 from workers.observability import apply_torch_threads
 from workers.outcomes import (
-    LEASE_LOST,
     MAX_ATTEMPTS,
     AttemptEnd,
     attempts_exhausted_message,
@@ -118,6 +117,15 @@ def _attempt(store: JobStore, settings: Settings, record: JobRecord, worker_id: 
                 return end.after(error, lease.stop_reason)
     finally:
         store.release_lease(job_id, worker_id)
+        _end_runs_of_ended_job(store, settings, job_id)
+
+
+def _end_runs_of_ended_job(store: JobStore, settings: Settings, job_id: str) -> None:
+    """Once a failure is recorded (the time limit, exhausted attempts), the job's MLflow runs
+    end too, rather than at the reconciler's next pass. In the child: it imports MLflow."""
+    from workers.run_closer import close_runs_of_job
+
+    close_runs_of_job(store, settings.mlflow_tracking_uri, job_id)
 
 
 def _run_claimed(
@@ -125,6 +133,8 @@ def _run_claimed(
 ) -> str:
     """Runs the job from where its work directory says it stopped, then registers it."""
     # Imported here, in the child process: see the module docstring.
+    from maskd_core.callbacks import STAGE2
+    from maskd_core.errors import JobCancelled
     from maskd_core.runner import first_stage, run_job
     from workers.metrics import StepMetrics
     from workers.publishing import publish
@@ -147,7 +157,9 @@ def _run_claimed(
     ):
         result = run_job(resolved, workdir.root, callbacks=[reporter, tracker, StepMetrics()])
         if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
-            return LEASE_LOST
+            # Cancelled (or taken over) after the last step: a stop at the end of stage 2,
+            # which ends the job CANCELLED now rather than when the reconciler finds it.
+            raise JobCancelled(str(STAGE2), record.spec.stage2.iterations)
         set_job_stage("registering")
         store.record_outputs(job_id, publish(result, tracker, settings.mlflow_tracking_uri))
     outputs: dict[str, Any] = {

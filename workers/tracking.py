@@ -4,24 +4,35 @@ Before the core runs, the spec's local paths are checked against the input polic
 (``service.inputs``: a link in the project's folder may have changed since the API accepted the
 job), ``models:/`` weights are resolved to cached files (the core only reads local files),
 tokens of an earlier matching stage 1 are put in the work directory when there are any, and
-the job's MLflow runs are opened (or found again, on a redelivery). The tracker's runs end as
-the attempt ends: FINISHED, KILLED (cancelled) or FAILED.
+the job's MLflow runs are opened (or found again, on a redelivery).
+
+The runs end with the attempt when how the job ends is already certain: FINISHED once
+registered, FAILED after an error (``workers.outcomes`` fails the job for every error but a
+stop), KILLED when the job is being cancelled. Runs stopped for any other reason are left
+open: after the time limit the job's failure is recorded only after this, and after a lost
+lease the runs are the next worker's. ``workers.run_closer`` ends those once the job's end is
+in the database.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from maskd_core.errors import JobCancelled
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import WorkDir
 from service.config import Settings
 from service.inputs import check_input_paths
+from service.lifecycle import JobState
 from service.mlflow_names import experiment_name
 from service.model_uris import resolve_registry_weights
 from service.store import JobStore
 from workers.mlflow_tracker import MlflowTracker
 from workers.token_reuse import reuse_stage1_tokens, stage1_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -41,7 +52,7 @@ def tracked_attempt(
     uri = settings.mlflow_tracking_uri
     resolved = resolve_registry_weights(spec, project.name, uri, settings.model_cache_dir)
     reused = reuse_stage1_tokens(uri, project.name, resolved, workdir)
-    with MlflowTracker(
+    tracker = MlflowTracker(
         uri,
         experiment=experiment_name(project.name),
         job_id=job_id,
@@ -50,8 +61,49 @@ def tracked_attempt(
         fingerprint=stage1_fingerprint(resolved),
         source_spec=spec,
         artifact_root=settings.mlflow_artifacts_dir,
-    ) as tracker:
+    )
+    try:
         if reused is not None:
             tracker.mark_stage1_reused(reused)
             store.add_event(job_id, f"stage 1 reused from job {reused.job_id}")
         yield tracker, resolved
+    except BaseException as error:
+        try:
+            _end_runs(tracker, _run_status_after(store, job_id, error))
+        except Exception:
+            logger.warning("job %s: could not end its MLflow runs", job_id, exc_info=True)
+        raise
+    _end_runs(tracker, _run_status_after(store, job_id, None))
+
+
+_CANCEL_STATES = frozenset({JobState.CANCELLING, JobState.CANCELLED})
+
+
+def _run_status_after(store: JobStore, job_id: str, error: BaseException | None) -> str | None:
+    """The status the attempt's runs end with, or None to leave them running (see the module
+    docstring).
+
+    A ``BaseException`` that is not an ``Exception`` (the worker shutting down) ends no job:
+    the job is re-queued once its lease expires, so its runs stay open for the next attempt.
+    """
+    if error is not None and not isinstance(error, JobCancelled):
+        return "FAILED" if isinstance(error, Exception) else None
+    try:
+        job = store.get_job_unscoped(job_id)
+    except Exception:
+        logger.warning("job %s: state unreadable, its MLflow runs left open", job_id, exc_info=True)
+        return None
+    state = job.state if job is not None else None
+    if state in _CANCEL_STATES:
+        return "KILLED"
+    if error is None and state is JobState.REGISTERING:
+        return "FINISHED"
+    return None
+
+
+def _end_runs(tracker: MlflowTracker, status: str | None) -> None:
+    """Sends what the tracker still holds, and ends its runs with ``status`` unless None."""
+    if status is None:
+        tracker.flush()
+    else:
+        tracker.finish(status)

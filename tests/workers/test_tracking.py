@@ -25,19 +25,39 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
+from mlflow.entities.model_registry import ModelVersion
 
 from maskd_cli.mlflow_command import mlflow_server_command
 from maskd_core.callbacks import STAGE2
 from maskd_core.errors import SpecError
+from maskd_core.files import file_sha256
 from maskd_core.models import build_model
-from maskd_core.runner import StudentRun, run_job
+from maskd_core.runner import JobResult, StudentRun, run_job
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import WorkDir
-from service.mlflow_names import FINGERPRINT_TAG, PROJECT_TAG, REUSED_FROM_JOB_TAG, experiment_name
+from service.mlflow_names import (
+    FINGERPRINT_TAG,
+    PROJECT_TAG,
+    REUSED_FROM_JOB_TAG,
+    STUDENT_MODEL_NAME,
+    VERSION_JOB_ID_TAG,
+    VERSION_METHOD_TAG,
+    VERSION_SEED_TAG,
+    WEIGHTS_SHA256_TAG,
+    experiment_name,
+    registered_model_name,
+)
 from service.model_registry import ModelRegistry
 from service.model_uris import resolve_registry_weights
 from workers.mlflow_tracker import MlflowTracker
-from workers.publishing import RegisteredVersion, register_student
+from workers.publishing import (
+    RegisteredVersion,
+    _find_or_create_version,
+    log_student_model,
+    publish,
+    register_student,
+)
 from workers.token_reuse import reuse_stage1_tokens, stage1_fingerprint
 
 torch.set_num_threads(1)
@@ -81,12 +101,16 @@ class TrackedJob:
     workdir: Path
     tracker: MlflowTracker
     version: RegisteredVersion
-    metrics: dict[str, float]
+    result: JobResult
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.result.metrics
 
 
 def run_tracked(
     tracking_uri: str, root: Path, spec: JobSpec, job_id: str, **tracker_args: Any
-) -> tuple[MlflowTracker, RegisteredVersion, dict[str, float], Path]:
+) -> tuple[MlflowTracker, RegisteredVersion, JobResult, Path]:
     """What the worker does: reuse, run with the tracker, register, finish."""
     workdir = root / "jobs" / job_id
     reused = reuse_stage1_tokens(tracking_uri, PROJECT, spec, WorkDir(workdir))
@@ -112,7 +136,7 @@ def run_tracked(
         result.input_example,
     )
     tracker.finish()
-    return tracker, version, result.metrics, workdir
+    return tracker, version, result, workdir
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +146,10 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> TrackedJob:
     teacher = build_model(tiny_spec(root / "t.pt").teacher.model_copy(update={"weights": None}), 5)
     torch.save(teacher.state_dict(), root / "teacher.pt")
     spec = tiny_spec(root / "teacher.pt")
-    tracker, version, metrics, workdir = run_tracked(
+    tracker, version, result, workdir = run_tracked(
         uri, root, spec, "job-1", max_points_per_curve=2
     )
-    return TrackedJob(uri, root, spec, workdir, tracker, version, metrics)
+    return TrackedJob(uri, root, spec, workdir, tracker, version, result)
 
 
 def test_parent_and_stage_runs_with_tags_params_and_curves(job: TrackedJob) -> None:
@@ -296,6 +320,121 @@ def test_a_redelivered_job_continues_its_runs(job: TrackedJob) -> None:
     )
     assert again.run_id == job.tracker.run_id
     again.finish()
+
+
+def _versions_of_job(client: MlflowClient, job_id: str) -> list[ModelVersion]:
+    return list(client.search_model_versions(f"tags.`{VERSION_JOB_ID_TAG}` = '{job_id}'"))
+
+
+def test_publishing_a_job_again_keeps_its_one_version(job: TrackedJob) -> None:
+    """The retry of an attempt killed after registering, before SUCCEEDED, publishes again."""
+    links = [publish(job.result, job.tracker, job.tracking_uri) for _ in range(2)]
+    expected = {"name": job.version.name, "version": job.version.version, "uri": job.version.uri}
+    assert [link["model"] for link in links] == [expected, expected]
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    assert [str(v.version) for v in _versions_of_job(client, "job-1")] == [job.version.version]
+    logged = client.search_logged_models(
+        [job.tracker.experiment_id], filter_string=f"source_run_id = '{job.tracker.run_id}'"
+    )
+    assert len(logged) == 1
+
+
+def _runs_of_a_crashed_job(job: TrackedJob, job_id: str) -> tuple[MlflowTracker, StudentRun]:
+    """The runs of a job whose attempt died while registering, and its student: job-1's
+    weights under a name of its own, so the registered model and its alias are its own."""
+    mlflow.set_tracking_uri(job.tracking_uri)
+    spec = job.spec.model_copy(update={"name": job_id})
+    tracker = MlflowTracker(
+        job.tracking_uri,
+        experiment=experiment_name(PROJECT),
+        job_id=job_id,
+        project=PROJECT,
+        spec=spec,
+        fingerprint=stage1_fingerprint(spec),
+        artifact_root=job.root / "mlartifacts",
+    )
+    return tracker, StudentRun(spec, STAGE2, WorkDir(job.workdir), job.result.runs[0].summary)
+
+
+def test_a_version_made_before_the_crash_gets_its_tags_and_alias(job: TrackedJob) -> None:
+    """The first attempt died after creating the version, before its alias; the version has
+    only its identity tags (made by another client): the retry completes that version."""
+    tracker, student = _runs_of_a_crashed_job(job, "job-crashed-after-version")
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    name = registered_model_name(PROJECT, student.spec.name)
+    client.create_registered_model(name, tags={PROJECT_TAG: PROJECT})
+    logged = log_student_model(client, tracker.experiment_id, tracker.run_id, student, 5, None)
+    identity = {
+        VERSION_JOB_ID_TAG: "job-crashed-after-version",
+        VERSION_METHOD_TAG: student.method.name,
+        VERSION_SEED_TAG: str(student.seed),
+    }
+    made = client.create_model_version(
+        name, f"models:/{logged.model_id}", tracker.run_id, tags=identity, model_id=logged.model_id
+    )
+
+    version = register_student(job.tracking_uri, tracker.run_id, PROJECT, student, 5, None)
+    tracker.finish()
+
+    assert version.version == str(made.version)
+    versions = _versions_of_job(client, "job-crashed-after-version")
+    assert [str(v.version) for v in versions] == [version.version]
+    tags = client.get_model_version(name, version.version).tags
+    assert tags[WEIGHTS_SHA256_TAG] == file_sha256(job.workdir / "student.pt")
+    assert tags["maskd.teacher.arch"] == "seg_tiny_teacher"
+    assert str(client.get_registered_model(name).aliases["candidate"]) == version.version
+
+
+def test_a_model_logged_before_the_crash_is_registered_once(job: TrackedJob) -> None:
+    """One attempt died while logging the model (left PENDING), the next one after logging it
+    and before registering it: the third registers that complete model, once, logging none."""
+    tracker, student = _runs_of_a_crashed_job(job, "job-crashed-after-logging")
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    client.create_logged_model(
+        tracker.experiment_id,
+        name=STUDENT_MODEL_NAME,
+        source_run_id=tracker.run_id,
+        tags={WEIGHTS_SHA256_TAG: file_sha256(job.workdir / "student.pt")},
+    )
+    logged = log_student_model(client, tracker.experiment_id, tracker.run_id, student, 5, None)
+
+    version = register_student(job.tracking_uri, tracker.run_id, PROJECT, student, 5, None)
+    tracker.finish()
+
+    versions = _versions_of_job(client, "job-crashed-after-logging")
+    assert [str(v.version) for v in versions] == [version.version]
+    assert versions[0].source == f"models:/{logged.model_id}"
+    models = client.search_logged_models(
+        [tracker.experiment_id], filter_string=f"source_run_id = '{tracker.run_id}'"
+    )
+    assert len(models) == 2
+
+
+def test_two_registrars_at_once_keep_the_first_version(job: TrackedJob) -> None:
+    """A worker that lost its lease while registering, and the one that took the job over,
+    both find no version and create one: both end with the first, the other one deleted."""
+    tracker, student = _runs_of_a_crashed_job(job, "job-registered-twice-at-once")
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    name = registered_model_name(PROJECT, student.spec.name)
+    client.create_registered_model(name, tags={PROJECT_TAG: PROJECT})
+    identity = {
+        VERSION_JOB_ID_TAG: "job-registered-twice-at-once",
+        VERSION_METHOD_TAG: student.method.name,
+        VERSION_SEED_TAG: str(student.seed),
+    }
+    first: list[RegisteredVersion] = []
+
+    def log_while_the_other_registers() -> LoggedModel:
+        logged = log_student_model(client, tracker.experiment_id, tracker.run_id, student, 5, None)
+        first.append(register_student(job.tracking_uri, tracker.run_id, PROJECT, student, 5, None))
+        return logged
+
+    ours = _find_or_create_version(client, name, identity, log_while_the_other_registers)
+    tracker.finish()
+
+    assert [str(ours.version)] == [version.version for version in first]
+    versions = _versions_of_job(client, "job-registered-twice-at-once")
+    assert [str(v.version) for v in versions] == [first[0].version]
 
 
 def _free_port() -> int:
@@ -485,3 +624,36 @@ def test_a_comparison_job_tracks_registers_and_records_every_run(
         assert version.tags["maskd.method"] == model["method"]
         assert version.tags["maskd.seed"] == str(model["seed"])
         assert version.run_id == students[model["method"], str(model["seed"])].info.run_id
+
+
+def test_publishing_a_comparison_again_keeps_one_version_per_student(
+    job: TrackedJob, tmp_path: Path
+) -> None:
+    """The retry of a comparison killed after registering publishes every student again."""
+    spec = tiny_spec(
+        job.root / "teacher.pt",
+        name="compare-again",
+        stage1={"tokens": 2, "iterations": 2},
+        stage2={"iterations": 2},
+        comparison={"methods": ["maskd", "fitnet"], "seeds": [0, 1]},
+    )
+    tracker = MlflowTracker(
+        job.tracking_uri,
+        experiment=experiment_name(PROJECT),
+        job_id="job-compare-again",
+        project=PROJECT,
+        spec=spec,
+        fingerprint=stage1_fingerprint(spec),
+        artifact_root=job.root / "mlartifacts",
+    )
+    result = run_job(spec, tmp_path / "job", callbacks=[tracker])
+    first = publish(result, tracker, job.tracking_uri)
+    again = publish(result, tracker, job.tracking_uri)
+    tracker.finish()
+
+    assert again == first
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    versions = _versions_of_job(client, "job-compare-again")
+    students = sorted((v.tags["maskd.method"], v.tags["maskd.seed"]) for v in versions)
+    assert students == sorted((m, s) for m in ("maskd", "fitnet") for s in ("0", "1"))
+    assert sorted(str(v.version) for v in versions) == sorted(m["version"] for m in first["models"])
