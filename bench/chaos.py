@@ -19,7 +19,7 @@ more than one version for its student) and the recovery time of each kill: from 
 the reconciler re-queueing the job it interrupted (lease expiry plus at most one pass), and to
 the next "claimed by worker" event of that job. The second includes the wait behind the jobs
 queued before it, since a re-queued job goes to the back of the queue. Exit status 1 unless
-every job SUCCEEDED with exactly one version.
+every job SUCCEEDED with exactly one version and no MLflow run is left RUNNING.
 
     .venv/bin/python bench/chaos.py [--jobs 12 --workers 2 --kills 6 --redis-db 11]
 """
@@ -167,6 +167,19 @@ def measure_recoveries(chaos: Chaos) -> None:
                 kill.recovered_after = (found["claimed"] - kill.at).total_seconds()
 
 
+def runs_left_running(stack: ServiceStack, patience: float = 15.0) -> int:
+    """MLflow runs still RUNNING once every job ended, after giving the reconciler (which ends
+    those a killed worker left open) ``patience`` seconds."""
+    client = MlflowClient(stack.env["MASKD_MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + patience
+    while True:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        running = client.search_runs(experiments, "attributes.status = 'RUNNING'")
+        if not running or time.monotonic() > deadline:
+            return len(running)
+        time.sleep(1.0)
+
+
 def versions_per_job(stack: ServiceStack) -> Counter[str]:
     client = MlflowClient(stack.env["MASKD_MLFLOW_TRACKING_URI"])
     name = registered_model_name("bench", JOB_NAME)
@@ -227,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
             wall = time.monotonic() - started
             measure_recoveries(chaos)
             versions = versions_per_job(stack)
-            return report(args, jobs, chaos, versions, wall, len(targets))
+            running = runs_left_running(stack)
+            return report(args, jobs, chaos, versions, running, wall, len(targets))
 
 
 def report(
@@ -235,6 +249,7 @@ def report(
     jobs: list[dict[str, Any]],
     chaos: Chaos,
     versions: Counter[str],
+    running_runs: int,
     wall: float,
     kills_not_done: int,
 ) -> int:
@@ -258,6 +273,7 @@ def report(
         if job["state"] == "FAILED":
             print(f"  FAILED {job['id'][:8]} ({job['failure_kind']}): {job['message'][:200]}")
     print(f"  registered versions: {sum(versions.values())}, duplicated: {len(duplicated)}")
+    print(f"  MLflow runs left RUNNING after every job ended: {running_runs}")
     if unregistered:
         print(f"  SUCCEEDED without a version: {unregistered}")
     if requeues:
@@ -271,7 +287,7 @@ def report(
             f"mean {statistics.mean(recoveries):.1f} s, max {max(recoveries):.1f} s "
             f"over {len(recoveries)} kills"
         )
-    ok = len(succeeded) == len(jobs) and not duplicated and not unregistered
+    ok = len(succeeded) == len(jobs) and not duplicated and not unregistered and not running_runs
     print("RESULT:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 
