@@ -16,6 +16,15 @@ from workers.outcomes import MAX_ATTEMPTS, AttemptEnd
 from workers.tasks import execute_job
 
 
+def local_settings(database_url: str, tmp_path: Path) -> Settings:
+    """Work directories and MLflow in ``tmp_path``, never in the current folder."""
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+
+
 def test_a_job_whose_workers_keep_dying_is_failed_instead_of_rerun(
     job_store: JobStore, database_url: str, tmp_path: Path
 ) -> None:
@@ -28,7 +37,7 @@ def test_a_job_whose_workers_keep_dying_is_failed_instead_of_rerun(
             assert past.claim(job.id, f"lost-{attempt}", lease_seconds=30) is not None
             clock.advance(60)
 
-    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    settings = local_settings(database_url, tmp_path)
     outcome = execute_job(job_store, settings, job.id, delivery="redelivered")
 
     record = job_store.get_job_unscoped(job.id)
@@ -46,7 +55,7 @@ def test_a_delivery_for_a_finished_job_does_nothing(
     job, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
     job_store.request_cancel(project.id, job.id)
 
-    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    settings = local_settings(database_url, tmp_path)
     assert execute_job(job_store, settings, job.id, delivery="late") == "skipped"
 
     record = job_store.get_job_unscoped(job.id)
@@ -79,7 +88,7 @@ def test_unreadable_data_fails_as_user_and_a_diverged_loss_as_training(
     project = job_store.create_project("p")
     job, _ = job_store.create_job(project.id, JobSpec.model_validate(tiny_spec()))
     assert job_store.claim(job.id, "w", lease_seconds=30) is not None
-    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    settings = local_settings(database_url, tmp_path)
 
     assert AttemptEnd(job_store, settings, job.id, "w").after(error, None) == "FAILED"
 
@@ -104,11 +113,7 @@ def test_a_job_whose_training_diverges_fails_as_training_naming_lr_and_loss_weig
         "method": {"name": "maskd", "params": {"loss_weight": 1000.0}},
     }
     job, _ = job_store.create_job(project.id, JobSpec.model_validate(body))
-    settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path,
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-    )
+    settings = local_settings(database_url, tmp_path)
     outcome = execute_job(job_store, settings, job.id, delivery="first")
 
     record = job_store.get_job_unscoped(job.id)
@@ -133,11 +138,7 @@ def test_a_method_without_tokens_skips_stage_one_end_to_end(
     body = tiny_spec(stage2_iterations=2)
     body["stage2"] = {**body["stage2"], "method": "fitnet"}
     job, _ = job_store.create_job(project.id, JobSpec.model_validate(body))
-    settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path,
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-    )
+    settings = local_settings(database_url, tmp_path)
     outcome = execute_job(job_store, settings, job.id, delivery="first")
 
     record = job_store.get_job_unscoped(job.id)
@@ -182,10 +183,7 @@ def test_a_detection_job_runs_through_the_worker_logs_map_and_registers_its_stud
     )
     project = job_store.create_project("p")
     job, _ = job_store.create_job(project.id, spec)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = Settings(
-        database_url=database_url, data_dir=tmp_path, mlflow_tracking_uri=tracking_uri
-    )
+    settings = local_settings(database_url, tmp_path)
     outcome = execute_job(job_store, settings, job.id, delivery="first")
 
     record = job_store.get_job_unscoped(job.id)
