@@ -455,12 +455,10 @@ def train_supervised(
     iterations: int,
     checkpoint: Path | None,
     stage: Stage,
-    optimizer_field: str = "stage2.optimizer",
 ) -> StageResult:
     """Plain task-loss training: teachers for the examples and the no-KD student baseline.
 
-    Both train with the stage-2 recipe, hence the default ``optimizer_field``: the spec field
-    ``optimizer_spec`` comes from, named if the run diverges.
+    Both train with the stage-2 recipe (``stage2.optimizer``, the field a diverged run names).
     """
     model.to(ctx.device)
 
@@ -474,7 +472,7 @@ def train_supervised(
         step_fn=step_fn,
         trainable={"model": model},
         optimizer_spec=optimizer_spec,
-        optimizer_field=optimizer_field,
+        optimizer_field="stage2.optimizer",
         loss_weight=None,
         iterations=iterations,
         checkpoint=checkpoint,
