@@ -2,9 +2,10 @@
 
 What a user waits for between ``POST /v1/jobs`` and a job that runs: the API validates the spec
 completely (a CPU dry run of both models) before it stores the job, the message goes through
-Redis to an idle ``maskd worker`` (prefork, ``worker_max_tasks_per_child=1``, so every job runs
-in a freshly forked child), the child claims the job and moves it to STAGE1, and only then
-imports torch, opens the MLflow runs and builds the models before stage 1's first step.
+Redis to an idle ``maskd worker`` (prefork), the child claims the job and moves it to STAGE1,
+then opens the MLflow runs and builds the models before stage 1's first step. (Written when
+every job ran in a freshly forked child that imported torch after the claim; pool children are
+warm and kept now, which ``bench/worker_start.py`` measures.)
 
 Jobs are submitted one at a time through the REST API, each after the previous one finished and
 an idle pause, so the worker is idle at every submission. Two pauses alternate job by job: a

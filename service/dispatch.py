@@ -27,10 +27,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
     Long GPU jobs need: one reserved task per process (late ack + prefetch 1), no redelivery
     while a job still runs (visibility timeout above the hard time limit, set for the broker
-    *and* the result backend, as Celery reads either), no redelivery loop when a worker dies
-    (``task_reject_on_worker_lost=False``; the reconciler re-queues from the database instead),
-    and a fresh process per job to release the CUDA context. Results live in the SQL store, so
-    Celery keeps none.
+    *and* the result backend, as Celery reads either), and no redelivery loop when a worker dies
+    (``task_reject_on_worker_lost=False``; the reconciler re-queues from the database instead).
+    Results live in the SQL store, so Celery keeps none.
+
+    A pool process runs job after job rather than one job each (``worker_max_tasks_per_child``
+    stays unset). Each process imports torch, the core and MLflow when it starts
+    (``workers.observability``), seconds of work that a process per job would pay, after Celery
+    noticed the old one exited (up to 5 s more), between every two jobs; a kept process takes
+    the next message at once. What a fresh process gave for free is kept otherwise: every job
+    seeds its RNGs and sets torch's threads itself, its MLflow client and database engine are
+    its own, the CUDA cache is emptied after it (``workers.tasks``), and the CUDA context stays,
+    which saves the next job creating it. Memory a job leaves behind is bounded by
+    ``worker_max_memory_per_child`` (``Settings.worker_max_memory_per_child_mib``): after a job
+    that took the process's peak resident memory above it, Celery replaces the process. A warm
+    spare process would avoid that wait too, but would hold a second CUDA context and its own
+    memory on every GPU for a case that rarely happens. A killed or crashed process is replaced
+    as before; the lease, late acknowledgement and the reconciler do not depend on which
+    process runs a job.
 
     Task events are on, on both sides (``task-sent`` from the API, ``task-received/started/
     succeeded/failed`` and heartbeats from the workers), so Flower or ``celery events`` show
@@ -72,7 +86,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": False,
         "worker_prefetch_multiplier": 1,
-        "worker_max_tasks_per_child": 1,
+        "worker_max_memory_per_child": settings.worker_max_memory_per_child_mib * 1024 or None,
         "task_soft_time_limit": settings.job_soft_time_limit_seconds,
         "task_time_limit": settings.job_time_limit_seconds,
         "task_routes": {RUN_JOB_TASK: {"queue": GPU_QUEUE}},

@@ -11,8 +11,12 @@ job gets three chances to end on time, from gentlest to hardest:
    in case the loop stopped polling (stuck in an evaluation, say);
 3. at ``job_time_limit_seconds`` Celery kills the process.
 
-Its logs, its Prometheus endpoint and torch's thread count are set up through Celery's signals
-(``workers.observability``), so they apply however the worker was started.
+Its logs, its Prometheus endpoint, torch's thread count and the warm-up of each pool child (the
+imports a job needs, done before the child takes one) are set up through Celery's signals
+(``workers.observability``), so they apply however the worker was started. A child reports for
+work only once warm, which takes seconds (10 to 25 s on two busy CPU cores), while Celery kills
+a child that has not reported within 4 s by default: ``CHILD_WARM_UP_TIMEOUT_SECONDS`` replaces
+that limit.
 
 This module must stay free of torch: the prefork parent imports it before forking children.
 """
@@ -25,6 +29,10 @@ from service.config import Settings, get_settings
 from service.dispatch import celery_config
 from workers import observability
 
+CHILD_WARM_UP_TIMEOUT_SECONDS = 300.0
+"""How long a new pool child may take to import torch and the rest before Celery gives up on
+it (``worker_proc_alive_timeout``): far above a healthy warm-up, so only a hung one is killed."""
+
 
 def backstop_soft_time_limit(settings: Settings) -> int:
     """Celery's soft limit: after the cooperative stop, with time left before the hard kill."""
@@ -35,5 +43,8 @@ def backstop_soft_time_limit(settings: Settings) -> int:
 settings = get_settings()
 app = Celery("maskd", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
-app.conf.update(task_soft_time_limit=backstop_soft_time_limit(settings))
+app.conf.update(
+    task_soft_time_limit=backstop_soft_time_limit(settings),
+    worker_proc_alive_timeout=CHILD_WARM_UP_TIMEOUT_SECONDS,
+)
 observability.install(app)

@@ -2,9 +2,9 @@
 
 Deliveries are at least once, so stale ones are routine: a job cancelled or finished while its
 message waited, a redelivered message whose job another worker holds, a re-send by the
-reconciler. Sent to the pool, each would cost a process (a child runs one task, then is
-replaced: ``worker_max_tasks_per_child=1``) and seconds of start-up, only to lose its claim;
-after a burst of cancelled jobs that queue drains slowly and delays real work.
+reconciler. Sent to the pool, each would occupy the pool process (the only one on a GPU
+worker) for a task of its own, a database engine and a failed claim; after a burst of
+cancelled jobs that queue drains slowly and delays real work.
 
 So ``maskd.run_job`` uses ``JobDeliveryRequest``: before the parent hands a delivery to the pool
 it reads the job row (``JobStore.claimable``, milliseconds) and, when no claim could succeed,

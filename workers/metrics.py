@@ -5,15 +5,17 @@ between in-memory and multiprocess values when it is first imported, and the par
 ``PROMETHEUS_MULTIPROC_DIR`` (``workers.observability``) only when it starts its endpoint.
 
 In multiprocess mode each child writes its values to files named after its *pool slot*
-(``counter_slot0.db``), not its pid. A child is replaced after every job
-(``worker_max_tasks_per_child=1``) and only once it has exited, so its replacement takes over
-the slot's files and counts on from their values: the folder keeps concurrency × 2 files
-however many jobs ran, where pid-named files would add two per job for the parent to read at
-every scrape. Outside a pool (tests calling the task in-process) values stay in memory.
+(``counter_slot0.db``), not its pid. A child runs job after job, and when it is replaced (its
+memory limit, a crash, a hard time limit) only once it has exited, so its replacement takes
+over the slot's files and counts on from their values: the folder keeps concurrency × 2 files
+however many children came and went, where pid-named files would add two per child for the
+parent to read at every scrape. Outside a pool (tests calling the task in-process) values stay
+in memory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,8 @@ from prometheus_client import Counter, Histogram, values
 
 from maskd_core.callbacks import Callback, Stage
 from maskd_core.spec import JobSpec
+
+logger = logging.getLogger(__name__)
 
 
 def _pool_slot() -> str:
@@ -38,6 +42,7 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         process_identifier=_pool_slot
     )
 
+FIRST_STEP_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 JOBS_STARTED = Counter(
@@ -67,6 +72,42 @@ STEP_SECONDS = Histogram(
     ["stage"],
     buckets=STEP_BUCKETS,
 )
+
+CLAIM_TO_FIRST_STEP_SECONDS = Histogram(
+    "maskd_worker_claim_to_first_step_seconds",
+    "From winning a job's lease to the end of the attempt's first training step: the MLflow "
+    "runs, the data and models, the teacher's evaluation (read back when the attempt resumes) "
+    "and the step itself.",
+    buckets=FIRST_STEP_BUCKETS,
+)
+
+
+class FirstStepLatency(Callback):
+    """Times one attempt from its claim (``claimed_at``, on ``clock``) to its first training
+    step, into ``CLAIM_TO_FIRST_STEP_SECONDS`` and a log line: how long a job waits for a warm
+    worker once it has one, which is what ``bench/worker_start.py`` reports."""
+
+    def __init__(
+        self, job_id: str, claimed_at: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._job_id = job_id
+        self._claimed_at = claimed_at
+        self._clock = clock
+        self._seen = False
+
+    def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
+        if self._seen:
+            return
+        self._seen = True
+        seconds = self._clock() - self._claimed_at
+        CLAIM_TO_FIRST_STEP_SECONDS.observe(seconds)
+        logger.info(
+            "job %s: first training step (%s, step %d) %.3f s after the claim",
+            self._job_id,
+            stage,
+            step,
+            seconds,
+        )
 
 
 class StepMetrics(Callback):

@@ -12,10 +12,16 @@ started (``maskd worker``, ``maskd serve --embedded``, ``celery -A workers.app w
   write their values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess
   mode; set here, before the children exist, unless the environment set it) and the parent's
   endpoint sums them. The folder is emptied at start; give each worker its own.
-- ``worker_process_init`` (each child): works out torch's intra-op thread count
-  (``worker_torch_threads``). The task applies it (``apply_torch_threads``) once it has
-  imported torch: the parent never imports torch, and a child has only seconds to report for
-  duty, too few to import it at start.
+- ``worker_process_init`` (each child, before it reports for work): works out torch's
+  intra-op thread count (``worker_torch_threads``), then imports what a job needs
+  (``JOB_MODULES``: torch, torchvision, the core, MLflow's stores, the worker's job modules);
+  each job applies the thread count when it starts (``apply_torch_threads``, which logs it). A
+  job that arrives finds a warm child and reaches its first step without seconds of imports.
+  Imports only: opening MLflow's store would create its tables in a new database, which the
+  children of one worker, starting together, would race on. The parent never imports torch:
+  the children import it after the fork, each for itself (``workers.app`` gives them time
+  to). A failed import is logged and left to the job, whose own import then fails it with the
+  error, rather than failing the child's start over and over.
 - ``heartbeat_sent`` (parent, every Celery heartbeat): touches ``MASKD_WORKER_HEARTBEAT_FILE``
   when set, so a container healthcheck can tell a live worker from a hung one.
 - ``worker_shutdown`` (parent): stops the endpoint and removes the folder it created.
@@ -25,11 +31,13 @@ This module imports neither torch nor prometheus_client at import time: the pare
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,26 @@ from service.logs import configure_logging
 logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+JOB_MODULES = (
+    "torch",
+    "torchvision",
+    "maskd_core.runner",
+    "workers.metrics",
+    "workers.tracking",
+    "workers.publishing",
+    "workers.run_closer",
+)
+"""What ``workers.tasks`` imports in the child to run a job, imported when the child starts.
+``workers.metrics`` among them is safe this early: the parent set ``PROMETHEUS_MULTIPROC_DIR``
+before it forked."""
+
+MLFLOW_DATABASE_STORES = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
+"""MLflow imports the store of a database tracking URI on first use, a second or more of SQL
+models; a tracking server's client comes with ``import mlflow``."""
 
 
 @dataclass
@@ -172,9 +200,30 @@ def _touch_heartbeat_file(**_: Any) -> None:
         logger.warning("cannot touch the heartbeat file %s", path, exc_info=True)
 
 
+def warm_up_modules(settings: Settings) -> tuple[str, ...]:
+    """The modules a pool child imports before it takes a job (see the module docstring)."""
+    remote = settings.mlflow_tracking_uri.startswith(("http://", "https://"))
+    return JOB_MODULES if remote else JOB_MODULES + MLFLOW_DATABASE_STORES
+
+
 def _in_pool_child(**_: Any) -> None:
     global _child_torch_threads
-    _child_torch_threads = worker_torch_threads(get_settings(), _concurrency or 1)
+    settings = get_settings()
+    _child_torch_threads = worker_torch_threads(settings, _concurrency or 1)
+    started = time.perf_counter()
+    modules = warm_up_modules(settings)
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            logger.exception("pool child %d: cannot import %s; jobs will retry", os.getpid(), name)
+            return
+    logger.info(
+        "pool child %d warm: imported %d modules in %.1f s",
+        os.getpid(),
+        len(modules),
+        time.perf_counter() - started,
+    )
 
 
 def _at_shutdown(**_: Any) -> None:
