@@ -1,5 +1,9 @@
 """The train/val split and step-indexed, deterministic batching.
 
+A job validates on its ``val_dataset`` when the spec gives one (the dataset's own validation
+split); only without it is the training dataset split at random by ``dataset.val_fraction``
+(``train_val_split``).
+
 The batch of global step ``k`` depends only on ``(seed, k)``:
 
 - sample position ``p = k * batch_size + j`` falls in epoch ``e = p // len(dataset)``;
@@ -19,9 +23,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from maskd_core.data import build_val_dataset
 from maskd_core.data.base import DenseDataset
 from maskd_core.errors import SpecError
 from maskd_core.seeding import SeededPermutation, derive_seed
+from maskd_core.spec import JobSpec
 from maskd_core.tasks.base import Batch, Task
 
 _SPLIT_STREAM = 0
@@ -44,6 +50,7 @@ class DatasetSubset(DenseDataset):
         self.start = start
         self.stop = stop
         self.num_classes = base.num_classes
+        self.class_names = base.class_names
 
     # A subset's task is its base's, known per instance rather than per class.
     @property
@@ -66,12 +73,26 @@ class DatasetSubset(DenseDataset):
         return self.base.augment(sample, generator)
 
 
+Splits = tuple[DenseDataset, DenseDataset]
+"""A job's (training, validation) data."""
+
+
+def train_val_split(spec: JobSpec, dataset: DenseDataset) -> Splits:
+    """The job's (train, val) data: all of ``dataset`` and the spec's ``val_dataset`` when it
+    gives one, else ``dataset`` split by ``dataset.val_fraction`` and the job seed."""
+    if spec.val_dataset is not None:
+        return dataset, build_val_dataset(spec, dataset)
+    return split_dataset(dataset, spec.dataset.val_fraction, spec.seed)
+
+
 def split_dataset(
     dataset: DenseDataset, val_fraction: float, seed: int
 ) -> tuple[DatasetSubset, DatasetSubset]:
     """Split into (train, val) by a permutation drawn from ``seed``.
 
-    Both parts get at least one sample; a dataset too small for that is a ``SpecError``.
+    Both parts get at least one sample; a dataset too small for that is a ``SpecError``. The
+    fallback of a job without ``val_dataset``: samples that overlap (tiles of one image) land on
+    both sides, so a dataset's own validation split is the better choice where it has one.
     """
     total = len(dataset)
     if total < 2:

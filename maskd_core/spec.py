@@ -161,15 +161,64 @@ class ModelSpec(StrictModel):
     )
 
 
-class DatasetSpec(StrictModel):
+class DataSourceSpec(StrictModel):
+    """A dataset by name in the dataset registry, with that entry's arguments.
+
+    The base of every dataset a job reads, so that whatever walks a spec for its datasets
+    (``maskd_core.validate.input_paths`` polices their paths) finds each one by its type.
+    """
+
+    name: str = Field(max_length=NAME_LENGTH, description="Name in the dataset registry.")
+    args: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="Arguments of the dataset (see its registry entry): paths, classes, split.",
+    )
+
+
+class DatasetSpec(DataSourceSpec):
+    """The training data, and where the validation data comes from when no ``val_dataset``
+    is given: a random ``val_fraction`` of it."""
+
     name: str = Field(
         default="procedural_shapes",
         max_length=NAME_LENGTH,
         description="Name in the dataset registry for the task.",
     )
-    args: dict[str, JsonValue] = Field(default_factory=dict)
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    augment: bool = True
+    val_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Used only without val_dataset: this fraction of the dataset's samples, "
+        "drawn at random by seed, is held out for validation and the rest trains. Samples that "
+        "overlap (tiles of one image, frames of one video) then land on both sides; give the "
+        "dataset's own validation split as val_dataset instead.",
+    )
+    augment: bool = Field(
+        default=True,
+        description="Augment training samples (the dataset's flips, scales and crops); "
+        "validation samples never are.",
+    )
+
+
+SPLIT_ONLY_FIELDS = ("val_fraction", "augment")
+"""``DatasetSpec`` fields about training on the dataset, which a validation dataset has not."""
+
+
+class ValDatasetSpec(DataSourceSpec):
+    """A dataset used whole, without augmentation, to validate: the dataset's own validation
+    split (COCO's ``instances_val2017.json``, VOC's ``ImageSets/Main/val.txt``, an image
+    folder's ``val/``). It must hold the training dataset's task and classes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_split_settings(cls, data: Any) -> Any:
+        given = [key for key in SPLIT_ONLY_FIELDS if isinstance(data, dict) and key in data]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} belong to dataset, not val_dataset: a validation "
+                "dataset is used whole and never augmented; remove them here"
+            )
+        return data
 
 
 class OptimizerSpec(StrictModel):
@@ -288,6 +337,14 @@ class JobSpec(StrictModel):
     teacher: ModelSpec
     student: ModelSpec
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    val_dataset: ValDatasetSpec | None = Field(
+        default=None,
+        description="The data to validate on, used whole: the dataset's own validation split, "
+        "e.g. {args: {annotations: .../instances_val2017.json, images: .../val2017}} for "
+        "COCO, {args: {root: ..., split: val}} for VOC. name defaults to dataset.name; the "
+        "task and classes must be the training dataset's. Without it, dataset.val_fraction of "
+        "the training dataset is held out at random.",
+    )
     stage1: Stage1Spec
     stage2: Stage2Spec
     seed: int = Field(default=0, ge=0, le=INT64_MAX)
@@ -312,6 +369,21 @@ class JobSpec(StrictModel):
         """The single-method job one comparison run amounts to."""
         stage2 = self.stage2.model_copy(update={"method": method})
         return self.model_copy(update={"stage2": stage2, "seed": seed, "comparison": None})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _val_dataset_name(cls, data: Any) -> Any:
+        """A validation dataset without a name is read the way the training dataset is: the
+        common case is the same format with other files (a split, a folder)."""
+        if not isinstance(data, dict) or not isinstance(data.get("val_dataset"), dict):
+            return data
+        val = data["val_dataset"]
+        if "name" in val:
+            return data
+        dataset = data.get("dataset")
+        name = dataset.get("name") if isinstance(dataset, dict) else getattr(dataset, "name", None)
+        default = DatasetSpec.model_fields["name"].default
+        return {**data, "val_dataset": {**val, "name": default if name is None else name}}
 
     @model_validator(mode="before")
     @classmethod

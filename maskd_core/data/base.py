@@ -20,6 +20,10 @@ class DenseDataset(ABC):
 
     num_classes: int
 
+    class_names: dict[int, str] | None = None
+    """Class id → name, for data that names its classes (VOC, COCO, a folder given names);
+    ``None`` otherwise. A validation dataset must name every class as the training data does."""
+
     @abstractmethod
     def __len__(self) -> int: ...
 

@@ -8,6 +8,10 @@ detector's transform normalises them itself.
 Class ids are ``1..K`` with ``0`` reserved for background, the convention of torchvision's
 detectors; ``num_classes`` of a detection dataset is ``K`` and the detection models are built with
 ``K + 1`` outputs (see ``maskd_core.models.detection``).
+
+Ignore regions (COCO's ``iscrowd`` annotations, VOC's ``difficult`` objects) travel with a sample
+beside its objects. They are never training targets, and evaluation treats them as COCO treats
+crowds: a detection on one counts neither as a hit nor as a false positive.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ class DetectionSample(NamedTuple):
     """``float32 [K, 4]``: ``x1, y1, x2, y2`` in pixels of this image, with ``x2 > x1, y2 > y1``."""
     labels: torch.Tensor
     """``int64 [K]``: class ids in ``1..num_classes``."""
+    ignore_boxes: torch.Tensor | None = None
+    """``float32 [M, 4]`` ``xyxy`` ignore regions of this image (crowds, difficult objects);
+    None when it has none."""
+    ignore_labels: torch.Tensor | None = None
+    """``int64 [M]``: the class of each ignore region (only detections of that class on it are
+    ignored, as in COCO)."""
 
 
 class DetectionDataset(DenseDataset):
@@ -55,10 +65,21 @@ class DetectionDataset(DenseDataset):
 def hflip(sample: DetectionSample) -> DetectionSample:
     """Mirror the image left-right and its boxes with it (``x -> W - x``)."""
     width = sample.image.shape[-1]
-    boxes = sample.boxes.clone()
-    boxes[:, 0] = width - sample.boxes[:, 2]
-    boxes[:, 2] = width - sample.boxes[:, 0]
-    return DetectionSample(sample.image.flip(-1), boxes, sample.labels)
+    ignore = None if sample.ignore_boxes is None else _mirror(sample.ignore_boxes, width)
+    return DetectionSample(
+        sample.image.flip(-1),
+        _mirror(sample.boxes, width),
+        sample.labels,
+        ignore,
+        sample.ignore_labels,
+    )
+
+
+def _mirror(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    mirrored = boxes.clone()
+    mirrored[:, 0] = width - boxes[:, 2]
+    mirrored[:, 2] = width - boxes[:, 0]
+    return mirrored
 
 
 def empty_targets() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,3 +130,32 @@ def as_targets(
     if not boxes:
         return empty_targets()
     return torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64)
+
+
+class Objects:
+    """One image's objects and ignore regions, as plain lists until a sample is asked for
+    (a dataset of 100k images holds no tensors)."""
+
+    __slots__ = ("boxes", "ignore_boxes", "ignore_labels", "labels")
+
+    def __init__(self) -> None:
+        self.boxes: list[tuple[float, float, float, float]] = []
+        self.labels: list[int] = []
+        self.ignore_boxes: list[tuple[float, float, float, float]] = []
+        self.ignore_labels: list[int] = []
+
+    def add(self, box: tuple[float, float, float, float], label: int, *, ignore: bool) -> None:
+        """An object to detect, or with ``ignore`` a region evaluation leaves out."""
+        if ignore:
+            self.ignore_boxes.append(box)
+            self.ignore_labels.append(label)
+        else:
+            self.boxes.append(box)
+            self.labels.append(label)
+
+    def sample(self, image: torch.Tensor) -> DetectionSample:
+        boxes, labels = as_targets(self.boxes, self.labels)
+        if not self.ignore_boxes:
+            return DetectionSample(image, boxes, labels)
+        ignore_boxes, ignore_labels = as_targets(self.ignore_boxes, self.ignore_labels)
+        return DetectionSample(image, boxes, labels, ignore_boxes, ignore_labels)

@@ -1,10 +1,17 @@
-"""``image_folder``: RGB images with PNG class-index masks, the Pascal VOC / Cityscapes layout.
+"""``image_folder``: images with PNG class-index masks, the Pascal VOC / Cityscapes layout.
 
 ::
 
     root/
-      images/<name>.jpg       (any of .jpg .jpeg .png .bmp .tif .tiff .webp; subfolders allowed)
-      masks/<name>.png        (same relative path and stem; one class index per pixel)
+      images/<dir>/<stem><image_suffix>.jpg   (any of .jpg .jpeg .png .bmp .tif .tiff .webp)
+      masks/<dir>/<stem><mask_suffix>.png     (same sub-folders and stem; a class per pixel)
+
+Sub-folders nest to any depth (Cityscapes' ``leftImg8bit/train/<city>/``). A mask is a palette
+PNG (its pixel values are the class indices, whatever the palette's colours), an 8-bit
+greyscale PNG or a 16-bit one; ``ignore_index`` marks unlabelled pixels. Images may mix RGB,
+greyscale (8 or 16 bit) and palette files: every one is read as RGB. A dataset's own
+train/val split is two sub-folders: ``images_dir: images/train`` for ``dataset`` and
+``images_dir: images/val`` for ``val_dataset`` (or two roots).
 
 The layout is checked when the dataset is built, which is what job validation does, so a wrong
 path is a 422 before anything is queued. Pixel contents are only seen when a sample is read
@@ -21,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from maskd_core.data import DATASETS
+from maskd_core.data import DATASETS, DEFAULT_PREFIX
 from maskd_core.data.base import DenseDataset
 from maskd_core.data.scan import ScanDeadline, list_files
 from maskd_core.data.transforms import (
@@ -36,7 +43,12 @@ from maskd_core.errors import DataError, SpecError
 from maskd_core.paths import LocalPath, SubPathOf, file_under, resolve_path, sub_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-_ROOT_FIELD = "dataset.args.root"
+MASK_MODES = frozenset({"P", "L", "1", "I", "I;16", "I;16B", "I;16L"})
+"""Pillow modes holding one value per pixel: palette, 8-bit, 1-bit, 32-bit and 16-bit."""
+SIXTEEN_BIT_IMAGE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L"})
+"""Greyscale image modes wider than 8 bits, which Pillow's RGB conversion would clip."""
+NAME_SUFFIX = Field(max_length=128, pattern=r"^[^/\\\x00]*$")
+"""A file-name suffix: part of one name, so never a path separator."""
 
 
 class ImageFolderArgs(BaseModel):
@@ -57,8 +69,24 @@ class ImageFolderArgs(BaseModel):
     ignore_index: int = Field(
         default=IGNORE_INDEX,
         ge=0,
-        le=255,
-        description="Mask value meaning 'no label' (excluded from loss and metrics).",
+        le=65535,
+        description="Mask value meaning 'no label' (excluded from loss and metrics); up to "
+        "65535 for 16-bit masks.",
+    )
+    image_suffix: Annotated[str, NAME_SUFFIX] = Field(
+        default="",
+        description="End of every image's stem that its mask's name does not share, e.g. "
+        "'_leftImg8bit' for Cityscapes.",
+    )
+    mask_suffix: Annotated[str, NAME_SUFFIX] = Field(
+        default="",
+        description="End of every mask's stem after the image's shared stem, e.g. "
+        "'_gtFine_labelTrainIds' for Cityscapes.",
+    )
+    class_names: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        description="Names of the classes 0..num_classes-1 (optional); a val_dataset must "
+        "give the same.",
     )
     image_size: int | tuple[int, int] | None = Field(
         default=None,
@@ -79,6 +107,18 @@ class ImageFolderArgs(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_name_per_class(self) -> ImageFolderArgs:
+        names = self.class_names
+        if names is not None and len(names) != self.num_classes:
+            raise ValueError(
+                f"class_names lists {len(names)} names but num_classes is {self.num_classes}; "
+                "name every class, background (0) included"
+            )
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("class_names must be unique")
+        return self
+
     @property
     def size(self) -> tuple[int, int] | None:
         """``image_size`` as ``(height, width)``."""
@@ -89,40 +129,56 @@ class ImageFolderArgs(BaseModel):
 
 def _expected_layout(args: ImageFolderArgs) -> str:
     return (
-        f"expected {args.root}/{args.images_dir}/<name>.jpg|.png|... and "
-        f"{args.root}/{args.masks_dir}/<name>.png (same relative path and stem)"
+        f"expected {args.root}/{args.images_dir}/<name>{args.image_suffix}.jpg|.png|... and "
+        f"{args.root}/{args.masks_dir}/<name>{args.mask_suffix}.png (same sub-folders and "
+        "<name>)"
     )
 
 
-def _find_pairs(args: ImageFolderArgs) -> tuple[Path, list[tuple[Path, Path]]]:
+def _mask_name(image: Path, args: ImageFolderArgs) -> str | None:
+    """The mask file name of ``image``, or None when its stem lacks ``image_suffix``."""
+    stem = image.stem
+    if args.image_suffix:
+        if not stem.endswith(args.image_suffix):
+            return None
+        stem = stem[: -len(args.image_suffix)]
+    return f"{stem}{args.mask_suffix}.png"
+
+
+def _find_pairs(args: ImageFolderArgs, prefix: str) -> tuple[Path, list[tuple[Path, Path]]]:
     """The resolved root and the (image, mask) pairs under it.
 
     Both subfolders are listed within bounds (``maskd_core.data.scan``), each resolved under
     the root, so neither a sub-path nor a link inside them leads out of it. Errors repeat the
-    paths the spec gave, never where links lead.
+    paths the spec gave, never where links lead, and name fields under ``prefix``.
     """
-    root = resolve_path(args.root, _ROOT_FIELD)
+    root_field = f"{prefix}.root"
+    root = resolve_path(args.root, root_field)
     if not root.is_dir():
         raise SpecError(
             f"dataset folder {args.root!r} does not exist or is not a folder; "
             + _expected_layout(args),
-            field=_ROOT_FIELD,
+            field=root_field,
         )
-    images_root, masks_root = sub_path(args, "images_dir"), sub_path(args, "masks_dir")
+    images_root = sub_path(args, "images_dir", prefix)
+    masks_root = sub_path(args, "masks_dir", prefix)
     deadline = ScanDeadline()
-    images: list[Path] = []
+    listed: list[Path] = []
     if images_root.is_dir():
-        images = list_files(
+        listed = list_files(
             images_root,
             suffixes=IMAGE_EXTENSIONS,
             within=root,
-            field="dataset.args.images_dir",
+            field=f"{prefix}.images_dir",
             deadline=deadline,
         )
+    images = [(image, name) for image in listed if (name := _mask_name(image, args)) is not None]
     if not images:
+        suffix = f" whose name ends in {args.image_suffix!r}" if args.image_suffix else ""
         raise SpecError(
-            f"no images found under {args.root}/{args.images_dir}; " + _expected_layout(args),
-            field=_ROOT_FIELD,
+            f"no images{suffix} found under {args.root}/{args.images_dir}; "
+            + _expected_layout(args),
+            field=root_field,
         )
     masks: set[Path] = set()
     if masks_root.is_dir():
@@ -132,12 +188,12 @@ def _find_pairs(args: ImageFolderArgs) -> tuple[Path, list[tuple[Path, Path]]]:
                 masks_root,
                 suffixes=frozenset({".png"}),
                 within=root,
-                field="dataset.args.masks_dir",
+                field=f"{prefix}.masks_dir",
                 deadline=deadline,
             )
         }
     pairs = [
-        (image, masks_root / image.relative_to(images_root).with_suffix(".png")) for image in images
+        (image, masks_root / image.relative_to(images_root).parent / name) for image, name in images
     ]
     missing = [mask for _, mask in pairs if mask.relative_to(masks_root) not in masks]
     if missing:
@@ -147,7 +203,7 @@ def _find_pairs(args: ImageFolderArgs) -> tuple[Path, list[tuple[Path, Path]]]:
         raise SpecError(
             f"{len(missing)} of {len(pairs)} images have no mask (e.g. {listing}); "
             + _expected_layout(args),
-            field=_ROOT_FIELD,
+            field=root_field,
         )
     return root, pairs
 
@@ -157,9 +213,16 @@ def _inside(root: Path, path: Path) -> Path:
 
 
 def _read_image(path: Path) -> torch.Tensor:
+    """``float32 [3, H, W]`` in [0, 1] from any image mode: colour, palette and greyscale
+    (8-bit, or 16-bit scaled by 65535 rather than clipped at 255 as Pillow's RGB conversion
+    would) all become RGB, so a folder may mix them."""
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            if image.mode in SIXTEEN_BIT_IMAGE_MODES:
+                grey = np.asarray(image).astype(np.float32) / 65535.0
+                pixels = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
+            else:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -168,10 +231,10 @@ def _read_image(path: Path) -> torch.Tensor:
 def _read_mask(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as mask:
-            if mask.mode not in ("P", "L", "I", "I;16"):
+            if mask.mode not in MASK_MODES:
                 raise DataError(
                     f"mask {str(path)!r} has mode {mask.mode}; masks hold one class index per "
-                    "pixel (a palette or greyscale PNG), not colours"
+                    "pixel (a palette, or an 8- or 16-bit greyscale PNG), not colours"
                 )
             values = np.asarray(mask).astype(np.int64)
     except (OSError, UnidentifiedImageError) as exc:
@@ -184,10 +247,12 @@ class ImageFolder(DenseDataset):
 
     task = "segmentation"
 
-    def __init__(self, args: ImageFolderArgs) -> None:
+    def __init__(self, args: ImageFolderArgs, prefix: str = DEFAULT_PREFIX) -> None:
         self.args = args
         self.num_classes = args.num_classes
-        self.root, self.pairs = _find_pairs(args)
+        if args.class_names is not None:
+            self.class_names = dict(enumerate(args.class_names))
+        self.root, self.pairs = _find_pairs(args, prefix)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -221,6 +286,9 @@ class ImageFolder(DenseDataset):
 
 
 @DATASETS.register("image_folder", args=ImageFolderArgs)
-def build_image_folder(args: ImageFolderArgs, seed: int) -> DenseDataset:
-    """RGB images with PNG class-index masks (Pascal VOC / Cityscapes layout) from a folder."""
-    return ImageFolder(args)
+def build_image_folder(
+    args: ImageFolderArgs, seed: int, *, prefix: str = DEFAULT_PREFIX
+) -> DenseDataset:
+    """Images with PNG class-index masks (Pascal VOC / Cityscapes layout) from a folder."""
+    del seed  # the files fix the samples
+    return ImageFolder(args, prefix)

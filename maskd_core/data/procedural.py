@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
-from maskd_core.data import DATASETS
+from maskd_core.data import DATASETS, DEFAULT_PREFIX
 from maskd_core.data.base import DenseDataset
 from maskd_core.data.transforms import (
     ScaleRange,
@@ -228,6 +228,9 @@ class ProceduralShapes(DenseDataset):
 
 
 @DATASETS.register("procedural_shapes", args=ProceduralShapesArgs)
-def build_procedural_shapes(args: ProceduralShapesArgs, seed: int) -> DenseDataset:
+def build_procedural_shapes(
+    args: ProceduralShapesArgs, seed: int, *, prefix: str = DEFAULT_PREFIX
+) -> DenseDataset:
     """Generated shapes with exact labels (no files needed); the default dataset."""
+    del prefix  # generated data has no argument a build can fail on
     return ProceduralShapes(args, seed)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from maskd_core.data import DATASETS
+from maskd_core.data import DATASETS, DEFAULT_PREFIX
 from maskd_core.data.detection_common import DetectionDataset, DetectionSample, as_targets
 
 ShapeMask = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -173,6 +173,7 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
 
 
 @DATASETS.register("procedural_boxes", args=ProceduralBoxesArgs)
-def build(args: ProceduralBoxesArgs, seed: int) -> ProceduralBoxes:
+def build(args: ProceduralBoxesArgs, seed: int, *, prefix: str = DEFAULT_PREFIX) -> ProceduralBoxes:
     """Generated shapes with exact boxes: the detection default, needs no files."""
+    del prefix  # generated data has no argument a build can fail on
     return ProceduralBoxes(args, seed)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskd_core.data.detection_common import DetectionSample
+from maskd_core.data.detection_common import DetectionSample, empty_targets
 from maskd_core.tasks import TASKS, Task
 
 Target = dict[str, torch.Tensor]
@@ -46,6 +46,9 @@ COCO_AREAS = (
 class DetectionBatch(NamedTuple):
     images: list[torch.Tensor]
     targets: list[Target]
+    """What the detector trains on: the objects, never the ignore regions."""
+    ignore: list[Target] | None = None
+    """Per image, its ignore regions (``boxes``/``labels``) for evaluation; None: none."""
 
 
 @TASKS.register("detection")
@@ -56,9 +59,11 @@ class DetectionTask(Task):
     primary_metric: ClassVar[str] = "map"
 
     def collate(self, samples: Sequence[DetectionSample]) -> DetectionBatch:
+        regions = [_ignore_regions(s) for s in samples]
         return DetectionBatch(
             images=[s.image for s in samples],
             targets=[{"boxes": s.boxes, "labels": s.labels} for s in samples],
+            ignore=regions if any(len(r["boxes"]) for r in regions) else None,
         )
 
     def to_device(self, batch: DetectionBatch, device: torch.device) -> DetectionBatch:
@@ -68,6 +73,7 @@ class DetectionTask(Task):
                 {key: value.to(device, non_blocking=True) for key, value in target.items()}
                 for target in batch.targets
             ],
+            ignore=batch.ignore,  # read on the CPU by evaluation only
         )
 
     def batch_size(self, batch: DetectionBatch) -> int:
@@ -113,6 +119,7 @@ class DetectionTask(Task):
         reported as COCO's -1 or a misleading 0; ``map`` is 0.0 when there is no object at all.
         """
         ground_truth: list[Target] = []
+        ignore: list[Target] = []
         detections: list[dict[str, torch.Tensor]] = []
         image_sizes: list[tuple[int, int]] = []
         for batch in batches:
@@ -123,24 +130,39 @@ class DetectionTask(Task):
                     {k: output[k][found].cpu() for k in ("boxes", "scores", "labels")}
                 )
             ground_truth += batch.targets
+            ignore += batch.ignore or [_no_targets() for _ in batch.targets]
             image_sizes += [(int(image.shape[-2]), int(image.shape[-1])) for image in batch.images]
-        return coco_map(ground_truth, detections, image_sizes)
+        return coco_map(ground_truth, detections, image_sizes, ignore)
 
     def example_input(self, batch: DetectionBatch) -> torch.Tensor:
         """The first image as a ``[1, 3, H, W]`` tensor (torchvision detectors accept it)."""
         return batch.images[0].unsqueeze(0)
 
 
+def _ignore_regions(sample: DetectionSample) -> Target:
+    if sample.ignore_boxes is None or sample.ignore_labels is None:
+        return _no_targets()
+    return {"boxes": sample.ignore_boxes, "labels": sample.ignore_labels}
+
+
+def _no_targets() -> Target:
+    boxes, labels = empty_targets()
+    return {"boxes": boxes, "labels": labels}
+
+
 def coco_map(
     ground_truth: Sequence[Target],
     detections: Sequence[dict[str, torch.Tensor]],
     image_sizes: Sequence[tuple[int, int]],
+    ignore: Sequence[Target] | None = None,
 ) -> dict[str, float]:
     """COCO box AP of ``detections`` (``boxes``/``scores``/``labels`` per image) against
     ``ground_truth`` (``boxes``/``labels`` per image), images of ``(height, width)``.
 
-    Every ground-truth box counts (no crowd regions), with its box area as the COCO area, so
-    the small/medium/large split is by box size.
+    Every ground-truth box counts, with its box area as the COCO area, so the
+    small/medium/large split is by box size. ``ignore`` (per image, ``boxes``/``labels``) are
+    COCO crowd regions: a detection of their class that lies in one counts neither as a hit nor
+    as a false positive.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -148,31 +170,34 @@ def coco_map(
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
-    for image_id, (target, found, (height, width)) in enumerate(
-        zip(ground_truth, detections, image_sizes, strict=True), start=1
+    if ignore is None:
+        ignore = [_no_targets() for _ in image_sizes]
+    for image_id, (target, crowd, found, (height, width)) in enumerate(
+        zip(ground_truth, ignore, detections, image_sizes, strict=True), start=1
     ):
         images.append({"id": image_id, "height": height, "width": width})
-        for box, label in zip(_xywh(target["boxes"]), target["labels"].tolist(), strict=True):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
+        for truth, is_crowd in ((target, 0), (crowd, 1)):
+            for box, label in zip(_xywh(truth["boxes"]), truth["labels"].tolist(), strict=True):
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": is_crowd,
+                    }
+                )
         for box, score, label in zip(
             _xywh(found["boxes"]), found["scores"].tolist(), found["labels"].tolist(), strict=True
         ):
             results.append(
                 {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
             )
-    if not annotations:
+    areas = [a["area"] for a in annotations if not a["iscrowd"]]
+    if not areas:  # no object to find: crowds alone score nothing
         return {name: 0.0 for name in COCO_STATS[:3]}
     if not results:  # pycocotools cannot load an empty result list; nothing found scores 0
-        areas = [a["area"] for a in annotations]
         return {
             name: 0.0
             for name, (low, high) in zip(COCO_STATS, COCO_AREAS, strict=False)

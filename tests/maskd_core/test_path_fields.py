@@ -21,12 +21,16 @@ from maskd_core.methods import METHODS
 from maskd_core.models import MODELS
 from maskd_core.paths import InputPathMarker, LocalPath, SubPathOf, path_kind
 from maskd_core.registry import Registry
-from maskd_core.spec import DatasetSpec, JobSpec, ModelSpec
+from maskd_core.spec import DatasetSpec, JobSpec, ModelSpec, ValDatasetSpec
 from maskd_core.tasks import TASKS
 from maskd_core.validate import input_paths
 
 NOT_PATHS: dict[tuple[str, str], str] = {
     ("VocArgs", "classes"): "class names, matched against <name> in the XML files",
+    ("VocArgs", "class_map"): "class names to rename or drop, matched against <name>",
+    ("ImageFolderArgs", "image_suffix"): "the end of an image's file name (no '/' allowed)",
+    ("ImageFolderArgs", "mask_suffix"): "the end of a mask's file name (no '/' allowed)",
+    ("ImageFolderArgs", "class_names"): "names of the mask values, for reports",
     ("ModelSpec", "arch"): "a name in the model registry",
     ("ModelSpec", "args"): "the architecture's arguments, walked through its registry entry",
     ("ModelSpec", "layers"): "module names inside the network",
@@ -34,6 +38,8 @@ NOT_PATHS: dict[tuple[str, str], str] = {
     "ones as roots (test_input_paths_report_local_weights_as_roots)",
     ("DatasetSpec", "name"): "a name in the dataset registry",
     ("DatasetSpec", "args"): "the dataset's arguments, walked through its registry entry",
+    ("ValDatasetSpec", "name"): "a name in the dataset registry",
+    ("ValDatasetSpec", "args"): "the dataset's arguments, walked through its registry entry",
 }
 """Arguments that hold text but never name a file or folder: (model class, field) → why."""
 
@@ -59,7 +65,8 @@ def argument_models() -> list[tuple[str, type[BaseModel]]]:
     models = {
         f"{registry.kind} {entry.name}": entry.args for registry in REGISTRIES for entry in registry
     }
-    return [*sorted(models.items()), ("spec", ModelSpec), ("spec", DatasetSpec)]
+    specs = [("spec", ModelSpec), ("spec", DatasetSpec), ("spec", ValDatasetSpec)]
+    return [*sorted(models.items()), *specs]
 
 
 def test_every_registry_has_entries() -> None:
