@@ -87,6 +87,10 @@ class Callback:
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         """A stage finished normally."""
 
+    def on_run_failed(self, stage: Stage, reason: str) -> None:
+        """A comparison run failed with an error of its own (``RunError``, e.g. a diverged
+        loss); the comparison records it and goes on with its other runs."""
+
     def should_stop(self) -> bool:
         """Polled once per step: true asks the stage to checkpoint and stop."""
         return False
@@ -127,6 +131,10 @@ class CallbackList(Callback):
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_stage_end(stage, step, metrics)
+
+    def on_run_failed(self, stage: Stage, reason: str) -> None:
+        for cb in self.callbacks:
+            cb.on_run_failed(stage, reason)
 
     def should_stop(self) -> bool:
         return any(cb.should_stop() for cb in self.callbacks)

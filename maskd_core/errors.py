@@ -2,10 +2,11 @@
 
 The service maps each class onto a job failure kind, so the split matters:
 ``SpecError`` is the submitter's to fix before training (HTTP 422), ``DataError`` is found while
-training and is still the user's (FAILED, kind ``user``), ``TrainingDiverged`` is a run whose
-optimisation settings blew the loss up (FAILED, kind ``training``), and ``JobCancelled`` is the
-cooperative stop a user asked for. Anything else escaping the core is treated as an
-infrastructure failure.
+training and is still the user's (FAILED, kind ``user``), a ``RunError`` such as
+``TrainingDiverged`` is one student run whose own settings blew the loss up (FAILED, kind
+``training``; in a comparison only that run fails, and ``ComparisonFailed`` once every run has),
+and ``JobCancelled`` is the cooperative stop a user asked for. Anything else escaping the core is
+treated as an infrastructure failure.
 """
 
 from __future__ import annotations
@@ -62,7 +63,16 @@ class Setting:
         return f"{self.field} = {self.value:g}" if self.value is not None else self.field
 
 
-class TrainingDiverged(MaskdError):  # noqa: N818 - names what happened, like JobCancelled
+class RunError(MaskdError):
+    """An error confined to one student run: its method's or optimiser's settings failed it.
+
+    The data, the teacher and the machine were fine, so the job's other students are not
+    affected: a comparison job records the run as failed (with this message) and trains the
+    others, while a single job, which has only this student, fails with it.
+    """
+
+
+class TrainingDiverged(RunError):  # noqa: N818 - names what happened, like JobCancelled
     """The loss became inf or NaN: the run's optimisation settings are too aggressive for it.
 
     Not a ``DataError``: the data was read and matched the task, and the fix is a setting, so the
@@ -118,6 +128,19 @@ class TrainingDiverged(MaskdError):  # noqa: N818 - names what happened, like Jo
             f"training diverged at {when}: the loss is {self.loss}{parts}. Lower {lower}, "
             f"e.g. by 10x ({tries}); to bound each update, also {clip}"
         )
+
+
+class ComparisonFailed(MaskdError):  # noqa: N818 - names what happened, like JobCancelled
+    """Every run of a comparison failed with a ``RunError``: no student to tabulate or register.
+
+    ``failures`` pairs each run's name ("stage2/fitnet/seed0") with its reason, all named in the
+    message, since each may need its own setting lowered.
+    """
+
+    def __init__(self, failures: Sequence[tuple[str, str]]) -> None:
+        self.failures = tuple(failures)
+        listed = "; ".join(f"{run}: {reason}" for run, reason in self.failures)
+        super().__init__(f"every comparison run failed. {listed}")
 
 
 class JobCancelled(MaskdError):  # noqa: N818 - it is a signal, not a failure

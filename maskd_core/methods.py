@@ -10,7 +10,9 @@ and the aligns, in the same optimiser and checkpoint.
 
 The weights of these methods live on different scales (docs/methods.md): MasKD and FitNet are
 per-element means, O(1–10); MGD and AMD sum squared errors over C·H·W and divide by the batch,
-so their weights are O(1e-5). A weight is never carried across methods.
+so their weights are O(1e-5). A weight is never carried across methods. FitNet's per-element
+mean is where the tapped level changes what a weight means (segmentation logits square to ~50x
+a feature map's elements), so its default follows the taps (``distils_logits``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +44,15 @@ class MethodParams(BaseModel):
 class MethodSetup:
     """What a distiller is built from besides its params: the job's levels, task and method.
 
-    ``tokens`` are the stage-1 tokens for methods that need them and None for the others.
+    ``tokens`` are the stage-1 tokens for methods that need them and None for the others;
+    ``num_classes`` tells a method which levels are the class logits (``distils_logits``).
     """
 
     levels: Sequence[LevelPlan]
     task: str
     method: MethodSpec
     tokens: TokenSet | None
+    num_classes: int
 
 
 class Distiller(nn.Module):
@@ -69,6 +73,21 @@ class Distiller(nn.Module):
     def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
         super().__init__()
 
+    @classmethod
+    def default_weight(cls, setup: MethodSetup) -> float | None:
+        """The weight when ``weight_field`` is left out (None): for methods whose sensible
+        weight depends on the task and the taps."""
+        return None
+
+    @classmethod
+    def resolved_weight(cls, params: BaseModel, setup: MethodSetup) -> float:
+        """``weight_field``'s value, or ``default_weight`` when it is left out."""
+        given = getattr(params, cls.weight_field) if cls.weight_field else None
+        weight = cls.default_weight(setup) if given is None else given
+        if weight is None:
+            raise TypeError(f"{cls.__name__} has no weight for params {params!r}")
+        return float(weight)
+
     def loss(
         self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
     ) -> torch.Tensor:
@@ -77,6 +96,18 @@ class Distiller(nn.Module):
 
 
 METHODS: Registry[type[Distiller]] = Registry("distillation method")
+
+
+def effective_params(setup: MethodSetup) -> dict[str, Any]:
+    """``setup.method``'s params with its defaults spelled out, the weight a default of the
+    task and taps chose included: what a run of it actually used."""
+    method = setup.method
+    build = METHODS.get(method.name, field="stage2.method.name")
+    params = METHODS.parse_args(method.name, method.params, field="stage2.method.params")
+    spelled: dict[str, Any] = params.model_dump(mode="json")
+    if build.weight_field is not None:
+        spelled[build.weight_field] = build.resolved_weight(params, setup)
+    return spelled
 
 
 def build_distiller(setup: MethodSetup) -> Distiller:
@@ -91,6 +122,15 @@ def build_distiller(setup: MethodSetup) -> Distiller:
 def job_needs_tokens(spec: JobSpec) -> bool:
     """Whether any method the job runs needs stage 1 (a comparison shares one stage 1)."""
     return any(METHODS.get(m.name, field="stage2.method.name").needs_tokens for m in spec.methods())
+
+
+def distils_logits(setup: MethodSetup) -> bool:
+    """Whether a distilled level is segmentation logits: a teacher level with one channel per
+    class. (The student side is aligned to the teacher's channels, so it is what the loss
+    compares either way.) Detection taps are necks and backbones, never the class maps."""
+    return setup.task == "segmentation" and any(
+        level.teacher_channels == setup.num_classes for level in setup.levels
+    )
 
 
 def _to_teacher_size(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -164,12 +204,20 @@ class NoDistiller(Distiller):
     weight = 0.0
 
 
+FITNET_WEIGHT = 1.0
+"""FitNet's weight on feature maps: the hint loss as the paper and most baselines weigh it."""
+FITNET_LOGITS_WEIGHT = 0.1
+"""FitNet's weight when a level is segmentation logits (docs/methods.md, with the measurement)."""
+
+
 class FitnetParams(MethodParams):
-    weight: float = Field(
-        default=1.0,
+    weight: float | None = Field(
+        default=None,
         ge=0.0,
         description="Multiplies Σ_levels mean (A(S) − F)²: a per-element mean, on MasKD's "
-        "scale (O(1–10)), not MGD's.",
+        f"scale (O(1–10)), not MGD's. none: {FITNET_LOGITS_WEIGHT:g} when a level is "
+        "segmentation logits, whose elements square to ~50x a feature map's, "
+        f"{FITNET_WEIGHT:g} otherwise.",
     )
 
 
@@ -184,7 +232,11 @@ class FitnetDistiller(Distiller):
 
     def __init__(self, params: FitnetParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
-        self.weight = params.weight
+        self.weight = self.resolved_weight(params, setup)
+
+    @classmethod
+    def default_weight(cls, setup: MethodSetup) -> float:
+        return FITNET_LOGITS_WEIGHT if distils_logits(setup) else FITNET_WEIGHT
 
     def loss(
         self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
@@ -201,12 +253,19 @@ MASK_RATIO_BY_TASK = {"detection": 0.65, "segmentation": 0.75}
 """MGD's λ when left out: RetinaNet/RepPoints (one-stage) detection and Cityscapes segmentation."""
 
 
+MGD_ALPHA = 2e-5
+"""MGD's α on every tap, logits included: its one-stage detection and segmentation configs.
+A sum over C·H·W grows with a tap's width, so logits (a few channels) weigh no more than
+features; docs/methods.md has the measurement."""
+
+
 class MgdParams(MethodParams):
     alpha: float = Field(
-        default=2e-5,
+        default=MGD_ALPHA,
         ge=0.0,
         description="Multiplies Σ(G(A(S)⊙R) − F)²/N, a sum over C·H·W: hence O(1e-5). MGD uses "
-        "2e-5 for one-stage detectors and segmentation, 5e-7 for two-stage detectors.",
+        "2e-5 for one-stage detectors and segmentation (on logits too), 5e-7 for two-stage "
+        "detectors.",
     )
     mask_ratio: float | None = Field(
         default=None,
@@ -245,7 +304,7 @@ class MgdDistiller(Distiller):
 
     def __init__(self, params: MgdParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
-        self.weight = params.alpha
+        self.weight = self.resolved_weight(params, setup)
         ratio = params.mask_ratio
         self.mask_ratio = MASK_RATIO_BY_TASK[setup.task] if ratio is None else ratio
         self.generators = nn.ModuleList(_generator(lv.teacher_channels) for lv in setup.levels)

@@ -15,14 +15,21 @@ its split, the teacher, its evaluation and stage 1 (once, if any method needs to
 trains one student per (method, seed) in ``WorkDir.run(method, seed)``, laid out like a single
 job's directory; the table goes to ``comparison.json`` and ``comparison.md``. Either way the
 result is a ``JobResult`` whose ``runs`` are the students.
+
+A comparison run that fails on its own (``RunError``: its loss diverged) is recorded in its
+directory's ``failure.json``, reported through ``Callback.on_run_failed`` and listed in the
+table, and the comparison goes on; only when every run failed does the job fail
+(``ComparisonFailed``). A rerun retries failed runs, since only a ``summary.json`` marks a run
+finished.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,10 +50,17 @@ from maskd_core.callbacks import (
     Stage,
 )
 from maskd_core.checkpoint import atomic_save
-from maskd_core.comparison import comparison_markdown, comparison_metrics, comparison_table
+from maskd_core.comparison import (
+    comparison_markdown,
+    comparison_metrics,
+    comparison_table,
+    failure_record,
+)
 from maskd_core.data import DenseDataset, build_dataset
+from maskd_core.errors import ComparisonFailed, RunError
+from maskd_core.evaluations import evaluation_key, load_evaluation, save_evaluation
 from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
-from maskd_core.loader import DatasetSubset, split_dataset, train_batches, val_batches
+from maskd_core.loader import Splits, train_batches, train_val_split, val_batches
 from maskd_core.methods import job_needs_tokens
 from maskd_core.models import build_model, model_document
 from maskd_core.plan import JobPlan
@@ -67,7 +81,6 @@ from maskd_core.validate import validate_job
 from maskd_core.workdir import WorkDir
 
 Callbacks = Callback | Sequence[Callback] | None
-Splits = tuple[DatasetSubset, DatasetSubset]
 
 
 @dataclass
@@ -112,6 +125,9 @@ class JobResult:
     input_example: np.ndarray | None
     """Two validation images for a registered segmentation student's signature; None for
     detection, whose samples are not one image tensor."""
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    """The comparison runs that failed on their own (``failure.json`` documents), absent from
+    ``runs``: nothing of theirs is registered."""
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -256,6 +272,26 @@ def _input_example(spec: JobSpec, dataset: DenseDataset) -> np.ndarray | None:
     return np.stack(images).astype(np.float32)
 
 
+def _stored_evaluation(
+    ctx: TrainContext,
+    workdir: WorkDir,
+    name: str,
+    evaluate: Callable[[], dict[str, float]],
+    tokens: Path | None = None,
+) -> dict[str, float]:
+    """The frozen teacher's evaluation ``name``: read back when an earlier attempt of the job
+    stored it under the same key, else computed by ``evaluate`` and stored
+    (``maskd_core.evaluations``). A resumed attempt thus reaches its first step without a pass
+    over the validation data."""
+    key = evaluation_key(ctx.spec, device=str(ctx.device), versions=_versions(), tokens=tokens)
+    path = workdir.evaluation(name)
+    metrics = load_evaluation(path, key)
+    if metrics is None:
+        metrics = evaluate()
+        save_evaluation(path, key, metrics)
+    return metrics
+
+
 @dataclass
 class _Shared:
     """What every student of a job shares: plan, data split, teacher, its metrics and tokens."""
@@ -281,15 +317,23 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
     torch.manual_seed(spec.seed)  # a teacher without weights is the same on every attempt
     teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
     plan = validate_job(spec, dataset=dataset, teacher=teacher)
-    splits = split_dataset(dataset, spec.dataset.val_fraction, spec.seed)
+    splits = train_val_split(spec, dataset)
     ctx = _context(spec, task, splits, _callback(callbacks))
     teacher.to(ctx.device)
-    metrics = _evaluate(ctx, teacher, "teacher", 0)
+    metrics = _stored_evaluation(ctx, workdir, "teacher", partial(ctx.evaluate, teacher, "teacher"))
+    ctx.callbacks.on_eval(EVAL, 0, metrics)
     tokens: TokenSet | None = None
     stage1: StageResult | None = None
     if job_needs_tokens(spec):
         tokens, stage1 = _stage1(ctx, teacher, plan, workdir)
-        masked = evaluate_masked_teacher(ctx, teacher, tokens, plan)
+        tokens.to(ctx.device)  # where the masked evaluation, when it runs, leaves them
+        masked = _stored_evaluation(
+            ctx,
+            workdir,
+            "masked_teacher",
+            partial(evaluate_masked_teacher, ctx, teacher, tokens, plan),
+            tokens=workdir.tokens,
+        )
         ctx.callbacks.on_eval(STAGE1, spec.stage1.iterations, masked)
         metrics.update(masked)
     return _Shared(
@@ -383,13 +427,35 @@ def _summary(
     }
 
 
+def _comparison_run(
+    spec: JobSpec, method: MethodSpec, seed: int, root: WorkDir, shared: _Shared
+) -> StudentRun | dict[str, Any]:
+    """One (method, seed) of a comparison: its student, or its failure record when it failed on
+    its own. Errors that are not the run's (data, cancellation, the machine) propagate: they
+    would hit every run, so the job stops with them as it would without a comparison."""
+    stage = Stage.comparison_run(method.name, seed)
+    rundir = root.run(method.name, seed)
+    try:
+        run = _student_run(spec.run_spec(method, seed), stage, rundir, shared)
+    except RunError as error:
+        failure = failure_record(method.name, seed, str(stage), error)
+        atomic_write_json(rundir.create().failure, failure)
+        shared.callbacks.on_run_failed(stage, str(error))
+        return failure
+    # A retried run that finished is no longer a failed one.
+    rundir.failure.unlink(missing_ok=True)
+    return run
+
+
 def run_job(
     spec: JobSpec, workdir: str | Path, callbacks: Callbacks = None, *, baseline: bool = False
 ) -> JobResult:
     """Run (or resume) the job ``spec`` in ``workdir`` and return its students and files.
 
     A comparison runs method by method, seed by seed, so a cancelled one resumes with the
-    finished runs read back and the interrupted one continuing from its checkpoint.
+    finished runs read back and the interrupted one continuing from its checkpoint. A run that
+    fails on its own is tabulated as failed while the others go on; ``ComparisonFailed`` is
+    raised, after the table is written, only when every run failed.
     ``baseline`` (a no-KD student beside the job's one) is for single jobs: a comparison lists
     method ``none`` instead.
     """
@@ -400,26 +466,33 @@ def run_job(
     if spec.comparison is None:
         runs = [_student_run(spec, STAGE2, root, shared, baseline=baseline)]
         table = None
+        failed: list[dict[str, Any]] = []
     else:
-        runs = [
-            _student_run(
-                spec.run_spec(method, seed),
-                Stage.comparison_run(method.name, seed),
-                root.run(method.name, seed),
-                shared,
-            )
+        outcomes = [
+            _comparison_run(spec, method, seed, root, shared)
             for method in spec.comparison.methods
             for seed in spec.comparison.seeds
         ]
+        runs = [outcome for outcome in outcomes if isinstance(outcome, StudentRun)]
+        failed = [outcome for outcome in outcomes if not isinstance(outcome, StudentRun)]
         table = comparison_table(
-            spec, shared.task.primary_metric, shared.metrics, [run.summary for run in runs]
+            spec,
+            shared.plan,
+            shared.task.primary_metric,
+            shared.metrics,
+            [run.summary for run in runs],
+            failed,
         )
         atomic_write_json(root.comparison_table, table)
         atomic_write_text(root.comparison_markdown, comparison_markdown(table))
         for path in (root.comparison_table, root.comparison_markdown):
             shared.callbacks.on_artifact(EVAL, "comparison", path)
+        if not runs:
+            raise ComparisonFailed([(failure["stage"], failure["reason"]) for failure in failed])
     tokens_path = root.tokens if shared.tokens is not None else None
-    return JobResult(spec, root, shared.plan, tokens_path, runs, table, shared.input_example)
+    return JobResult(
+        spec, root, shared.plan, tokens_path, runs, table, shared.input_example, failed
+    )
 
 
 def train_teacher(
@@ -434,7 +507,7 @@ def train_teacher(
     out = Path(out_path)
     task = build_task(spec)
     dataset = build_dataset(spec)
-    splits = split_dataset(dataset, spec.dataset.val_fraction, spec.seed)
+    splits = train_val_split(spec, dataset)
     ctx = _context(spec, task, splits, _callback(callbacks))
     torch.manual_seed(spec.seed)
     untrained = spec.teacher.model_copy(update={"weights": None})

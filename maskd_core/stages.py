@@ -386,7 +386,9 @@ def run_stage2(
         freeze(tokens)
     torch.manual_seed(ctx.spec.seed)
     aligns = build_aligns(plan, spec.align)
-    distiller = build_distiller(MethodSetup(plan.levels, ctx.spec.task, spec.method, tokens))
+    distiller = build_distiller(
+        MethodSetup(plan.levels, ctx.spec.task, spec.method, tokens, plan.num_classes)
+    )
     for module in (teacher, student, aligns, distiller):
         module.to(ctx.device)
 

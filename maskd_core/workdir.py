@@ -7,6 +7,8 @@ Every one of them asks ``WorkDir`` for the path instead of spelling the file nam
 Layout of a job's directory::
 
     tokens.pt               stage 1's result (or tokens reused from an earlier job)
+    evaluations/<name>.json the frozen teacher's evaluations ("teacher", "masked_teacher"),
+                            read back by a resumed attempt (``maskd_core.evaluations``)
     stage1/checkpoint.pt    stage 1 in progress
     stage2/checkpoint.pt    stage 2 in progress
     baseline/checkpoint.pt  the no-KD student of ``maskd run --baseline``
@@ -15,7 +17,8 @@ Layout of a job's directory::
     summary.json            metrics, speeds, plan and versions
     comparison.json         a comparison job's table (and comparison.md, the same as markdown)
     runs/<method>-seed<n>/  one comparison run, laid out like a single job (stage2/, student.pt,
-                            model_spec.json, summary.json)
+                            model_spec.json, summary.json), or with failure.json in place of
+                            the student and summary when the run failed on its own
 
 Torch-free, so the service side can use it too.
 """
@@ -30,6 +33,7 @@ STUDENT_FILE = "student.pt"
 MODEL_SPEC_FILE = "model_spec.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+FAILURE_FILE = "failure.json"
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,21 @@ class WorkDir:
         return self.root / SUMMARY_FILE
 
     @property
+    def failure(self) -> Path:
+        """Why a comparison run failed; a rerun retries the run and removes it on success."""
+        return self.root / FAILURE_FILE
+
+    @property
     def comparison_table(self) -> Path:
         return self.root / "comparison.json"
 
     @property
     def comparison_markdown(self) -> Path:
         return self.root / "comparison.md"
+
+    def evaluation(self, name: str) -> Path:
+        """A stored evaluation of the frozen teacher: "teacher" or "masked_teacher"."""
+        return self.root / "evaluations" / f"{name}.json"
 
     def checkpoint(self, loop: str) -> Path:
         """The resumable state of one training loop: "stage1", "stage2" or "baseline"."""

@@ -64,6 +64,8 @@ SEED_TAG = "seed"
 TASK_TAG = "task"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 """MLflow's own tag that nests a run under another in the UI."""
+FAILURE_TAG = "maskd.failure"
+"""On a comparison run ended FAILED while its job went on: why it failed."""
 
 # -- stage 1 reuse ----------------------------------------------------------------------------
 

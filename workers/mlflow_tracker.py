@@ -4,7 +4,8 @@ The core reports through ``Callback``; ``MlflowTracker`` turns that into one MLf
 per job with a nested run per stage, so the UI's compare view lines jobs up by their parameters
 and final metrics while each stage keeps its own curves. A comparison job gets one nested run
 per (method, seed), tagged with its method and seed and given that run's own parameters, beside
-its one stage-1 run, and its table on the parent (``log_comparison``). Everything talks to
+its one stage-1 run, and its table on the parent (``log_comparison``); a run that fails on its
+own ends FAILED as it fails (``on_run_failed``) while the job goes on. Everything talks to
 MLflow through an explicit ``MlflowClient(tracking_uri)``: no fluent "active run" state leaks
 between jobs of one worker process, and nothing ever falls back to ``./mlruns``. Every tag and
 artifact name comes from ``service.mlflow_names``.
@@ -30,6 +31,7 @@ from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
 )
 
 from maskd_core.callbacks import STAGE1, Callback, Stage
@@ -37,6 +39,7 @@ from maskd_core.files import file_sha256
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
 from service.mlflow_names import (
+    FAILURE_TAG,
     FINGERPRINT_TAG,
     JOB_ID_TAG,
     METHOD_TAG,
@@ -338,6 +341,18 @@ class MlflowTracker(Callback):
         if run_id is not None and run_id in self._running:
             self._running.discard(run_id)
             self.client.set_terminated(run_id, status="FINISHED")
+
+    @_best_effort
+    def on_run_failed(self, stage: Stage, reason: str) -> None:
+        """Ends the comparison run's own run FAILED, with the reason as a tag, at once: the job
+        goes on and ends its remaining runs FINISHED. A rerun that retries the run reopens it."""
+        self.flush()
+        run_id = self._stage_runs.get(stage)
+        if run_id is None:
+            return
+        self._running.discard(run_id)
+        self.client.set_tag(run_id, FAILURE_TAG, reason[:MAX_TAG_VAL_LENGTH])
+        self.client.set_terminated(run_id, status="FAILED")
 
     # -- helpers the worker calls -------------------------------------------------------------
 

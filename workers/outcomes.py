@@ -3,7 +3,8 @@
 Everything that can stop a job is mapped here onto the lifecycle, so the task module only runs
 the job: a cancel (or a stop the lease keeper asked for) becomes CANCELLED, a timeout or a lost
 lease; the core's errors become failure kinds the user can act on (``validation``: the spec;
-``user``: the data; ``training``: a diverged loss, whose message names the settings to lower);
+``user``: the data; ``training``: a diverged loss, whose message names the settings to lower,
+or a comparison whose every run failed so, naming each);
 anything else is ``infrastructure``, with its traceback kept as an event.
 """
 
@@ -14,7 +15,7 @@ import traceback
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from maskd_core.errors import DataError, JobCancelled, SpecError, TrainingDiverged
+from maskd_core.errors import ComparisonFailed, DataError, JobCancelled, RunError, SpecError
 from service.config import Settings
 from service.lifecycle import FailureKind, JobState
 from service.store import JobStore
@@ -74,7 +75,8 @@ class AttemptEnd:
             return self.fail(FailureKind.VALIDATION, f"{error}{where}")
         if isinstance(error, DataError):
             return self.fail(FailureKind.USER, str(error))
-        if isinstance(error, TrainingDiverged):
+        if isinstance(error, RunError | ComparisonFailed):
+            # A single job's student, or every student of a comparison, failed on its settings.
             return self.fail(FailureKind.TRAINING, str(error))
         if isinstance(error, SoftTimeLimitExceeded):
             # The backstop fired: the loop stopped polling (stuck in an evaluation, say).

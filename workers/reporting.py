@@ -4,7 +4,8 @@ The core library knows nothing of databases; this is the bridge. Stage starts be
 transitions and events (an event says whether a stage started afresh or resumed from a
 checkpoint, which is what users and tests read to tell a resume from a restart), steps become
 progress rows throttled to about one write a second so SQL never slows the training loop,
-evaluations become metrics, and every checkpoint moves the progress to its step. The stage that
+evaluations become metrics, every checkpoint moves the progress to its step, and a comparison
+run that failed on its own becomes an ``error`` event naming it and the reason. The stage that
 starts becomes the ``stage`` of the job's log lines (``service.logs``). ``should_stop`` answers
 from the lease keeper, so a cancel or a lost lease reaches the loop without the loop touching
 SQL.
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,6 +40,21 @@ _STAGE_NAMES: dict[JobState, str] = {state: name for name, state in _STAGE_STATE
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+
+
+def success_message(
+    metrics: Mapping[str, float], failed: Sequence[Mapping[str, Any]], students: int
+) -> str:
+    """The SUCCEEDED transition's message; a comparison that finished with failed runs says
+    which (``failed``: their failure records) out of how many, so a partial table is never
+    mistaken for a whole one."""
+    if not failed:
+        return f"succeeded: {format_metrics(metrics)}"
+    runs = ", ".join(str(failure["stage"]) for failure in failed)
+    return (
+        f"succeeded with {len(failed)} of {students + len(failed)} comparison runs failed "
+        f"({runs}; reasons in outputs.comparison): {format_metrics(metrics)}"
+    )
 
 
 class StoreReporter(Callback):
@@ -111,6 +128,15 @@ class StoreReporter(Callback):
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._write_progress(str(stage), step, metrics)
         self._note(f"{stage} finished at step {step}")
+
+    def on_run_failed(self, stage: Stage, reason: str) -> None:
+        # An "error" event, so a user watching the stream sees which run is missing from the
+        # table and why, while the job itself goes on.
+        message = f"{stage} failed, the comparison goes on without it: {reason}"
+        try:
+            self._store.add_event(self._job_id, message, kind="error")
+        except SQLAlchemyError:
+            logger.warning("job %s: event %r not recorded", self._job_id, message, exc_info=True)
 
     def should_stop(self) -> bool:
         return self._transition_refused or self._lease.should_stop()

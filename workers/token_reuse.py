@@ -45,7 +45,10 @@ def stage1_fingerprint(spec: JobSpec) -> str:
     not its path), every stage-1 setting but ``reuse``, the dataset spec, the batch size and
     mixed precision (they change the optimisation), and the seed: it fixes the token
     initialisation and the batch order, so a different seed is a different stage 1, and a user
-    who changes it on purpose (to measure variance) must get a fresh one.
+    who changes it on purpose (to measure variance) must get a fresh one. ``val_dataset`` when
+    set: with it stage 1 learns on the whole training dataset, without it on the part
+    ``dataset.val_fraction`` leaves; it is added only then, so fingerprints of jobs without one
+    (all those made before it existed) are unchanged.
 
     Out: the student and stage 2 (stage 1 never sees them, which is the point of reuse),
     ``device`` and ``num_workers`` (the batches are step-indexed and identical on any device up
@@ -69,6 +72,8 @@ def stage1_fingerprint(spec: JobSpec) -> str:
         "batch_size": spec.batch_size,
         "mixed_precision": spec.mixed_precision,
     }
+    if spec.val_dataset is not None:
+        payload["val_dataset"] = spec.val_dataset.model_dump(mode="json")
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -212,6 +212,8 @@ class Recorder(Callback):
         self.events: list[str] = []
         self.specs: list[JobSpec] = []
         """The spec each stage started with, in order."""
+        self.reasons: list[str] = []
+        """Why each failed comparison run failed, in order."""
         self.stop_at = stop_at
 
     def on_stage_start(
@@ -231,6 +233,10 @@ class Recorder(Callback):
 
     def on_stage_end(self, stage: Stage, step: int, metrics: object) -> None:
         self.events.append(f"end {stage} {step}")
+
+    def on_run_failed(self, stage: Stage, reason: str) -> None:
+        self.events.append(f"failed {stage}")
+        self.reasons.append(reason)
 
     def should_stop(self) -> bool:
         return self.stop_at is not None and len(self.steps) >= self.stop_at

@@ -25,12 +25,16 @@ from torch import nn
 
 from maskd_core.errors import JobCancelled, UnknownNameError
 from maskd_core.methods import (
+    FITNET_LOGITS_WEIGHT,
+    FITNET_WEIGHT,
     METHODS,
+    MGD_ALPHA,
     AmdDistiller,
     Distiller,
     MethodSetup,
     MgdDistiller,
     build_distiller,
+    effective_params,
 )
 from maskd_core.plan import LevelPlan
 from maskd_core.runner import run_job
@@ -65,12 +69,19 @@ def upsampled(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def distiller(
-    name: str, params: dict[str, Any] | None = None, task: str = "detection", **stage2: Any
+    name: str,
+    params: dict[str, Any] | None = None,
+    task: str = "detection",
+    num_classes: int = 3,
+    **stage2: Any,
 ) -> Distiller:
+    """``num_classes`` 3 matches no level's width: the levels are features, not logits."""
     spec = toy_spec(task=task, stage2={"method": {"name": name, "params": params or {}}, **stage2})
     tokens = TokenSet([shape[0] for shape in TEACHER_SHAPES], 3, weighting=False)
     torch.manual_seed(0)
-    setup = MethodSetup(levels(), task, spec.stage2.method, tokens.requires_grad_(False))
+    setup = MethodSetup(
+        levels(), task, spec.stage2.method, tokens.requires_grad_(False), num_classes
+    )
     return build_distiller(setup)
 
 
@@ -115,6 +126,34 @@ def test_fitnet_is_the_per_element_mean_squared_error_summed_over_levels() -> No
     )
     assert method.weight == 0.5
     torch.testing.assert_close(method.loss(students, teachers, 0), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "num_classes", "given", "expected"),
+    [
+        # Features (no level has one channel per class, or detection): the papers' weights.
+        ("fitnet", "segmentation", 3, None, FITNET_WEIGHT),
+        ("mgd", "segmentation", 3, None, MGD_ALPHA),
+        ("fitnet", "detection", 6, None, FITNET_WEIGHT),
+        # A segmentation level with num_classes channels is the logits: FitNet's smaller
+        # default; MGD's sum over C·H·W keeps its paper value there.
+        ("fitnet", "segmentation", 6, None, FITNET_LOGITS_WEIGHT),
+        ("mgd", "segmentation", 5, None, MGD_ALPHA),
+        ("amd", "segmentation", 5, None, MGD_ALPHA),
+        # A weight the user gives is used as given, on logits too.
+        ("fitnet", "segmentation", 6, 1.0, 1.0),
+        ("mgd", "segmentation", 6, 2e-5, 2e-5),
+    ],
+)
+def test_fitnet_weight_defaults_by_task_and_tap_and_mgd_keeps_its_own(
+    name: str, task: str, num_classes: int, given: float | None, expected: float
+) -> None:
+    field = "weight" if name == "fitnet" else "alpha"
+    params = {} if given is None else {field: given}
+    assert distiller(name, params, task=task, num_classes=num_classes).weight == expected
+    spec = toy_spec(task=task, stage2={"method": {"name": name, "params": params}})
+    setup = MethodSetup(levels(), task, spec.stage2.method, None, num_classes)
+    assert effective_params(setup)[field] == expected
 
 
 def test_mgd_regenerates_the_teacher_from_a_random_mask_summed_over_chw_per_image() -> None:
@@ -244,7 +283,7 @@ def trained(
     before = {key: snapshot(module) for key, module in modules.items()}
     torch.manual_seed(spec.seed)
     before["aligns"] = snapshot(build_aligns(plan, spec.stage2.align))
-    setup = MethodSetup(plan.levels, spec.task, spec.stage2.method, tokens)
+    setup = MethodSetup(plan.levels, spec.task, spec.stage2.method, tokens, plan.num_classes)
     before["method"] = {
         k: v for k, v in snapshot(build_distiller(setup)).items() if not k.startswith("tokens.")
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from worker_testkit import an_hour_ago, store_on_clock, tiny_spec
 
-from maskd_core.errors import DataError, Setting, TrainingDiverged
+from maskd_core.errors import ComparisonFailed, DataError, Setting, TrainingDiverged
 from maskd_core.spec import JobSpec
 from service.config import Settings
 from service.lifecycle import FailureKind, JobState
@@ -80,6 +80,7 @@ DIVERGED = TrainingDiverged(
     [
         (DataError("masks/0003.png cannot be read: not a PNG file"), FailureKind.USER),
         (DIVERGED, FailureKind.TRAINING),
+        (ComparisonFailed([("stage2/fitnet/seed0", str(DIVERGED))]), FailureKind.TRAINING),
     ],
 )
 def test_unreadable_data_fails_as_user_and_a_diverged_loss_as_training(

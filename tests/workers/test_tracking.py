@@ -37,6 +37,7 @@ from maskd_core.runner import JobResult, StudentRun, run_job
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import WorkDir
 from service.mlflow_names import (
+    FAILURE_TAG,
     FINGERPRINT_TAG,
     PROJECT_TAG,
     REUSED_FROM_JOB_TAG,
@@ -624,6 +625,69 @@ def test_a_comparison_job_tracks_registers_and_records_every_run(
         assert version.tags["maskd.method"] == model["method"]
         assert version.tags["maskd.seed"] == str(model["seed"])
         assert version.run_id == students[model["method"], str(model["seed"])].info.run_id
+
+
+def test_a_comparison_with_a_diverging_run_succeeds_with_a_partial_table(
+    job: TrackedJob, tmp_path: Path
+) -> None:
+    """One (method, seed) diverges: its row says why, its MLflow run ends FAILED with the
+    reason, an event names it, nothing of it is registered, and the job still SUCCEEDS."""
+    from service.config import Settings
+    from service.db import make_engine, make_sessionmaker, upgrade_to_head
+    from service.lifecycle import JobState
+    from service.store import JobStore
+    from workers.tasks import execute_job
+
+    database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
+    upgrade_to_head(database_url)
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "var",
+        mlflow_tracking_uri=job.tracking_uri,
+    )
+    diverging = {"name": "fitnet", "params": {"weight": 1e30}}
+    spec = tiny_spec(
+        job.root / "teacher.pt",
+        name="compare-partial",
+        stage2={"iterations": 2},
+        comparison={"methods": ["none", diverging], "seeds": [0]},
+    )
+    engine = make_engine(database_url)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        project = store.create_project(PROJECT)
+        created, _ = store.create_job(project.id, spec)
+        assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
+        record = store.get_job_unscoped(created.id)
+        events = store.list_events(project.id, created.id)
+    finally:
+        engine.dispose()
+    assert record is not None and record.state is JobState.SUCCEEDED
+    assert (record.message or "").startswith(
+        "succeeded with 1 of 2 comparison runs failed (stage2/fitnet/seed0;"
+    )
+    none, fitnet = record.outputs["comparison"]["methods"]
+    assert none["mean"] == record.outputs["metrics"]["none_miou_mean"]
+    assert fitnet["mean"] is None and fitnet["params"] == {"weight": 1e30}
+    (failure,) = fitnet["failed"]
+    assert failure["reason"].startswith("training diverged at stage2/fitnet/seed0 step 2")
+    (failed_event,) = [event for event in events if event.kind == "error"]
+    assert failed_event.message == (
+        f"stage2/fitnet/seed0 failed, the comparison goes on without it: {failure['reason']}"
+    )
+    assert [(m["method"], m["seed"]) for m in record.outputs["models"]] == [("none", 0)]
+
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    children = client.search_runs(
+        [record.outputs["mlflow"]["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{record.outputs['mlflow']['run_id']}'",
+    )
+    by_stage = {run.data.tags["stage"]: run for run in children}
+    assert by_stage["stage2/none/seed0"].info.status == "FINISHED"
+    failed_run = by_stage["stage2/fitnet/seed0"]
+    assert failed_run.info.status == "FAILED"
+    assert failed_run.data.tags[FAILURE_TAG] == failure["reason"]
+    assert client.get_run(record.outputs["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
 def test_publishing_a_comparison_again_keeps_one_version_per_student(
