@@ -1,9 +1,10 @@
 """The production-shaped service stack the service benches run against, and its clean-up.
 
-Shared by ``submit_latency.py`` and ``api_load.py`` (not a bench itself): a fresh PostgreSQL
-database (migrated, with one project key), a Redis database of the bench's own, a temp folder
-for work directories and MLflow, the API as a ``uvicorn`` subprocess on a free loopback port
-and, on request, ``maskd worker`` subprocesses, configured exactly as a deployment is (through
+Shared by the service benches (``api_speed.py``, ``submit_latency.py``, ``worker_start.py``,
+``chaos.py``; not a bench itself): a fresh PostgreSQL database (migrated, with one project key)
+and MLflow database, a Redis database of the bench's own, a temp folder for work directories,
+the API (``uvicorn`` or ``maskd serve``) as a subprocess on a free loopback port and, on
+request, ``maskd worker`` subprocesses, configured exactly as a deployment is (through
 ``MASKD_*`` variables). Everything lives in one ``ExitStack``, so processes are stopped, the
 database dropped and the Redis database flushed however the bench ends (error, Ctrl-C, SIGTERM).
 """
@@ -151,6 +152,15 @@ class ServiceStack:
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "OMP_NUM_THREADS": "1",
         }
+        self._create_mlflow_schema()
+
+    def _create_mlflow_schema(self) -> None:
+        """MLflow's tables, made now: a deployment's tracking database exists before the
+        service starts, and creating it (seconds of migrations) in the first reconciler pass
+        would land in the first measurements."""
+        code = "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
+        uri = self.env["MASKD_MLFLOW_TRACKING_URI"]
+        subprocess.run([sys.executable, "-c", code, uri], env=self.env, check=True)
 
     def _create_database(self) -> str:
         name = f"maskd_bench_{uuid.uuid4().hex[:12]}"
@@ -203,6 +213,20 @@ class ServiceStack:
             ],
             log_name,
         )
+        return self._wait_for_api(process, port, log_name, timeout)
+
+    def start_maskd_serve(self, workers: int = 1, timeout: float = 60.0) -> str:
+        """``maskd serve --workers N`` as deployed (access log and reconciler thread included);
+        returns its base URL once ``/healthz`` answers."""
+        port = free_loopback_port()
+        maskd = Path(sys.executable).with_name("maskd")
+        log_name = f"serve-{port}.log"
+        argv = [str(maskd), "serve", "--port", str(port), "--workers", str(workers)]
+        return self._wait_for_api(self._spawn(argv, log_name), port, log_name, timeout)
+
+    def _wait_for_api(
+        self, process: subprocess.Popen[bytes], port: int, log_name: str, timeout: float
+    ) -> str:
         base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while True:

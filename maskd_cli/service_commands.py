@@ -40,6 +40,13 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", help="address to bind (default: MASKD_API_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default: MASKD_API_PORT)")
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes sharing the port (uvicorn's --workers); each validates specs in "
+        "its own pool of MASKD_VALIDATION_PROCESSES (default 1)",
+    )
+    serve.add_argument(
         "--no-reconciler",
         action="store_true",
         help="run no reconciler thread beside the API, for deployments that run `maskd "
@@ -145,6 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
             factory=True,
             host=args.host or settings.api_host,
             port=args.port or settings.api_port,
+            workers=args.workers,
             # uvicorn's loggers (access lines included) go to the root handler set up above.
             log_config=None,
         )

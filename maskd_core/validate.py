@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from maskd_core.data import DATASETS, DenseDataset, build_dataset
+from maskd_core.data import DATASETS, DenseDataset, build_dataset, build_val_dataset
 from maskd_core.errors import DataError, SpecError
 from maskd_core.methods import METHODS
-from maskd_core.models import MODELS, build_model
+from maskd_core.model_probe import level_shapes, probed_level_shapes
+from maskd_core.models import MODELS
 from maskd_core.paths import InputPath, args_input_paths, check_plain_path, resolve_path
-from maskd_core.plan import JobPlan, LevelPlan, Shape
-from maskd_core.spec import JobSpec
-from maskd_core.taps import Taps
-from maskd_core.tasks import Task, build_task
+from maskd_core.plan import JobPlan, LevelPlan
+from maskd_core.spec import DataSourceSpec, JobSpec, ModelSpec
+from maskd_core.tasks import build_task
 
 
 def _check_mixed_precision(spec: JobSpec) -> None:
@@ -63,40 +62,6 @@ def _check_method(spec: JobSpec, field: str) -> None:
     METHODS.parse_args(method.name, method.params, field=f"{field}.params")
 
 
-def _level_shapes(
-    task: Task, model: nn.Module, batch: Any, layers: list[str], field: str
-) -> list[list[Shape]]:
-    """Per tapped layer, the (C, H, W) of each level in one no-grad eval forward."""
-    model.eval()
-    with Taps(model, layers, field=field) as taps, torch.no_grad():
-        try:
-            task.forward(model, batch)
-        except TypeError as exc:  # a tapped output that is not tensors
-            raise SpecError(str(exc), field=field) from None
-        except RuntimeError as exc:
-            raise SpecError(
-                f"the model failed on a sample of the dataset: {str(exc).splitlines()[0][:300]}; "
-                "check the model's args and the dataset",
-                field=field.rsplit(".", 1)[0],
-            ) from None
-        shapes = []
-        for index in range(len(layers)):
-            try:
-                levels = taps.layer_levels(index)
-            except RuntimeError as exc:
-                raise SpecError(str(exc), field=f"{field}[{index}]") from None
-            for level in levels:
-                if level.dim() != 4:
-                    raise SpecError(
-                        f"layer {layers[index]!r} outputs a tensor of shape "
-                        f"{tuple(level.shape)}; MasKD distils [N,C,H,W] feature maps, so tap a "
-                        "convolutional layer",
-                        field=f"{field}[{index}]",
-                    )
-            shapes.append([(lv.shape[1], lv.shape[2], lv.shape[3]) for lv in levels])
-    return shapes
-
-
 def input_paths(spec: JobSpec) -> list[InputPath]:
     """Every local file or folder the job would read, resolved, without opening any.
 
@@ -106,21 +71,44 @@ def input_paths(spec: JobSpec) -> list[InputPath]:
     (``SubPathOf`` arguments), each resolved under its resolved root with symbolic links
     followed; ``InputPath.escapes_root`` says whether one leads out of its root. Registry URIs
     (``models:/…``) are not local.
+
+    The spec's fields are walked by type: every ``ModelSpec`` (teacher, student) and every
+    ``DataSourceSpec`` (dataset, val_dataset) is covered, including any such field added later.
     """
     found: list[InputPath] = []
-    for role, model in (("teacher", spec.teacher), ("student", spec.student)):
-        if model.weights is not None and not model.weights.startswith("models:/"):
-            field = f"{role}.weights"
-            check_plain_path(model.weights, field)
-            found.append(InputPath(field, model.weights, resolve_path(model.weights, field)))
-        MODELS.entry(model.arch, field=f"{role}.arch")  # an unknown name is not the args' fault
-        args = MODELS.parse_args(model.arch, model.args, field=f"{role}.args")
-        found.extend(args_input_paths(args, f"{role}.args"))
-    DATASETS.entry(spec.dataset.name, field="dataset.name")
-    args = DATASETS.parse_args(spec.dataset.name, spec.dataset.args, field="dataset.args")
-    found.extend(args_input_paths(args, "dataset.args"))
+    for where, value in spec:
+        if isinstance(value, ModelSpec):
+            found.extend(_model_paths(value, where))
+        elif isinstance(value, DataSourceSpec):
+            DATASETS.entry(value.name, field=f"{where}.name")
+            args = DATASETS.parse_args(value.name, value.args, field=f"{where}.args")
+            found.extend(args_input_paths(args, f"{where}.args"))
     roots = [item for item in found if item.root is None]
     return [*roots, *(item for item in found if item.root is not None)]
+
+
+def _model_paths(model: ModelSpec, where: str) -> list[InputPath]:
+    """The local weights file and path arguments of the model at ``where`` (``teacher``)."""
+    found: list[InputPath] = []
+    if model.weights is not None and not model.weights.startswith("models:/"):
+        field = f"{where}.weights"
+        check_plain_path(model.weights, field)
+        found.append(InputPath(field, model.weights, resolve_path(model.weights, field)))
+    MODELS.entry(model.arch, field=f"{where}.arch")  # an unknown name is not the args' fault
+    args = MODELS.parse_args(model.arch, model.args, field=f"{where}.args")
+    found.extend(args_input_paths(args, f"{where}.args"))
+    return found
+
+
+def _first_sample(dataset: DenseDataset, where: str, *, submission: bool) -> Any:
+    """Sample 0 of ``dataset`` (at ``where`` in the spec), the proof that its files read."""
+    try:
+        return dataset[0]
+    except DataError as exc:
+        if not submission:  # a running job: a failure of kind ``user``, naming the file
+            raise
+        # Submission: an unreadable first sample is a 422 the submitter can fix.
+        raise SpecError(str(exc), field=f"{where}.args") from None
 
 
 def validate_job(
@@ -129,7 +117,9 @@ def validate_job(
     """Check everything about ``spec`` that can fail before training and describe its levels.
 
     A job passes the dataset and teacher it has already built (on the CPU), so it builds each
-    once; the API passes neither.
+    once; the API passes neither. Only without a dataset given is ``val_dataset`` built and
+    checked here (its classes against the dataset's, its first sample read): a job builds it
+    with its split (``maskd_core.loader.train_val_split``), which checks it the same way.
     """
     _check_mixed_precision(spec)
     _check_layer_lists(spec)
@@ -139,19 +129,16 @@ def validate_job(
     dataset = build_dataset(spec) if dataset is None else dataset
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
     MODELS.entry(spec.student.arch, field="student.arch")
-    if teacher is None:
-        teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
-    student = build_model(spec.student, dataset.num_classes, field="student")
-    try:
-        sample = dataset[0]
-    except DataError as exc:
-        if not own_dataset:  # a running job: a failure of kind ``user``, naming the file
-            raise
-        # Submission: an unreadable first sample is a 422 the submitter can fix.
-        raise SpecError(str(exc), field="dataset.args") from None
+    sample = _first_sample(dataset, "dataset", submission=own_dataset)
+    if own_dataset and spec.val_dataset is not None:
+        _first_sample(build_val_dataset(spec, dataset), "val_dataset", submission=True)
     batch = task.collate([sample])
-    teacher_shapes = _level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")
-    student_shapes = _level_shapes(task, student, batch, spec.student.layers, "student.layers")
+    num_classes = dataset.num_classes
+    if teacher is None:
+        teacher_shapes = probed_level_shapes(spec.teacher, "teacher", task, batch, num_classes)
+    else:
+        teacher_shapes = level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")
+    student_shapes = probed_level_shapes(spec.student, "student", task, batch, num_classes)
     levels = []
     for pair, (t_name, s_name) in enumerate(
         zip(spec.teacher.layers, spec.student.layers, strict=True)

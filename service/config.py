@@ -158,11 +158,34 @@ class Settings(BaseSettings):
         "concurrency, at least 1, so concurrent jobs do not oversubscribe the cores. On a "
         "host busy with other work, fewer threads are faster: set it lower.",
     )
+    worker_max_memory_per_child_mib: int = Field(
+        default=16384,
+        ge=0,
+        description="A worker's pool process runs job after job, warm (torch imported), and "
+        "is replaced only after a job that took its peak resident memory above this many MiB, "
+        "so leaked or fragmented host memory cannot pile up; the next job then waits for the "
+        "new process to import torch. 0: never replaced for memory.",
+    )
     mlflow_check_timeout_seconds: float = Field(
         default=3.0,
         gt=0,
         description="How long /readyz waits for the MLflow tracking store (an HTTP server's "
         "/health, or its database) before reporting it unavailable.",
+    )
+    validation_processes: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Processes of each API process's pool that validate submitted specs (a "
+        "CPU dry run of both models), so submissions neither serialise nor stall reads. Each "
+        "holds torch (a few hundred MiB); one per core the API may use is plenty. 0 validates "
+        "in the API process itself (small embedded setups).",
+    )
+    validation_queue_limit: int = Field(
+        default=256,
+        ge=1,
+        description="Submissions an API process lets wait for a validation process; beyond "
+        "it POST /v1/jobs answers 503 with Retry-After instead of queueing without bound.",
     )
     max_request_bytes: int = Field(
         default=1024 * 1024,

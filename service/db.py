@@ -26,6 +26,12 @@ from sqlalchemy.pool import NullPool
 MIGRATIONS_PACKAGE = "maskd_migrations"
 """``migrations/`` at the repository root, shipped in the wheel under this name."""
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+AUTOCOMMIT_POOL_SIZE = 20
+"""Connections the API's autocommit engine keeps open. A pool smaller than the number of
+threads using it would open a connection for each request past it and close it on return (a
+new server process per request on PostgreSQL); with ``max_overflow=0`` the threads past it
+wait for a pooled connection instead. FastAPI runs at most 40 handler threads; 20 keeps two API
+processes and the workers well within PostgreSQL's default 100 connections."""
 
 
 class SchemaOutdatedError(RuntimeError):
@@ -48,6 +54,31 @@ def make_engine(url: str, *, pooled: bool = True) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False}, **pool)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_immediate)
+    return engine
+
+
+def make_autocommit_engine(url: str) -> Engine:
+    """An engine for the API's hot work that is one statement each: reads (a key, a job, a
+    page of jobs) and the dispatch stamp.
+
+    One statement is atomic and sees one consistent snapshot on its own, so these connections
+    run in autocommit: no ``BEGIN``/``COMMIT`` round trips, and on SQLite no write lock taken
+    for a read (the transactional engine takes it at ``BEGIN IMMEDIATE``; a read must not
+    queue behind writers). There is no pre-ping either, which would cost one more round trip
+    per statement: ``StoreBase._autocommit`` retries once on a fresh connection when the
+    database dropped the pooled one (a restart).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(
+            url, isolation_level="AUTOCOMMIT", pool_size=AUTOCOMMIT_POOL_SIZE, max_overflow=0
+        )
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+    # With the driver's transaction handling off and no "begin" listener, every statement
+    # commits on its own.
+    event.listen(engine, "connect", _configure_sqlite_connection)
     return engine
 
 

@@ -24,10 +24,11 @@ from service.api.routes.health import router as health_router
 from service.api.routes.metrics import router as metrics_router
 from service.api.schemas import FieldError, validation_error_body
 from service.config import Settings, get_settings
-from service.db import check_schema_current, make_engine, make_sessionmaker
+from service.db import check_schema_current, make_autocommit_engine, make_engine, make_sessionmaker
 from service.dispatch import Dispatcher, make_celery_app
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.store import JobStore
+from service.validation_pool import shared_validation_pool
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,14 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
+        autocommit = make_autocommit_engine(settings.database_url)
         try:
             await anyio.to_thread.run_sync(check_schema_current, engine)
-            store = JobStore(make_sessionmaker(engine))
+            store = JobStore(make_sessionmaker(engine), autocommit=autocommit)
             celery_app = make_celery_app(settings, name="maskd-api")
             app.state.settings = settings
             app.state.engine = engine
             app.state.store = store
             app.state.dispatcher = Dispatcher(celery_app, store)
+            app.state.validations = shared_validation_pool(settings)
             metrics.watch_database(engine)
             try:
                 yield
@@ -53,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.forget_database()
                 celery_app.close()
         finally:
+            autocommit.dispose()
             engine.dispose()
 
     app = FastAPI(

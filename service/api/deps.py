@@ -1,7 +1,10 @@
 """Request dependencies as ``Annotated`` aliases, so routes declare what they need by type.
 
 Everything comes from ``app.state``, which ``service.main.create_app``'s lifespan fills once per
-process: routes never build engines, stores or Celery apps themselves.
+process: routes never build engines, stores or Celery apps themselves. Those lookups are
+``async def`` because FastAPI runs every plain ``def`` dependency in its thread pool, and a
+thread hop costs more than the lookup; only dependencies that block (the key check reads the
+database) stay plain functions.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from service.config import Settings
 from service.dispatch import Dispatcher
 from service.metrics import ApiMetrics
 from service.store import ApiKeyRejected, JobStore, ProjectRecord
+from service.validation_pool import ValidationPool
 
 GET_A_KEY = (
     "create one with `maskd admin create-key --project NAME` and send it as "
@@ -29,29 +33,34 @@ _bearer = HTTPBearer(
 )
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def _store(request: Request) -> JobStore:
+async def _store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
 
 
-def _dispatcher(request: Request) -> Dispatcher:
+async def _dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
 
-def _metrics(request: Request) -> ApiMetrics:
+async def _metrics(request: Request) -> ApiMetrics:
     metrics: ApiMetrics = request.app.state.metrics
     return metrics
+
+
+async def _validations(request: Request) -> ValidationPool:
+    validations: ValidationPool = request.app.state.validations
+    return validations
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
@@ -59,6 +68,7 @@ EngineDep = Annotated[Engine, Depends(_engine)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
+ValidationsDep = Annotated[ValidationPool, Depends(_validations)]
 
 
 def _current_project(

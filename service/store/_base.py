@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.lifecycle import TERMINAL, FailureKind, JobState
@@ -25,6 +27,8 @@ from service.store._records import (
     utcnow,
 )
 
+T = TypeVar("T")
+
 _STAGE_OF_STATE = {
     JobState.STAGE1: "stage1",
     JobState.STAGE2: "stage2",
@@ -33,13 +37,40 @@ _STAGE_OF_STATE = {
 
 
 class StoreBase:
-    """One SQLAlchemy ``sessionmaker`` and one clock, plus the helpers the mixins share."""
+    """One SQLAlchemy ``sessionmaker``, one engine for single statements and one clock, plus
+    the helpers the mixins share.
+
+    ``autocommit`` runs the API's hot work that is one statement (a key check, a job, a page
+    of jobs, a quota count, the dispatch stamp): the API passes
+    ``service.db.make_autocommit_engine``'s engine, which saves a transaction's round trips;
+    by default those statements go through the sessions' engine.
+    """
 
     def __init__(
-        self, sessions: sessionmaker[Session], clock: Callable[[], datetime] = utcnow
+        self,
+        sessions: sessionmaker[Session],
+        clock: Callable[[], datetime] = utcnow,
+        *,
+        autocommit: Engine | None = None,
     ) -> None:
         self._sessions = sessions
         self._clock = clock
+        bind = sessions.kw["bind"]
+        self._autocommit_engine: Engine = autocommit if autocommit is not None else bind
+
+    def _autocommit(self, statement: Callable[[Connection], T]) -> T:
+        """``statement`` on a pooled connection of the autocommit engine, retried once on a
+        fresh one when the database dropped the first (a restart or failover), which that
+        engine does not ping for. The statement is sent once unless the connection was lost
+        before any answer, so a retried write (an idempotent stamp) is safe."""
+        try:
+            with self._autocommit_engine.begin() as connection:
+                return statement(connection)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+        with self._autocommit_engine.begin() as connection:
+            return statement(connection)
 
     @staticmethod
     def _locked(session: Session, job_id: str) -> Job | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Result, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,54 @@ from service.store._records import (
 
 QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
 """The states that count against ``JobQuotas.max_running``: the job holds a worker."""
+
+_jobs, _events = cast(Table, Job.__table__), cast(Table, JobEvent.__table__)
+_JOB_WITH_TRANSITIONS = (
+    select(
+        _jobs,
+        _events.c.id.label("event_id"),
+        _events.c.kind.label("event_kind"),
+        _events.c.from_state.label("event_from_state"),
+        _events.c.to_state.label("event_to_state"),
+        _events.c.message.label("event_message"),
+        _events.c.created_at.label("event_created_at"),
+    )
+    .outerjoin(_events, and_(_events.c.job_id == _jobs.c.id, _events.c.kind == EVENT_TRANSITION))
+    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.project_id == bindparam("project_id"))
+    .order_by(_events.c.id)
+)
+"""A job and its transitions in one statement; built once, as reads are the API's hot path."""
+
+
+_QUOTA_COUNTS = (
+    select(_jobs.c.state, func.count())
+    .where(
+        _jobs.c.project_id == bindparam("project_id"),
+        _jobs.c.state.in_([state.value for state in (JobState.QUEUED, *QUOTA_RUNNING_STATES)]),
+    )
+    .group_by(_jobs.c.state)
+)
+"""The project's jobs per state that count against its quotas."""
+_STAMP_DISPATCHED = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"))
+    .values(dispatched_at=bindparam("dispatched_at"))
+)
+
+
+def _counts(rows: Result[str, int]) -> dict[str, int]:
+    return {state: count for state, count in rows}
+
+
+def _refuse_over_quota(counts: dict[str, int], quotas: JobQuotas) -> None:
+    """Raise ``QuotaExceeded`` when one more job would go over ``quotas``, given the
+    project's ``_QUOTA_COUNTS``."""
+    queued = counts.get(JobState.QUEUED.value, 0)
+    running = sum(counts.get(state.value, 0) for state in QUOTA_RUNNING_STATES)
+    if quotas.max_queued > 0 and queued >= quotas.max_queued:
+        raise QuotaExceeded("queued_jobs", quotas.max_queued, queued)
+    if quotas.max_running > 0 and running >= quotas.max_running:
+        raise QuotaExceeded("running_jobs", quotas.max_running, running)
 
 
 class JobsApiMixin(StoreBase):
@@ -67,39 +116,50 @@ class JobsApiMixin(StoreBase):
             if earlier is not None:
                 return self._replay(earlier, idempotency_key, fingerprint), False
         now = self._clock()
-        job = Job(
-            id=str(uuid.uuid4()),
-            project_id=project_id,
-            name=spec.name,
-            spec=spec.model_dump(mode="json"),
-            spec_hash=fingerprint,
-            idempotency_key=idempotency_key,
-            state=JobState.QUEUED.value,
-            stage=None,
-            progress={},
-            metrics={},
-            outputs={},
-            attempt=0,
-            created_at=now,
-            updated_at=now,
-        )
+        job_id = str(uuid.uuid4())
+        row = {
+            "id": job_id,
+            "project_id": project_id,
+            "name": spec.name,
+            "spec": spec.model_dump(mode="json"),
+            "spec_hash": fingerprint,
+            "idempotency_key": idempotency_key,
+            "state": JobState.QUEUED.value,
+            "stage": None,
+            "progress": {},
+            "metrics": {},
+            "outputs": {},
+            "failure_kind": None,
+            "message": None,
+            "attempt": 0,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "dispatched_at": None,
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+        }
+        submitted = {
+            "job_id": job_id,
+            "kind": EVENT_TRANSITION,
+            "from_state": None,
+            "to_state": JobState.QUEUED.value,
+            "message": "job submitted",
+            "created_at": now,
+        }
         try:
+            # Core statements, not the ORM's unit of work: submissions come in bursts and
+            # this transaction holds the project's lock, so it is kept to its statements.
             with self._sessions.begin() as session:
                 if quotas is not None and quotas.enabled:
                     earlier = self._check_quotas(session, project_id, quotas, idempotency_key)
                     if earlier is not None:
                         return self._replay(earlier, idempotency_key or "", fingerprint), False
-                session.add(job)
-                session.flush()
-                event = self._add_event(
-                    session,
-                    job.id,
-                    "job submitted",
-                    kind=EVENT_TRANSITION,
-                    to_state=JobState.QUEUED,
-                    at=now,
-                )
-                record = job_record(job, (event_record(event),))
+                session.execute(insert(_jobs), row)
+                event_id = session.execute(
+                    insert(_events).returning(_events.c.id), submitted
+                ).scalar_one()
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -108,15 +168,63 @@ class JobsApiMixin(StoreBase):
             if earlier is None:
                 raise
             return self._replay(earlier, idempotency_key, fingerprint), False
-        return record, True
+        event = EventRecord(
+            id=event_id,
+            job_id=job_id,
+            kind=EVENT_TRANSITION,
+            from_state=None,
+            to_state=JobState.QUEUED,
+            message="job submitted",
+            created_at=now,
+        )
+        return JobRecord(
+            id=job_id,
+            project_id=project_id,
+            name=spec.name,
+            spec=spec,
+            state=JobState.QUEUED,
+            stage=None,
+            progress={},
+            metrics={},
+            outputs={},
+            failure_kind=None,
+            message=None,
+            attempt=0,
+            lease_owner=None,
+            lease_expires_at=None,
+            dispatched_at=None,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+            transitions=(event,),
+        ), True
 
     def get_job(self, project_id: str, job_id: str) -> JobRecord | None:
-        """The job with its transitions, or None when it is not this project's."""
-        with self._sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.project_id != project_id:
-                return None
-            return self._record_with_transitions(session, job)
+        """The job with its transitions, or None when it is not this project's.
+
+        One statement (the job's row joined with its transitions) on the autocommit engine.
+        """
+        wanted = {"job_id": job_id, "project_id": project_id}
+        rows = self._autocommit(
+            lambda connection: connection.execute(_JOB_WITH_TRANSITIONS, wanted).all()
+        )
+        if not rows:
+            return None
+        transitions = tuple(
+            EventRecord(
+                id=row.event_id,
+                job_id=row.id,
+                kind=row.event_kind,
+                from_state=None if row.event_from_state is None else JobState(row.event_from_state),
+                to_state=None if row.event_to_state is None else JobState(row.event_to_state),
+                message=row.event_message,
+                created_at=row.event_created_at,
+            )
+            for row in rows
+            if row.event_id is not None
+        )
+        return job_record(rows[0], transitions)
 
     def list_jobs(
         self,
@@ -134,30 +242,31 @@ class JobsApiMixin(StoreBase):
         Filters are part of the SQL query, so a page is always full when enough jobs match
         (unlike APIs that filter after limiting). ``name`` matches exactly; the time bounds
         are exclusive. Raises ``InvalidCursor`` for a cursor this store did not produce.
+        One statement on the autocommit engine.
         """
-        query = select(Job).where(Job.project_id == project_id)
+        jobs = Job.__table__
+        query = select(jobs).where(jobs.c.project_id == project_id)
         if states:
-            query = query.where(Job.state.in_([state.value for state in states]))
+            query = query.where(jobs.c.state.in_([state.value for state in states]))
         if name is not None:
-            query = query.where(Job.name == name)
+            query = query.where(jobs.c.name == name)
         if created_after is not None:
-            query = query.where(Job.created_at > created_after)
+            query = query.where(jobs.c.created_at > created_after)
         if created_before is not None:
-            query = query.where(Job.created_at < created_before)
+            query = query.where(jobs.c.created_at < created_before)
         if cursor is not None:
             after_time, after_id = decode_cursor(cursor)
             query = query.where(
                 or_(
-                    Job.created_at < after_time,
-                    and_(Job.created_at == after_time, Job.id < after_id),
+                    jobs.c.created_at < after_time,
+                    and_(jobs.c.created_at == after_time, jobs.c.id < after_id),
                 )
             )
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-        with self._sessions.begin() as session:
-            jobs = list(session.scalars(query))
-            records = [job_record(job, ()) for job in jobs[:limit]]
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        rows = self._autocommit(lambda connection: connection.execute(query).all())
+        records = [job_record(row, ()) for row in rows[:limit]]
         next_cursor = None
-        if len(jobs) > limit:
+        if len(rows) > limit:
             last = records[-1]
             next_cursor = encode_cursor(last.created_at, last.id)
         return records, next_cursor
@@ -209,11 +318,11 @@ class JobsApiMixin(StoreBase):
             return [event_record(event) for event in events]
 
     def mark_dispatched(self, job_id: str) -> None:
-        """Record that a message for the job was just sent (the reconciler's redispatch clock)."""
-        with self._sessions.begin() as session:
-            job = self._locked(session, job_id)
-            if job is not None:
-                job.dispatched_at = self._clock()
+        """Record that a message for the job was just sent (the reconciler's redispatch clock).
+
+        One ``UPDATE`` (which takes the row lock itself), on the autocommit engine."""
+        stamp = {"job_id": job_id, "dispatched_at": self._clock()}
+        self._autocommit(lambda connection: connection.execute(_STAMP_DISPATCHED, stamp))
 
     def check_quotas(
         self, project_id: str, quotas: JobQuotas, idempotency_key: str | None = None
@@ -221,28 +330,30 @@ class JobsApiMixin(StoreBase):
         """Raise ``QuotaExceeded`` if a new job of the project would go over ``quotas`` now,
         unless ``idempotency_key`` already names one of its jobs (a replay).
 
-        A cheap early answer that takes no lock, so the API can refuse before it validates a
-        spec; ``create_job`` checks again when it stores the job, which is what counts.
+        A cheap early answer that takes no lock (one count, on the autocommit engine), so the
+        API can refuse before it validates a spec; ``create_job`` checks again when it stores
+        the job, which is what counts.
         """
         if not quotas.enabled:
             return
-        with self._sessions.begin() as session:
-            self._check_quotas(session, project_id, quotas, idempotency_key, lock=False)
+        if (
+            idempotency_key is not None
+            and self._job_by_idempotency_key(project_id, idempotency_key) is not None
+        ):
+            return
+        wanted = {"project_id": project_id}
+        counts: dict[str, int] = self._autocommit(
+            lambda connection: _counts(connection.execute(_QUOTA_COUNTS, wanted))
+        )
+        _refuse_over_quota(counts, quotas)
 
     def _check_quotas(
-        self,
-        session: Session,
-        project_id: str,
-        quotas: JobQuotas,
-        idempotency_key: str | None,
-        *,
-        lock: bool = True,
+        self, session: Session, project_id: str, quotas: JobQuotas, idempotency_key: str | None
     ) -> JobRecord | None:
         """Lock the project's row, then raise ``QuotaExceeded`` if a new job would go over
         ``quotas``. Returns the job an ``idempotency_key`` already made when a concurrent
         submission stored it while this one waited for the lock: that is a replay."""
-        if lock:
-            session.get(Project, project_id, with_for_update={"key_share": True})
+        session.get(Project, project_id, with_for_update={"key_share": True})
         if idempotency_key is not None:
             earlier = session.scalars(
                 select(Job).where(
@@ -251,19 +362,8 @@ class JobsApiMixin(StoreBase):
             ).one_or_none()
             if earlier is not None:
                 return self._record_with_transitions(session, earlier)
-        counted = [state.value for state in (JobState.QUEUED, *QUOTA_RUNNING_STATES)]
-        rows = session.execute(
-            select(Job.state, func.count())
-            .where(Job.project_id == project_id, Job.state.in_(counted))
-            .group_by(Job.state)
-        )
-        counts = {state: count for state, count in rows}
-        queued = counts.get(JobState.QUEUED.value, 0)
-        running = sum(counts.get(state.value, 0) for state in QUOTA_RUNNING_STATES)
-        if quotas.max_queued > 0 and queued >= quotas.max_queued:
-            raise QuotaExceeded("queued_jobs", quotas.max_queued, queued)
-        if quotas.max_running > 0 and running >= quotas.max_running:
-            raise QuotaExceeded("running_jobs", quotas.max_running, running)
+        wanted = {"project_id": project_id}
+        _refuse_over_quota(_counts(session.execute(_QUOTA_COUNTS, wanted)), quotas)
         return None
 
     def _job_by_idempotency_key(self, project_id: str, key: str) -> JobRecord | None:

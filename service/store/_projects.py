@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from service import security
@@ -24,6 +24,22 @@ from service.store._records import (
     api_key_record,
     project_record,
 )
+
+_keys, _projects = ApiKey.__table__, Project.__table__
+_KEY_BY_PREFIX = (
+    select(
+        _keys.c.prefix,
+        _keys.c.key_hash,
+        _keys.c.revoked_at,
+        _keys.c.expires_at,
+        _projects.c.id,
+        _projects.c.name,
+        _projects.c.created_at,
+    )
+    .join(_projects, _projects.c.id == _keys.c.project_id)
+    .where(_keys.c.prefix == bindparam("prefix"))
+)
+"""The key check's one statement, built once: every authenticated request runs it."""
 
 # Compared against when a key's prefix is unknown, so that case costs the same as a bad secret.
 _UNKNOWN_KEY_HASH = security.hash_api_key("mk_unknown_unknown")
@@ -85,23 +101,20 @@ class ProjectsMixin(StoreBase):
         taken does not tell an unknown prefix from a wrong secret.
         """
         prefix = security.key_prefix(key)
-        with self._sessions.begin() as session:
-            row = session.execute(
-                select(ApiKey, Project)
-                .join(Project, Project.id == ApiKey.project_id)
-                .where(ApiKey.prefix == (prefix or ""))
-            ).one_or_none()
+        wanted = {"prefix": prefix or ""}
+        row = self._autocommit(
+            lambda connection: connection.execute(_KEY_BY_PREFIX, wanted).one_or_none()
+        )
         if row is None:
             security.key_matches(key, _UNKNOWN_KEY_HASH)
             return None
-        api_key, project = row
-        if not security.key_matches(key, api_key.key_hash):
+        if not security.key_matches(key, row.key_hash):
             return None
-        if api_key.revoked_at is not None:
-            raise ApiKeyRevoked(api_key.prefix, api_key.revoked_at)
-        if api_key.expires_at is not None and api_key.expires_at <= self._clock():
-            raise ApiKeyExpired(api_key.prefix, api_key.expires_at)
-        return project_record(project)
+        if row.revoked_at is not None:
+            raise ApiKeyRevoked(row.prefix, row.revoked_at)
+        if row.expires_at is not None and row.expires_at <= self._clock():
+            raise ApiKeyExpired(row.prefix, row.expires_at)
+        return ProjectRecord(id=row.id, name=row.name, created_at=row.created_at)
 
     def list_api_keys(self, project_name: str | None = None) -> list[ApiKeyRecord]:
         """Every key (of ``project_name`` only, when given), oldest first; revoked and

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from maskd_core.spec import JobSpec
 from service import security
 from service.lifecycle import TERMINAL, FailureKind, JobState
@@ -302,12 +304,36 @@ def event_record(event: JobEvent) -> EventRecord:
     )
 
 
-def job_record(job: Job, transitions: tuple[EventRecord, ...]) -> JobRecord:
+SPEC_CACHE_SIZE = 4096
+_specs_by_fingerprint: dict[str, JobSpec] = {}
+
+
+def stored_spec(fingerprint: str, stored: dict[str, Any]) -> JobSpec:
+    """The ``JobSpec`` of a stored job, validated once per process per fingerprint.
+
+    A job's spec never changes after submission and ``spec_hash`` is the hash of exactly
+    the stored JSON, so equal fingerprints mean equal specs (of any project: the cache
+    holds nothing a key's holder does not already read from its own row). Validation is
+    the dearest part of reading a job (a walk of every value plus pydantic's checks, some
+    hundreds of microseconds); frozen specs are safe to share between threads. When full,
+    the cache starts over rather than tracking recency: a miss costs one validation.
+    """
+    spec = _specs_by_fingerprint.get(fingerprint)
+    if spec is None:
+        spec = JobSpec.model_validate(stored)
+        if len(_specs_by_fingerprint) >= SPEC_CACHE_SIZE:
+            _specs_by_fingerprint.clear()
+        _specs_by_fingerprint[fingerprint] = spec
+    return spec
+
+
+def job_record(job: Job | Row[Any], transitions: tuple[EventRecord, ...]) -> JobRecord:
+    """The record of an ORM job or of a row of ``jobs``' columns (the autocommit engine's)."""
     return JobRecord(
         id=job.id,
         project_id=job.project_id,
         name=job.name,
-        spec=JobSpec.model_validate(job.spec),
+        spec=stored_spec(job.spec_hash, job.spec),
         state=JobState(job.state),
         stage=job.stage,
         progress={stage: dict(values) for stage, values in job.progress.items()},

@@ -9,20 +9,18 @@ folders without the trick are accepted, so the policy is not simply refusing eve
 
 from __future__ import annotations
 
-import inspect
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from fastapi.routing import APIRoute
 from PIL import Image
 from service_testkit import Api, open_api, spec_body
 
 from maskd_core.data import scan
 from maskd_core.errors import SpecError
-from service.api.routes import jobs
 from service.inputs import check_input_paths
 
 
@@ -156,8 +154,16 @@ def test_sub_paths_are_checked_against_the_input_roots(api: Api, tmp_path: Path)
     assert "outside" not in problem["msg"].replace("leads (following symbolic links) outside", "")
 
 
+@pytest.fixture
+def in_process_api(api: Api) -> Iterator[Api]:
+    """``api`` validating in its own process, where a test's patches of the core apply."""
+    settings = api.settings.model_copy(update={"validation_processes": 0})
+    with open_api(settings, api.store) as opened:
+        yield opened
+
+
 def test_a_folder_of_many_files_is_refused_quickly_without_listing_them(
-    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    in_process_api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``root: /usr`` with ``images_dir: .`` walked a whole tree; now the walk is bounded by
     entries (lowered here so the test need not write a quarter of a million files)."""
@@ -167,17 +173,17 @@ def test_a_folder_of_many_files_is_refused_quickly_without_listing_them(
         (root / f"part{part}").mkdir(parents=True)
         for index in range(100):
             (root / f"part{part}" / f"file{index}.txt").write_bytes(b"")
-    problem = refused(api, folder_spec(root, images_dir="."))
+    problem = refused(in_process_api, folder_spec(root, images_dir="."))
     assert problem["loc"] == ["body", "dataset", "args", "images_dir"]
     assert "more than 200 files and folders" in problem["msg"]
     assert "file" not in problem["msg"].replace("files", "") and "part" not in problem["msg"]
 
 
 def test_listing_is_bounded_in_time_too(
-    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    in_process_api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(scan, "MAX_SCAN_SECONDS", 0.0)
-    problem = refused(api, folder_spec(write_dataset(tmp_path / "slow")))
+    problem = refused(in_process_api, folder_spec(write_dataset(tmp_path / "slow")))
     assert "took longer than 0 s" in problem["msg"]
 
 
@@ -214,15 +220,19 @@ def test_the_worker_check_sees_a_link_changed_after_submission(api: Api) -> None
     assert caught.value.field == "dataset.args.masks_dir"
 
 
-def test_submission_runs_in_the_thread_pool() -> None:
-    """Validation does file system work and a CPU dry run; an ``async def`` handler would run
-    it on the event loop and stall every other request meanwhile."""
-    [route] = [
-        route
-        for route in jobs.router.routes
-        if isinstance(route, APIRoute)
-        and route.path == "/jobs"
-        and "POST" in (route.methods or set())
-    ]
-    assert not inspect.iscoroutinefunction(route.endpoint)
-    assert not inspect.iscoroutinefunction(jobs.validate_spec)
+def test_the_val_dataset_is_policed_like_the_dataset(api: Api) -> None:
+    """A validation dataset in another project's inputs is refused at its own field, before
+    anything there is opened; the project's own validation folder is accepted."""
+    root = write_dataset(inputs(api, "acme") / "shapes")
+    theirs = write_dataset(inputs(api, "globex") / "private", ("secret",))
+    body = folder_spec(root)
+    body["val_dataset"] = {"args": {"root": str(theirs), "num_classes": 2}}
+    problem = refused(api, body)
+    assert problem["loc"] == ["body", "val_dataset", "args", "root"]
+    assert "data directory" in problem["msg"] and "secret" not in problem["msg"]
+    body["val_dataset"] = {"args": {"root": str(root), "num_classes": 2, "images_dir": "../x"}}
+    assert "must stay inside 'root'" in refused(api, body)["msg"]
+    own = write_dataset(inputs(api, "acme") / "shapes-val", ("c",))
+    body["val_dataset"] = {"args": {"root": str(own), "num_classes": 2}}
+    response = api.http.post("/v1/jobs", json=body, headers=api.headers())
+    assert response.status_code == 201, response.text

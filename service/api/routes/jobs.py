@@ -22,9 +22,18 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec
-from service.api.deps import CurrentProject, DispatcherDep, MetricsDep, SettingsDep, StoreDep
+from service.api.deps import (
+    CurrentProject,
+    DispatcherDep,
+    MetricsDep,
+    SettingsDep,
+    StoreDep,
+    ValidationsDep,
+)
 from service.api.params import INT64_MAX, UtcTime
+from service.api.responses import ModelResponse
 from service.api.schemas import (
+    ErrorOut,
     EventOut,
     EventPage,
     JobOut,
@@ -33,7 +42,6 @@ from service.api.schemas import (
     error_responses,
 )
 from service.config import Settings
-from service.inputs import check_input_paths
 from service.lifecycle import JobState
 from service.limits import limits_exceeded
 from service.logs import bind_job
@@ -49,6 +57,7 @@ from service.store import (
     JobStore,
     QuotaExceeded,
 )
+from service.validation_pool import ValidationBusy, ValidationPool
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +104,15 @@ _QUOTA_ERROR = {
 }
 
 
+_BUSY_ERROR = {
+    "model": ErrorOut,
+    "description": "The API process has MASKD_VALIDATION_QUEUE_LIMIT submissions waiting for "
+    "validation (or the process validating this one stopped); nothing was stored. Retry after "
+    "`Retry-After` seconds.",
+    "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+}
+
+
 def job_not_found(job_id: str) -> HTTPException:
     return HTTPException(
         status_code=status.HTTP_404_NOT_FOUND,
@@ -115,26 +133,28 @@ def quota_exceeded(error: QuotaExceeded) -> HTTPException:
     )
 
 
-def validate_spec(
-    spec: JobSpec, project: str, settings: Settings, metrics: ApiMetrics | None = None
+async def validate_spec(
+    spec: JobSpec,
+    project: str,
+    settings: Settings,
+    validations: ValidationPool,
+    metrics: ApiMetrics | None = None,
 ) -> None:
     """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
 
-    Local paths are checked against the input policy first, before anything opens them.
-
-    ``models:/`` weights are checked against the project's registry and validated as the
-    downloaded files; the stored spec keeps the URIs (the worker resolves them again, as an
-    alias may move before the job runs). With ``metrics``, that lookup is counted as the
-    registry operation ``resolve_weights``.
-
-    Imported here rather than at module level because it pulls in torch, which the API should
-    only load once a job is actually submitted.
-
     The service's limits (``service.limits``: steps, batch size, image sizes, ...) come first
     of all, so an absurd spec costs no dry run.
-    """
-    from maskd_core.validate import validate_job
 
+    ``models:/`` weights are checked against the project's registry and downloaded (in a
+    thread: it is network and disk), and the dry run validates the downloaded files; the
+    stored spec keeps the URIs (the worker resolves them again, as an alias may move before
+    the job runs). With ``metrics``, that lookup is counted as the registry operation
+    ``resolve_weights``.
+
+    The dry run happens in the validation pool (``service.validation_pool``), which checks
+    local paths against the input policy before anything opens them. Raises
+    ``ValidationBusy`` when the pool's queue is full.
+    """
     exceeded = limits_exceeded(spec, settings)
     if exceeded:
         raise RequestValidationError(
@@ -144,13 +164,27 @@ def validate_spec(
             ]
         )
     try:
-        check_input_paths(spec, project, settings)
-        validate_job(_resolved_weights(spec, project, settings, metrics))
+        resolved = await anyio.to_thread.run_sync(
+            _resolved_weights, spec, project, settings, metrics
+        )
     except SpecError as error:
-        loc = ["body", *error.field.split(".")] if error.field else ["body"]
-        raise RequestValidationError(
-            [{"loc": loc, "msg": str(error), "type": "spec_error"}]
-        ) from error
+        raise _invalid_spec(str(error), error.field) from error
+    problem = await validations.validate(spec, resolved, project, settings)
+    if problem is not None:
+        raise _invalid_spec(problem.message, problem.field)
+
+
+def _invalid_spec(message: str, field: str | None) -> RequestValidationError:
+    loc = ["body", *field.split(".")] if field else ["body"]
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "spec_error"}])
+
+
+def validation_busy(error: ValidationBusy) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail=str(error),
+        headers={"Retry-After": str(error.retry_after)},
+    )
 
 
 def _resolved_weights(
@@ -190,15 +224,17 @@ def _resolved_weights(
         201: {"description": "The job, QUEUED.", "links": _JOB_LINKS},
         **error_responses(400, 409),
         429: {**_QUOTA_ERROR, "model": QuotaErrorOut},
+        503: _BUSY_ERROR,
     },
 )
-def submit_job(
+async def submit_job(
     spec: JobSpec,
     project: CurrentProject,
     store: StoreDep,
     dispatcher: DispatcherDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    validations: ValidationsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -217,15 +253,23 @@ def submit_job(
     Over a project quota the answer is 429 with ``Retry-After``: checked cheaply before the
     validation (so a tenant at its quota costs no dry runs), and again, authoritatively, in
     the transaction that stores the job. A replay of an existing job is never refused.
+
+    The handler is ``async`` so that a submission waiting for its dry run (in the validation
+    pool) holds no thread of the pool the reads run in; its database and broker calls go to
+    threads. With the validation queue full the answer is 503 with ``Retry-After``.
     """
     quotas = JobQuotas(
         max_queued=settings.max_queued_jobs_per_project,
         max_running=settings.max_running_jobs_per_project,
     )
     try:
-        store.check_quotas(project.id, quotas, idempotency_key)
-        validate_spec(spec, project.name, settings, metrics)
-        job, created = store.create_job(project.id, spec, idempotency_key, quotas=quotas)
+        await anyio.to_thread.run_sync(store.check_quotas, project.id, quotas, idempotency_key)
+        await validate_spec(spec, project.name, settings, validations, metrics)
+        job, created = await anyio.to_thread.run_sync(
+            partial(store.create_job, project.id, spec, idempotency_key, quotas=quotas)
+        )
+    except ValidationBusy as error:
+        raise validation_busy(error) from error
     except IdempotencyConflict as error:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(error)) from error
     except QuotaExceeded as error:
@@ -235,16 +279,18 @@ def submit_job(
         response.status_code = status.HTTP_200_OK
         return JobOut.from_record(job)
     try:
-        dispatcher.send_job(job.id)
+        await anyio.to_thread.run_sync(dispatcher.send_job, job.id)
     except (BrokerError, OSError):
         logger.exception("job %s stored but not dispatched; the reconciler will retry", job.id)
-        store.add_event(
-            job.id, "broker unreachable at submission; the job will be dispatched when it is back"
+        await anyio.to_thread.run_sync(
+            store.add_event,
+            job.id,
+            "broker unreachable at submission; the job will be dispatched when it is back",
         )
     return JobOut.from_record(job)
 
 
-@router.get("")
+@router.get("", response_model=JobPage)
 def list_jobs(
     project: CurrentProject,
     store: StoreDep,
@@ -262,7 +308,7 @@ def list_jobs(
     cursor: Annotated[
         str | None, Query(description="The `next_cursor` of the previous page.")
     ] = None,
-) -> JobPage:
+) -> ModelResponse:
     """The project's jobs, newest first. Filters apply before the page is cut."""
     try:
         jobs, next_cursor = store.list_jobs(
@@ -278,16 +324,18 @@ def list_jobs(
         raise RequestValidationError(
             [{"loc": ["query", "cursor"], "msg": str(error), "type": "invalid_cursor"}]
         ) from error
-    return JobPage(data=[JobOut.from_record(job) for job in jobs], next_cursor=next_cursor)
+    return ModelResponse(
+        JobPage(data=[JobOut.from_record(job) for job in jobs], next_cursor=next_cursor)
+    )
 
 
-@router.get("/{job_id}", responses=error_responses(404))
-def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
+def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> ModelResponse:
     """The job's spec, state, progress, metrics, transitions, failure reason and outputs."""
     job = store.get_job(project.id, job_id)
     if job is None:
         raise job_not_found(job_id)
-    return JobOut.from_record(job)
+    return ModelResponse(JobOut.from_record(job))
 
 
 @router.post(

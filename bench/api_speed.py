@@ -1,0 +1,341 @@
+"""The API's speed, each figure beside its reference in one run: reads under load, and a burst
+of submissions with reads going on meanwhile.
+
+The API runs as deployed: ``maskd serve --workers N`` (access log and reconciler thread
+included) on PostgreSQL and Redis, a fresh database and a Redis db of this bench's own, no
+worker (submitted jobs stay QUEUED). The load comes from other processes over loopback: wrk
+(2 threads) where it is installed, otherwise this script's own asyncio client (httpx) run as a
+separate process; the output says which. Both are closed loops: each connection sends its next
+request when the last one is answered.
+
+Reads: ``/healthz`` (a constant: the reference), ``GET /v1/jobs/{id}`` and ``GET /v1/jobs``
+(one job in the table, as when the targets were set), each for ``--seconds`` at 100 connections
+(throughput) and at 10 (latency). Burst: ``--burst`` valid submissions sent at once (the tiny
+spec, each with its own seed, no Idempotency-Key) while 10 connections keep reading one job;
+the submissions' latencies and the reads' latencies during the burst are reported.
+
+Targets (issue 16): reads at 100 connections >= 0.5 x /healthz and >= 800 req/s per API
+process with 0 errors; p99 <= 20 ms at 10 connections; the burst all answered with p99 <= 2 s,
+reads within their target meanwhile.
+
+    .venv/bin/python bench/api_speed.py [--seconds 10 --burst 200 --api-workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+from service_stack import ServiceStack, sigterm_as_interrupt, tiny_spec
+
+from maskd_core.spec import JobSpec
+from service.db import make_engine, make_sessionmaker
+from service.store import JobStore
+
+REQUEST_TIMEOUT_SECONDS = 60.0
+READ_TARGET_RPS = 800.0
+READ_TARGET_RATIO = 0.5
+READ_TARGET_P99_MS = 20.0
+BURST_TARGET_P99_MS = 2000.0
+
+
+@dataclass
+class Load:
+    """What one closed-loop load measured."""
+
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Burst:
+    """A burst of submissions: each one's latency and status."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: Counter[int | str] = field(default_factory=Counter)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * fraction // 1))
+    return ordered[int(rank) - 1]
+
+
+def load_generator() -> str:
+    return "wrk" if shutil.which("wrk") else "python"
+
+
+def run_load(url: str, key: str, connections: int, seconds: float) -> Load:
+    """``connections`` closed-loop clients on ``url`` for ``seconds``, from another process."""
+    if load_generator() == "wrk":
+        return _wrk(url, key, connections, seconds)
+    command = [sys.executable, __file__, "client", url, key, str(connections), str(seconds)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return Load(**json.loads(output))
+
+
+def _wrk(url: str, key: str, connections: int, seconds: float) -> Load:
+    threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    command += ["--timeout", f"{REQUEST_TIMEOUT_SECONDS:g}s", "-H", f"Authorization: Bearer {key}"]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", output)
+    if done is None:
+        raise RuntimeError(f"wrk printed no totals:\n{output}")
+    elapsed = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return Load(
+        requests=int(done.group(1)),
+        errors=errors,
+        seconds=elapsed,
+        p50_ms=_wrk_percentile(output, "50"),
+        p99_ms=_wrk_percentile(output, "99"),
+    )
+
+
+def _wrk_percentile(output: str, which: str) -> float:
+    match = re.search(rf"^\s+{which}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no {which}th percentile:\n{output}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+async def python_client(url: str, key: str, connections: int, seconds: float) -> Load:
+    """The load wrk would give, from asyncio and httpx (the fallback, run as its own process)."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(
+        headers=headers, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
+    ) as http:
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def client() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                try:
+                    response = await http.get(url)
+                    ok = response.is_success
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append((time.perf_counter() - sent) * 1000)
+                errors += not ok
+
+        await asyncio.gather(*(client() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return Load(
+        requests=len(latencies),
+        errors=errors,
+        seconds=elapsed,
+        p50_ms=percentile(latencies, 0.5),
+        p99_ms=percentile(latencies, 0.99),
+    )
+
+
+async def submit_burst(base_url: str, key: str, count: int, first_seed: int) -> Burst:
+    """``count`` submissions sent at once, each on its own connection."""
+    burst = Burst()
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {key}"},
+        limits=limits,
+        timeout=REQUEST_TIMEOUT_SECONDS,
+    ) as http:
+
+        async def submit(seed: int) -> None:
+            sent = time.perf_counter()
+            try:
+                response = await http.post("/v1/jobs", json=tiny_spec(seed))
+                status: int | str = response.status_code
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            burst.latencies_ms.append((time.perf_counter() - sent) * 1000)
+            burst.statuses[status] += 1
+
+        await asyncio.gather(*(submit(first_seed + index) for index in range(count)))
+    return burst
+
+
+def seed_job(stack: ServiceStack) -> str:
+    """The one job the reads read, stored directly (it is read, never run)."""
+    engine = make_engine(stack.database_url)
+    try:
+        store = JobStore(make_sessionmaker(engine))
+        project = store.authenticate(stack.api_key)
+        assert project is not None
+        job, _ = store.create_job(project.id, JobSpec.model_validate(tiny_spec(0)))
+        return job.id
+    finally:
+        engine.dispose()
+
+
+def submitter_key(stack: ServiceStack) -> str:
+    """A key of a second project, which sends the submissions, so the project whose jobs are
+    read keeps one job in its table in every run."""
+    engine = make_engine(stack.database_url)
+    try:
+        return JobStore(make_sessionmaker(engine)).create_api_key("bench-submitter")
+    finally:
+        engine.dispose()
+
+
+def measure(
+    stack: ServiceStack, workers: int, job_id: str, submitter: str, args: argparse.Namespace
+) -> list[str]:
+    """Start ``maskd serve --workers N``, measure everything, stop it; the report's lines."""
+    base_url = stack.start_maskd_serve(workers=workers)
+    key = stack.api_key
+    try:
+        job_url = f"{base_url}/v1/jobs/{job_id}"
+        # Every API process validates once (its pool starts torch) before anything is timed.
+        asyncio.run(submit_burst(base_url, submitter, 4 * workers, first_seed=1))
+        reads = {
+            "/healthz": f"{base_url}/healthz",
+            "GET /v1/jobs/{id}": job_url,
+            "GET /v1/jobs": f"{base_url}/v1/jobs",
+        }
+        loaded = {name: run_load(url, key, 100, args.seconds) for name, url in reads.items()}
+        latency = {
+            name: run_load(url, key, 10, args.seconds)
+            for name, url in reads.items()
+            if name != "/healthz"
+        }
+        with_burst, burst = read_during_burst(base_url, job_url, key, submitter, args)
+    finally:
+        stack.stop(stack.processes[-1])
+    return report(workers, loaded, latency, with_burst, burst)
+
+
+def read_during_burst(
+    base_url: str, job_url: str, key: str, submitter: str, args: argparse.Namespace
+) -> tuple[Load, Burst]:
+    """10 connections read one job while ``args.burst`` submissions arrive at once."""
+    seconds = max(args.seconds, 5.0)
+    outcome: dict[str, Load] = {}
+
+    async def both() -> Burst:
+        reads = asyncio.create_task(
+            asyncio.to_thread(
+                lambda: outcome.setdefault("reads", run_load(job_url, key, 10, seconds))
+            )
+        )
+        await asyncio.sleep(1.0)  # the reads are under way first
+        burst = await submit_burst(base_url, submitter, args.burst, first_seed=1000)
+        await reads
+        return burst
+
+    burst = asyncio.run(both())
+    return outcome["reads"], burst
+
+
+def report(
+    workers: int,
+    loaded: dict[str, Load],
+    latency: dict[str, Load],
+    with_burst: Load,
+    burst: Burst,
+) -> list[str]:
+    reference = loaded["/healthz"].rps
+    lines = [f"\nmaskd serve --workers {workers}"]
+    lines.append(
+        f"{'reads':20} {'conns':>5} {'requests':>8} {'errors':>6} {'req/s':>8} "
+        f"{'x healthz':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for name, load in loaded.items():
+        lines.append(
+            f"{name:20} {100:>5} {load.requests:>8} {load.errors:>6} {load.rps:8.0f} "
+            f"{load.rps / reference:9.2f} {load.p50_ms:8.1f} {load.p99_ms:8.1f}"
+        )
+    for name, load in latency.items():
+        lines.append(
+            f"{name:20} {10:>5} {load.requests:>8} {load.errors:>6} {load.rps:8.0f} "
+            f"{'':>9} {load.p50_ms:8.1f} {load.p99_ms:8.1f}"
+        )
+    lines.append(
+        f"{'GET /v1/jobs/{id}':20} {10:>5} {with_burst.requests:>8} {with_burst.errors:>6} "
+        f"{with_burst.rps:8.0f} {'':>9} {with_burst.p50_ms:8.1f} {with_burst.p99_ms:8.1f}"
+        "   (during the burst)"
+    )
+    statuses = ", ".join(
+        f"{status}: {count}" for status, count in sorted(burst.statuses.items(), key=str)
+    )
+    lines.append(
+        f"burst of {len(burst.latencies_ms)} POST /v1/jobs: {statuses}; "
+        f"p50 {statistics.median(burst.latencies_ms):.0f} ms, "
+        f"p99 {percentile(burst.latencies_ms, 0.99):.0f} ms, "
+        f"max {max(burst.latencies_ms):.0f} ms"
+    )
+    per_process = {name: load.rps / workers for name, load in loaded.items()}
+    for name in ("GET /v1/jobs/{id}", "GET /v1/jobs"):
+        ratio = loaded[name].rps / reference
+        lines.append(
+            f"{name}: {ratio:.2f} x healthz (target >= {READ_TARGET_RATIO}), "
+            f"{per_process[name]:.0f} req/s per API process (target >= {READ_TARGET_RPS:.0f}), "
+            f"p99 at 10 connections {latency[name].p99_ms:.1f} ms "
+            f"(target <= {READ_TARGET_P99_MS:.0f})"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each read load")
+    parser.add_argument("--burst", type=int, default=200, help="submissions sent at once")
+    parser.add_argument(
+        "--api-workers", type=int, nargs="+", default=[1, 2], help="maskd serve --workers"
+    )
+    parser.add_argument("--redis-db", type=int, default=12, help="a Redis db no test uses")
+    args = parser.parse_args()
+    sigterm_as_interrupt()
+    lines = [
+        f"load generator: {load_generator()} (closed loop, another process), loopback; "
+        "maskd serve on PostgreSQL + Redis, no worker; one job in the table"
+    ]
+    with ServiceStack(redis_db=args.redis_db) as stack:
+        submitter = submitter_key(stack)
+        job_id = seed_job(stack)
+        for workers in args.api_workers:
+            lines += measure(stack, workers, job_id, submitter, args)
+    print("\n".join(lines))
+    workers = " ".join(str(count) for count in args.api_workers)
+    print(
+        f"\ncommand: .venv/bin/python bench/api_speed.py --seconds {args.seconds:g} "
+        f"--burst {args.burst} --api-workers {workers}"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "client":
+        url, key, connections, seconds = sys.argv[2:]
+        load = asyncio.run(python_client(url, key, int(connections), float(seconds)))
+        print(json.dumps(load.__dict__))
+    else:
+        main()
