@@ -38,17 +38,10 @@ from service.store._records import (
 QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
 """The states that count against ``JobQuotas.max_running``: the job holds a worker."""
 
+_EVENT_PREFIX = "event_"
 _jobs, _events = cast(Table, Job.__table__), cast(Table, JobEvent.__table__)
 _JOB_WITH_TRANSITIONS = (
-    select(
-        _jobs,
-        _events.c.id.label("event_id"),
-        _events.c.kind.label("event_kind"),
-        _events.c.from_state.label("event_from_state"),
-        _events.c.to_state.label("event_to_state"),
-        _events.c.message.label("event_message"),
-        _events.c.created_at.label("event_created_at"),
-    )
+    select(_jobs, *(column.label(_EVENT_PREFIX + column.name) for column in _events.c))
     .outerjoin(_events, and_(_events.c.job_id == _jobs.c.id, _events.c.kind == EVENT_TRANSITION))
     .where(_jobs.c.id == bindparam("job_id"), _jobs.c.project_id == bindparam("project_id"))
     .order_by(_events.c.id)
@@ -212,17 +205,7 @@ class JobsApiMixin(StoreBase):
         if not rows:
             return None
         transitions = tuple(
-            EventRecord(
-                id=row.event_id,
-                job_id=row.id,
-                kind=row.event_kind,
-                from_state=None if row.event_from_state is None else JobState(row.event_from_state),
-                to_state=None if row.event_to_state is None else JobState(row.event_to_state),
-                message=row.event_message,
-                created_at=row.event_created_at,
-            )
-            for row in rows
-            if row.event_id is not None
+            event_record(row, prefix=_EVENT_PREFIX) for row in rows if row.event_id is not None
         )
         return job_record(rows[0], transitions)
 

@@ -292,15 +292,22 @@ def api_key_record(api_key: ApiKey, project: Project) -> ApiKeyRecord:
     )
 
 
-def event_record(event: JobEvent) -> EventRecord:
+def event_record(event: JobEvent | Row[Any], prefix: str = "") -> EventRecord:
+    """The record of an ORM event, or of a row holding an event's columns with ``prefix`` on
+    their names (a job's row joined with its transitions, whose own columns share names)."""
+
+    def column(name: str) -> Any:
+        return getattr(event, prefix + name)
+
+    from_state, to_state = column("from_state"), column("to_state")
     return EventRecord(
-        id=event.id,
-        job_id=event.job_id,
-        kind=event.kind,
-        from_state=None if event.from_state is None else JobState(event.from_state),
-        to_state=None if event.to_state is None else JobState(event.to_state),
-        message=event.message,
-        created_at=event.created_at,
+        id=column("id"),
+        job_id=column("job_id"),
+        kind=column("kind"),
+        from_state=None if from_state is None else JobState(from_state),
+        to_state=None if to_state is None else JobState(to_state),
+        message=column("message"),
+        created_at=column("created_at"),
     )
 
 

@@ -36,6 +36,9 @@ from maskd_core.models import build_model
 from maskd_core.runner import JobResult, StudentRun, run_job
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import WorkDir
+from service.config import Settings
+from service.db import make_engine, make_sessionmaker, upgrade_to_head
+from service.lifecycle import JobState
 from service.mlflow_names import (
     FAILURE_TAG,
     FINGERPRINT_TAG,
@@ -51,6 +54,7 @@ from service.mlflow_names import (
 )
 from service.model_registry import ModelRegistry
 from service.model_uris import resolve_registry_weights
+from service.store import EventRecord, JobRecord, JobStore
 from workers.mlflow_tracker import MlflowTracker
 from workers.publishing import (
     RegisteredVersion,
@@ -59,6 +63,7 @@ from workers.publishing import (
     publish,
     register_student,
 )
+from workers.tasks import execute_job
 from workers.token_reuse import reuse_stage1_tokens, stage1_fingerprint
 
 torch.set_num_threads(1)
@@ -503,40 +508,41 @@ def test_tracking_over_the_server_serves_artifacts(
     assert weights.read_bytes() == (job.workdir / "student.pt").read_bytes()
 
 
-def test_the_worker_task_tracks_reuses_and_registers(job: TrackedJob, tmp_path: Path) -> None:
-    """``maskd.run_job``'s body end to end: the second job of the project reuses stage 1."""
-    from service.config import Settings
-    from service.db import make_engine, make_sessionmaker, upgrade_to_head
-    from service.lifecycle import JobState
-    from service.store import JobStore
-    from workers.tasks import execute_job
-
+def run_through_the_worker(
+    job: TrackedJob, tmp_path: Path, spec: JobSpec
+) -> tuple[JobRecord, list[EventRecord]]:
+    """``spec`` run by ``maskd.run_job``'s body on a fresh SQLite store with ``job``'s MLflow;
+    the job, which SUCCEEDED, and its events."""
     database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
     upgrade_to_head(database_url)
     settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path / "var",
-        mlflow_tracking_uri=job.tracking_uri,
+        database_url=database_url, data_dir=tmp_path / "var", mlflow_tracking_uri=job.tracking_uri
     )
     engine = make_engine(database_url)
     try:
         store = JobStore(make_sessionmaker(engine))
         project = store.create_project(PROJECT)
-        spec = tiny_spec(job.root / "teacher.pt", name="via-worker", stage2={"iterations": 2})
         created, _ = store.create_job(project.id, spec)
         assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
         record = store.get_job_unscoped(created.id)
-        assert record is not None
-        assert record.state is JobState.SUCCEEDED
-        events = [event.message for event in store.list_events(project.id, created.id)]
+        events = store.list_events(project.id, created.id)
     finally:
         engine.dispose()
+    assert record is not None and record.state is JobState.SUCCEEDED
+    return record, events
+
+
+def test_the_worker_task_tracks_reuses_and_registers(job: TrackedJob, tmp_path: Path) -> None:
+    """``maskd.run_job``'s body end to end: the second job of the project reuses stage 1."""
+    spec = tiny_spec(job.root / "teacher.pt", name="via-worker", stage2={"iterations": 2})
+    record, events_seen = run_through_the_worker(job, tmp_path, spec)
+    events = [event.message for event in events_seen]
     assert "stage 1 reused from job job-1" in events
     model = record.outputs["model"]
     assert model["name"] == f"{PROJECT}.via-worker-student"
     client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
     version = client.get_model_version(model["name"], model["version"])
-    assert version.tags["maskd.job_id"] == created.id
+    assert version.tags["maskd.job_id"] == record.id
     assert version.tags[REUSED_FROM_JOB_TAG] == "job-1"
     run = client.get_run(record.outputs["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
@@ -548,19 +554,6 @@ def test_a_comparison_job_tracks_registers_and_records_every_run(
 ) -> None:
     """Two methods × two seeds through ``maskd.run_job``'s body: one stage-1 run, four student
     runs under the parent, four registered versions and the table in the job outputs."""
-    from service.config import Settings
-    from service.db import make_engine, make_sessionmaker, upgrade_to_head
-    from service.lifecycle import JobState
-    from service.store import JobStore
-    from workers.tasks import execute_job
-
-    database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
-    upgrade_to_head(database_url)
-    settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path / "var",
-        mlflow_tracking_uri=job.tracking_uri,
-    )
     spec = tiny_spec(
         job.root / "teacher.pt",
         name="compare",
@@ -568,15 +561,7 @@ def test_a_comparison_job_tracks_registers_and_records_every_run(
         stage2={"iterations": 2},
         comparison={"methods": ["maskd", "fitnet"], "seeds": [0, 1]},
     )
-    engine = make_engine(database_url)
-    try:
-        store = JobStore(make_sessionmaker(engine))
-        project = store.create_project(PROJECT)
-        created, _ = store.create_job(project.id, spec)
-        assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
-        record = store.get_job_unscoped(created.id)
-    finally:
-        engine.dispose()
+    record, _ = run_through_the_worker(job, tmp_path, spec)
     assert record is not None and record.state is JobState.SUCCEEDED
 
     table = record.outputs["comparison"]
@@ -632,19 +617,6 @@ def test_a_comparison_with_a_diverging_run_succeeds_with_a_partial_table(
 ) -> None:
     """One (method, seed) diverges: its row says why, its MLflow run ends FAILED with the
     reason, an event names it, nothing of it is registered, and the job still SUCCEEDS."""
-    from service.config import Settings
-    from service.db import make_engine, make_sessionmaker, upgrade_to_head
-    from service.lifecycle import JobState
-    from service.store import JobStore
-    from workers.tasks import execute_job
-
-    database_url = f"sqlite:///{tmp_path / 'maskd.db'}"
-    upgrade_to_head(database_url)
-    settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path / "var",
-        mlflow_tracking_uri=job.tracking_uri,
-    )
     diverging = {"name": "fitnet", "params": {"weight": 1e30}}
     spec = tiny_spec(
         job.root / "teacher.pt",
@@ -652,16 +624,7 @@ def test_a_comparison_with_a_diverging_run_succeeds_with_a_partial_table(
         stage2={"iterations": 2},
         comparison={"methods": ["none", diverging], "seeds": [0]},
     )
-    engine = make_engine(database_url)
-    try:
-        store = JobStore(make_sessionmaker(engine))
-        project = store.create_project(PROJECT)
-        created, _ = store.create_job(project.id, spec)
-        assert execute_job(store, settings, created.id, delivery="test") == "SUCCEEDED"
-        record = store.get_job_unscoped(created.id)
-        events = store.list_events(project.id, created.id)
-    finally:
-        engine.dispose()
+    record, events = run_through_the_worker(job, tmp_path, spec)
     assert record is not None and record.state is JobState.SUCCEEDED
     assert (record.message or "").startswith(
         "succeeded with 1 of 2 comparison runs failed (stage2/fitnet/seed0;"
