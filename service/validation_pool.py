@@ -18,8 +18,11 @@ embedded deployment that would rather not hold more copies of torch, and for tes
 the core in-process.
 
 The processes are spawned, not forked: the API process has threads and open connections that a
-fork would copy half-way. Pools are shared by every app of a process with the same settings (tests
-build many apps), and stopped when the process exits.
+fork would copy half-way. As with uvicorn's own ``--workers``, a spawned process imports the
+``__main__`` module again, so a script that builds and serves the app itself must keep that under
+``if __name__ == "__main__":`` (``maskd serve`` and ``uvicorn --factory`` do). Pools are shared
+by every app of a process with the same settings (tests build many apps), and stopped when the
+process exits.
 """
 
 from __future__ import annotations
