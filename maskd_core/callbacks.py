@@ -79,7 +79,8 @@ class Callback:
         """A checkpoint was written."""
 
     def on_masks(self, stage: Stage, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """Mask overlays (HxWx3 uint8) keyed by a name like ``level0/token3``."""
+        """Pictures of the learned masks (HxWx3 uint8), one per level keyed ``level<k>``: the
+        input and every token's mask in one grid (``maskd_core.mask_grid``)."""
 
     def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
         """A file the user will want (tokens, student weights, metrics summary)."""

@@ -61,6 +61,7 @@ from maskd_core.errors import ComparisonFailed, RunError
 from maskd_core.evaluations import evaluation_key, load_evaluation, save_evaluation
 from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
 from maskd_core.loader import Splits, train_batches, train_val_split, val_batches
+from maskd_core.mask_grid import mask_grid
 from maskd_core.methods import job_needs_tokens
 from maskd_core.models import build_model, model_document
 from maskd_core.plan import JobPlan
@@ -208,26 +209,44 @@ def teacher_identity(spec: JobSpec) -> dict[str, Any]:
     return {"arch": spec.teacher.arch, "args": dict(spec.teacher.args), "weights_sha256": digest}
 
 
-def _mask_overlays(
-    ctx: TrainContext, teacher: nn.Module, tokens: TokenSet
+def _mask_grids(
+    ctx: TrainContext,
+    teacher: nn.Module,
+    tokens: TokenSet,
+    metrics: Mapping[str, float],
 ) -> dict[str, np.ndarray]:
-    """Every token's mask on the first validation image, blended over it in red."""
+    """Per level, the first validation image and every token's mask on it in one labelled
+    grid (``maskd_core.mask_grid``), titled with the masked-teacher check from ``metrics``."""
     batch = ctx.task.to_device(next(iter(ctx.val_batches())), ctx.device)
     image = ctx.task.example_input(batch)[0]
     image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-6)
-    overlays = {}
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    check = _masked_teacher_check(metrics, ctx.task.primary_metric)
+    grids = {}
     teacher.eval()
     with Taps(teacher, ctx.spec.teacher.layers) as taps, torch.no_grad():
         ctx.task.forward(teacher, batch)
         for k, feature in enumerate(taps.levels()):
             masks = tokens.level(k).masks(feature[:1])
             masks = torch.nn.functional.interpolate(masks, size=image.shape[-2:], mode="bilinear")
-            for t, mask in enumerate(masks[0]):
-                red = torch.stack([torch.ones_like(mask), torch.zeros_like(mask), mask * 0])
-                blend = image * (1 - 0.6 * mask) + 0.6 * mask * red
-                pixels = (blend.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-                overlays[f"level{k}/token{t}"] = pixels
-    return overlays
+            channels, height, width = feature.shape[1:]
+            title = [
+                f"level {k}: teacher feature {channels}x{height}x{width}, {len(masks[0])} tokens"
+            ]
+            grids[f"level{k}"] = mask_grid(
+                pixels, masks[0].clamp(0, 1).cpu().numpy(), [*title, check]
+            )
+    return grids
+
+
+def _masked_teacher_check(metrics: Mapping[str, float], primary: str) -> str:
+    """``masked teacher miou 0.412 (teacher 0.450)``: how much the masks keep of what the task
+    needs, the number to read the mask grid beside."""
+    masked = metrics.get(f"masked_teacher_{primary}")
+    teacher = metrics.get(f"teacher_{primary}")
+    if masked is None or teacher is None:
+        return f"masked teacher {primary}: not evaluated"
+    return f"masked teacher {primary} {masked:.3f} (teacher {teacher:.3f})"
 
 
 def _versions() -> dict[str, str]:
@@ -259,7 +278,6 @@ def _stage1(
         [lv.teacher_channels for lv in plan.levels], spec.stage1.tokens, spec.stage1.mask_weighting
     )
     result = run_stage1(ctx, teacher, tokens, plan, workdir.checkpoint("stage1"))
-    ctx.callbacks.on_masks(STAGE1, result.step, _mask_overlays(ctx, teacher, tokens))
     save_tokens(workdir.tokens, tokens, plan.token_levels(), identity)
     ctx.callbacks.on_artifact(STAGE1, "tokens", workdir.tokens)
     return tokens, result
@@ -336,6 +354,9 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
         )
         ctx.callbacks.on_eval(STAGE1, spec.stage1.iterations, masked)
         metrics.update(masked)
+        if stage1 is not None:
+            grids = _mask_grids(ctx, teacher, tokens, metrics)
+            ctx.callbacks.on_masks(STAGE1, stage1.step, grids)
     return _Shared(
         plan,
         task,
@@ -377,12 +398,13 @@ def _student_run(
     )
     _save_student(student, spec, shared.plan, rundir)
     ctx.callbacks.on_artifact(stage, "student", rundir.student)
-    metrics = {**shared.metrics, **_evaluate(ctx, student, "student", stage2.step, report)}
+    final = _final_evaluation(ctx, student, "student", stage2, stage, report)
+    metrics = {**shared.metrics, **final}
     loops = {"stage1": shared.stage1, "stage2": stage2}
     if baseline:
         torch.manual_seed(spec.seed)
         plain = build_model(spec.student, shared.plan.num_classes, field="student")
-        loops["baseline"] = train_supervised(
+        plain_result = train_supervised(
             ctx,
             plain,
             spec.stage2.optimizer,
@@ -390,11 +412,34 @@ def _student_run(
             rundir.checkpoint("baseline"),
             stage=BASELINE,
         )
-        metrics.update(_evaluate(ctx, plain, "baseline", spec.stage2.iterations))
+        loops["baseline"] = plain_result
+        metrics.update(_final_evaluation(ctx, plain, "baseline", plain_result, BASELINE, EVAL))
     summary = _summary(spec, shared, metrics, loops, ctx.device)
     atomic_write_json(rundir.summary, summary)
     ctx.callbacks.on_artifact(report, "summary", rundir.summary)
     return StudentRun(spec, stage, rundir, summary)
+
+
+def _final_evaluation(
+    ctx: TrainContext,
+    model: nn.Module,
+    name: str,
+    trained: StageResult,
+    stage: Stage,
+    report: Stage,
+) -> dict[str, float]:
+    """The final evaluation of ``model`` (metrics prefixed ``name``), reported on ``report``.
+
+    When the loop that trained it (``trained``, reported as ``stage``) evaluated at its last
+    step (``eval_every``), that evaluation is the final one: it already closed the stage's
+    curve, so it is reported again only when ``report`` is another stage (a single job's
+    "eval", its final numbers), and never computed twice.
+    """
+    if trained.final_evaluation is None:
+        return _evaluate(ctx, model, name, trained.step, report)
+    if report != stage:
+        ctx.callbacks.on_eval(report, trained.step, trained.final_evaluation)
+    return trained.final_evaluation
 
 
 def _summary(

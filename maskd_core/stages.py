@@ -142,6 +142,9 @@ class StageResult:
     step: int
     seconds_per_step: float | None
     metrics: dict[str, float]
+    final_evaluation: dict[str, float] | None = None
+    """The evaluation at the last step when the loop made one (``eval_every`` set and the last
+    step run here), so the caller reports it as the final value instead of evaluating again."""
 
 
 class NonFiniteStreak:
@@ -173,11 +176,13 @@ def _train(
 ) -> StageResult:
     """Optimise ``trainable`` with ``step_fn`` for ``iterations`` global steps, resumably.
 
-    ``set_modes`` puts the models in their training modes; it runs before the first step and
-    after every evaluation rather than every step, since ``Module.train()`` walks every
-    submodule and costs a noticeable share of a small model's step. ``optimizer_field`` (the
-    spec field ``optimizer_spec`` comes from) and ``loss_weight`` are what ``TrainingDiverged``
-    tells the user to lower.
+    With ``eval_every`` the models are evaluated every that many steps and at the last step,
+    each evaluation reported at its step, so the metric is a curve that ends on the stage's
+    final value. ``set_modes`` puts the models in their training modes; it runs before the
+    first step and after every evaluation rather than every step, since ``Module.train()``
+    walks every submodule and costs a noticeable share of a small model's step.
+    ``optimizer_field`` (the spec field ``optimizer_spec`` comes from) and ``loss_weight`` are
+    what ``TrainingDiverged`` tells the user to lower.
     """
     params = [p for module in trainable.values() for p in module.parameters()]
     optimizer = build_optimizer(params, optimizer_spec)
@@ -197,6 +202,7 @@ def _train(
 
     ctx.callbacks.on_stage_start(stage, start, iterations, ctx.spec)
     metrics: dict[str, float] = {}
+    final_evaluation: dict[str, float] | None = None
     started = time.perf_counter()
     batches = ctx.train_batches(start)
     set_modes()
@@ -240,8 +246,11 @@ def _train(
             ctx.callbacks.on_step(stage, done, metrics)
             if done % ctx.spec.checkpoint_every == 0 or done == iterations:
                 write_checkpoint(done)
-            if ctx.spec.eval_every and done % ctx.spec.eval_every == 0:
-                ctx.callbacks.on_eval(stage, done, evaluate())
+            if ctx.spec.eval_every and (done % ctx.spec.eval_every == 0 or done == iterations):
+                evaluation = evaluate()
+                ctx.callbacks.on_eval(stage, done, evaluation)
+                if done == iterations:
+                    final_evaluation = evaluation
                 set_modes()
     finally:
         if isinstance(batches, Generator):  # shuts down loader workers
@@ -249,7 +258,7 @@ def _train(
     steps_run = iterations - start
     seconds_per_step = (time.perf_counter() - started) / steps_run if steps_run else None
     ctx.callbacks.on_stage_end(stage, iterations, metrics)
-    return StageResult(step=iterations, seconds_per_step=seconds_per_step, metrics=metrics)
+    return StageResult(iterations, seconds_per_step, metrics, final_evaluation)
 
 
 def _optimise(

@@ -27,6 +27,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -39,6 +40,7 @@ from maskd_core.files import file_sha256
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
 from service.mlflow_names import (
+    EXPERIMENT_KIND_TAG,
     FAILURE_TAG,
     FINGERPRINT_TAG,
     JOB_ID_TAG,
@@ -56,6 +58,8 @@ from service.mlflow_names import (
     TEACHER_TAG,
     TOKENS_ARTIFACT_DIR,
     TOKENS_SHA256_TAG,
+    TRAINING_EXPERIMENT_KIND,
+    label_tags,
     quoted,
 )
 from workers.token_reuse import ReusedTokens
@@ -84,16 +88,22 @@ def artifact_location_for(tracking_uri: str, artifact_root: Path, name: str) -> 
 def get_or_create_experiment(
     client: MlflowClient, name: str, artifact_location: str | None, project: str
 ) -> str:
-    """The experiment id; creates it once, tolerating a worker that creates it at the same time."""
+    """The experiment id; creates it once, tolerating a worker that creates it at the same time.
+
+    The experiment is marked a model-training one (``EXPERIMENT_KIND_TAG``), so MLflow's UI
+    offers its runs table and charts rather than its GenAI pages; an experiment created before
+    maskd set the kind gets it when a job next uses it.
+    """
     existing = client.get_experiment_by_name(name)
     if existing is not None:
-        return str(existing.experiment_id)
-    try:
-        return str(
-            client.create_experiment(
-                name, artifact_location=artifact_location, tags={PROJECT_TAG: project}
+        if existing.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
+            client.set_experiment_tag(
+                existing.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
             )
-        )
+        return str(existing.experiment_id)
+    tags = {PROJECT_TAG: project, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location, tags=tags))
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -177,6 +187,11 @@ class MlflowTracker(Callback):
     Step metrics are thinned to at most ``max_points_per_curve`` points per stage and sent in
     ``log_batch`` calls at most every ``flush_interval_seconds``: a 40 000-step stage costs a
     few hundred requests, not 160 000.
+
+    While a stage's run is open, MLflow's system-metrics monitor samples the machine (CPU and,
+    with ``nvidia-ml-py``, GPU utilisation and memory) into it as ``system/...`` metrics every
+    ``system_metrics_interval_seconds`` (None: not sampled), so a slow run shows whether it
+    waited on data, CPU or GPU.
     """
 
     def __init__(
@@ -192,6 +207,7 @@ class MlflowTracker(Callback):
         source_spec: JobSpec | None = None,
         flush_interval_seconds: float = 10.0,
         max_points_per_curve: int = 1000,
+        system_metrics_interval_seconds: float | None = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``spec`` is what runs (local weight paths); ``source_spec`` what the user submitted
@@ -213,6 +229,10 @@ class MlflowTracker(Callback):
         """Stage → its run, kept after the stage ends: the core reports the stage's masks,
         tokens and masked-teacher evaluation after ``on_stage_end``."""
         self._running: set[str] = set()
+        self._tracking_uri = tracking_uri
+        self._system_metrics_interval = system_metrics_interval_seconds
+        self._monitors: dict[str, SystemMetricsMonitor] = {}
+        """Run → the system-metrics monitor sampling into it while it is open."""
         self.experiment_id = get_or_create_experiment(
             self.client,
             experiment,
@@ -249,6 +269,7 @@ class MlflowTracker(Callback):
             STUDENT_TAG: self.spec.student.arch,
             TASK_TAG: self.spec.task,
             STAGE_TAG: stage,
+            **label_tags(self.spec.labels),
         }
         run = self.client.create_run(self.experiment_id, tags=common | tags, run_name=run_name)
         run_id = str(run.info.run_id)
@@ -297,6 +318,7 @@ class MlflowTracker(Callback):
             run_id = self._open_stage_run(stage, spec)
             self._stage_runs[stage] = run_id
             self._running.add(run_id)
+            self._monitor_system(run_id)
 
     @_best_effort
     def on_step(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
@@ -339,6 +361,7 @@ class MlflowTracker(Callback):
         self.flush()
         run_id = self._stage_runs.get(stage)
         if run_id is not None and run_id in self._running:
+            self._stop_monitor(run_id)
             self._running.discard(run_id)
             self.client.set_terminated(run_id, status="FINISHED")
 
@@ -350,6 +373,7 @@ class MlflowTracker(Callback):
         run_id = self._stage_runs.get(stage)
         if run_id is None:
             return
+        self._stop_monitor(run_id)
         self._running.discard(run_id)
         self.client.set_tag(run_id, FAILURE_TAG, reason[:MAX_TAG_VAL_LENGTH])
         self.client.set_terminated(run_id, status="FAILED")
@@ -378,9 +402,17 @@ class MlflowTracker(Callback):
         """Ends the job's runs: FINISHED, FAILED or KILLED (cancelled). Safe to call twice."""
         self.flush()
         for run_id in self._running:
+            self._stop_monitor(run_id)
             self.client.set_terminated(run_id, status=status)
         self._running.clear()
         self.client.set_terminated(self.run_id, status=status)
+
+    def leave_open(self) -> None:
+        """Sends what is queued and stops sampling the machine, leaving the runs RUNNING for the
+        job's next attempt (the worker is going away, not the job)."""
+        self.flush()
+        for run_id in list(self._monitors):
+            self._stop_monitor(run_id)
 
     def flush(self) -> None:
         """Sends the queued metrics, one ``log_batch`` per run and 1000 metrics."""
@@ -392,6 +424,35 @@ class MlflowTracker(Callback):
         for run_id, metrics in by_run.items():
             for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
                 self.client.log_batch(run_id, metrics=chunk)
+
+    def _monitor_system(self, run_id: str) -> None:
+        """Starts sampling the machine into ``run_id``; a reopened run continues its steps."""
+        if self._system_metrics_interval is None or run_id in self._monitors:
+            return
+        monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]
+            run_id,
+            sampling_interval=self._system_metrics_interval,
+            resume_logging=True,
+            tracking_uri=self._tracking_uri,
+        )
+        monitor.start()  # type: ignore[no-untyped-call]
+        self._monitors[run_id] = monitor
+
+    def _stop_monitor(self, run_id: str) -> None:
+        """Stops sampling into ``run_id`` and sends one last sample, before the run ends.
+
+        The monitor publishes only after a whole interval, so without the closing sample a
+        stage shorter than the interval would have no system metrics at all, and every longer
+        one would lose its last seconds.
+        """
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is None:
+            return
+        # MLflow ships the monitor without type hints.
+        monitor.finish()  # type: ignore[no-untyped-call]
+        monitor.collect_metrics()  # type: ignore[no-untyped-call]
+        monitor.publish_metrics(monitor.aggregate_metrics())  # type: ignore[no-untyped-call]
+        monitor.mlflow_logger.flush()  # type: ignore[no-untyped-call]
 
     def _queue(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         run_id = self._run_for(stage)

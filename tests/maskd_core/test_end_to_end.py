@@ -79,7 +79,9 @@ def test_run_job_writes_tokens_student_and_summary(spec: JobSpec, tmp_path: Path
         assert 0.0 <= summary["metrics"][f"{name}_miou"] <= 1.0
     assert summary == result.runs[0].summary | {"plan": summary["plan"]}
     assert set(events.artifacts) == {"tokens", "student", "summary"}
-    assert len(events.masks) == 2 * 8 and next(iter(events.masks.values())).dtype.name == "uint8"
+    # One grid per level (two tapped layers), each the input and its 8 tokens in one picture.
+    assert set(events.masks) == {"level0", "level1"}
+    assert all(grid.dtype.name == "uint8" and grid.ndim == 3 for grid in events.masks.values())
     tokens = torch.load(result.tokens_path, weights_only=True)
     assert tokens["format"] == "maskd-tokens/1" and tokens["mask_weighting"] is True
     assert [lv["channels"] for lv in tokens["levels"]] == [32, 5]
