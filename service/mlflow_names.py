@@ -8,10 +8,13 @@ each lives here once. Torch-free and MLflow-free: importing it costs nothing.
 Runs: one parent run per job, tagged ``job_id``, ``stage`` = ``job`` and the project, and one
 nested run per stage (``stage`` = ``stage1``, ``stage2``, ``baseline`` or a comparison run's
 ``stage2/<method>/seed<n>``). Registered models: ``<project>.<job name>-student``, tagged with
-the project, one version per student with lineage tags.
+the project, one version per student with lineage tags, and ``<project>.<teacher>-tokens``, one
+version per stage-1 result learned on that teacher architecture.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
 
@@ -30,13 +33,44 @@ def experiment_name(project: str) -> str:
     return f"{EXPERIMENT_PREFIX}{project}"
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow's own experiment tag saying what the experiment is for; its UI offers the GenAI
+pages (traces, overview) for ``genai_development`` and the runs table and charts for
+``custom_model_development``."""
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+"""Every maskd experiment trains models: its runs table and chart view are what people read."""
+UI_TRAINING_QUERY = "workflowType=machine_learning"
+"""The query that opens MLflow's UI (3.17) in its "Model training" mode. That UI picks GenAI or
+model training from a switch it remembers per browser, not from the experiment's kind tag, so
+links maskd gives out carry it: ``<server>/#/experiments/<id>?workflowType=machine_learning``."""
+
+
+def experiment_ui_path(experiment_id: str) -> str:
+    """The UI route (after ``#``) of an experiment's runs table."""
+    return f"/experiments/{experiment_id}?{UI_TRAINING_QUERY}"
+
+
+def _name_part(text: str, fallback: str) -> str:
+    """``text`` with the characters MLflow refuses in model names replaced by ``-``."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")
+    return safe or fallback
+
+
 def registered_model_name(project: str, job_name: str) -> str:
     """``<project>.<job name>-student``, with characters MLflow refuses in names replaced.
 
     The project prefix keeps two projects' job names from colliding (names are registry-wide).
     """
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in job_name).strip("-")
-    return f"{project}.{safe or 'job'}-student"
+    return f"{project}.{_name_part(job_name, 'job')}-student"
+
+
+def tokens_model_name(project: str, teacher_arch: str) -> str:
+    """``<project>.<teacher arch>-tokens``: every stage-1 result learned on that architecture.
+
+    One model per architecture, not per weights file: a person browsing finds a teacher's
+    tokens in one place, and the versions' teacher tags tell weights apart.
+    """
+    return f"{project}.{_name_part(teacher_arch, 'teacher')}-tokens"
 
 
 def has_project_prefix(project: str, name: str) -> bool:
@@ -46,6 +80,13 @@ def has_project_prefix(project: str, name: str) -> bool:
 def quoted(value: str) -> str:
     """``value`` safe inside the single quotes of an MLflow search filter."""
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+MODEL_KIND_TAG = "maskd.kind"
+"""On registered models: what their versions hold, ``student`` or ``tokens``. Student models
+registered before the tag existed have none and are students."""
+STUDENT_KIND = "student"
+TOKENS_KIND = "tokens"
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -76,6 +117,27 @@ TOKENS_ARTIFACT_DIR = "tokens"
 TOKENS_ARTIFACT = f"{TOKENS_ARTIFACT_DIR}/{TOKENS_FILE}"
 REUSED_FROM_JOB_TAG = "maskd.stage1_reused_from_job"
 REUSED_FROM_RUN_TAG = "maskd.stage1_reused_from_run"
+TOKENS_FROM_MODEL_TAG = "maskd.stage1_tokens_from_model"
+"""On a job's run and its student versions: the ``models:/NAME/VERSION`` its tokens came from
+when the spec named them (``stage1.from_model``)."""
+
+# -- registered tokens ------------------------------------------------------------------------
+
+TOKENS_MODEL_NAME = "tokens"
+"""Name of the logged model (and its artifact folder) holding one stage-1 result."""
+TOKENS_MODEL_TYPE = "maskd-tokens"
+MODEL_TOKENS_ARTIFACT = TOKENS_FILE
+"""The tokens file inside a logged tokens model's folder."""
+MODEL_MASKS_ARTIFACT_DIR = "masks"
+"""The stage-1 run's mask images, copied into the logged tokens model so they travel with it."""
+TOKENS_JOB_ID_TAG = "maskd.tokens.job_id"
+"""The job whose stage 1 learned the version (not ``maskd.job_id``: that one names students)."""
+TOKENS_COUNT_TAG = "maskd.tokens.count"
+TOKENS_MASK_WEIGHTING_TAG = "maskd.tokens.mask_weighting"
+TOKENS_TEACHER_LAYERS_TAG = "maskd.teacher.layers"
+"""JSON list of the tapped teacher layers: the levels the tokens were learned on."""
+DATA_FINGERPRINT_TAG = "maskd.data_fingerprint"
+"""SHA-256 of the dataset (and validation dataset) spec stage 1 learned on."""
 
 # -- registered students ----------------------------------------------------------------------
 
@@ -97,4 +159,14 @@ VERSION_ARCH_TAG = "maskd.arch"
 VERSION_TEACHER_ARCH_TAG = "maskd.teacher.arch"
 VERSION_TEACHER_WEIGHTS_TAG = "maskd.teacher.weights"
 VERSION_TEACHER_SHA256_TAG = "maskd.teacher.weights_sha256"
-VERSION_METRIC_TAG_PREFIX = "maskd.metric."
+
+# -- job labels -------------------------------------------------------------------------------
+
+LABEL_TAG_PREFIX = "maskd.label."
+"""Every run of a job carries each of its spec's labels as ``maskd.label.<key>``, so the MLflow
+UI and ``search_runs`` filter on them as ``GET /v1/jobs?label=`` does."""
+
+
+def label_tags(labels: Mapping[str, str]) -> dict[str, str]:
+    """A job's labels as MLflow run tags."""
+    return {f"{LABEL_TAG_PREFIX}{key}": value for key, value in labels.items()}

@@ -6,6 +6,10 @@ the registered model carries the project tag. The tag is the authority: a model 
 another project (or none) is answered exactly like a model that does not exist, so a caller
 cannot even learn that another tenant's name is taken (404, never 403).
 
+Two kinds of models live here (``MODEL_KIND_TAG``): distilled students, and the stage-1 tokens
+learned on a teacher (``<project>.<teacher>-tokens``); both are listed, and a version's file is
+downloaded by the same method whatever it holds.
+
 Methods return MLflow's own entities; the API turns them into its schemas. Every method blocks
 on MLflow (SQL or HTTP); the API runs them in a thread. Workers use the same class to resolve
 ``models:/`` teacher weights, so both sides agree on what "belongs to the project" means.
@@ -19,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -26,10 +31,14 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from maskd_core.files import file_sha256
-from maskd_core.workdir import STUDENT_FILE
+from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
 from service.mlflow_names import (
+    MODEL_KIND_TAG,
+    MODEL_TOKENS_ARTIFACT,
     MODEL_WEIGHTS_ARTIFACT,
     PROJECT_TAG,
+    TOKENS_KIND,
+    TOKENS_SHA256_TAG,
     WEIGHTS_SHA256_TAG,
     has_project_prefix,
     quoted,
@@ -45,6 +54,20 @@ _VERSION_NUMBER = re.compile(r"[0-9]{1,10}")
 def is_version_number(text: str) -> bool:
     """Whether ``text`` is a version number MLflow can hold: ASCII digits, at most MAX_VERSION."""
     return _VERSION_NUMBER.fullmatch(text) is not None and int(text) <= MAX_VERSION
+
+
+def use_process_tracking_uri(tracking_uri: str) -> None:
+    """Point MLflow's process-wide tracking and registry URIs at ``tracking_uri``.
+
+    Some MLflow calls ignore the client they are made through and open a store from the
+    process-wide URI: ``pyfunc.log_model``, and the download of a run's artifacts that belong
+    to a logged model (MLflow 3 sends those to ``models:/<id>``, read through a new client).
+    Left at its default, that URI is ``sqlite:///mlflow.db`` in the working directory: a
+    registry nobody configured. A process works against one tracking URI (its settings'), so
+    such calls set it first.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
 
 
 class ModelNotFoundError(LookupError):
@@ -153,29 +176,35 @@ class ModelRegistry:
         return self.version(project, name, str(found.version))
 
     def download_weights(self, project: str, name: str, version: str, cache_dir: Path) -> Path:
-        """The version's state dict file, downloaded once into ``cache_dir`` and verified.
+        """The version's file, downloaded once into ``cache_dir`` and verified: a student's
+        state dict, or a tokens model's tokens artifact (``maskd_core.tokens``).
 
         Versions are immutable, so a cached file is keyed by (name, version) and reused; it is
         written under a temporary name and renamed, so a crash never leaves half a file that a
         later call would trust.
         """
+        model = self.owned_model(project, name)
         found = self.version(project, name, version)
-        target = cache_dir / name / str(found.version) / STUDENT_FILE
-        expected = found.tags.get(WEIGHTS_SHA256_TAG)
+        if model.tags.get(MODEL_KIND_TAG) == TOKENS_KIND:
+            artifact, file_name, checksum = MODEL_TOKENS_ARTIFACT, TOKENS_FILE, TOKENS_SHA256_TAG
+        else:
+            artifact, file_name, checksum = MODEL_WEIGHTS_ARTIFACT, STUDENT_FILE, WEIGHTS_SHA256_TAG
+        target = cache_dir / name / str(found.version) / file_name
+        expected = found.tags.get(checksum)
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
             downloaded = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{self._model_artifact_uri(found)}/{MODEL_WEIGHTS_ARTIFACT}",
+                    artifact_uri=f"{self._model_artifact_uri(found)}/{artifact}",
                     dst_path=tmp,
                     tracking_uri=self.tracking_uri,
                 )
             )
             if expected is not None and file_sha256(downloaded) != expected:
                 raise RuntimeError(
-                    f"weights of {name} version {found.version} do not match their recorded "
+                    f"the file of {name} version {found.version} do not match their recorded "
                     "SHA-256; the artifact store is corrupt"
                 )
             shutil.move(downloaded, target)

@@ -9,40 +9,71 @@ same model, each logged on its own nested run and told apart by the method and s
 alias moves, since which method wins is for the user to read from the table, not for the last
 run to decide.
 
-Registration happens exactly once per (job, method, seed) student, across crashes: a worker
-killed after registering leaves the job in REGISTERING, and the retry finds the version (and
-the logged model) the dead attempt made instead of making another.
+A job that learned its stage 1 also registers the tokens (and the mask weighting branch, which
+lives in the same file) as a version of ``<project>.<teacher arch>-tokens``, logged from the
+stage-1 run with its mask images and lineage tags (teacher weights, stage-1 and data
+fingerprints), so a later job can name them (``stage1.from_model``) and a person can browse them.
+The newest such version carries the ``candidate`` alias.
+
+A student's evaluation metrics are metrics of its logged model (MLflow 3 links them to the
+model version), not tags; its lineage stays in tags. Its pyfunc carries its own code and
+requirements (``maskd_core``'s source through ``code_paths``, pinned torch and torchvision), so it
+loads where maskd is not installed.
+
+Registration happens exactly once per (job, method, seed) student and once per job's tokens,
+across crashes: a worker killed after registering leaves the job in REGISTERING, and the retry
+finds the version (and the logged model) the dead attempt made instead of making another.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus
+from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from maskd_core.callbacks import STAGE1
 from maskd_core.files import file_sha256
+from maskd_core.spec import JobSpec
 from service.mlflow_names import (
     CANDIDATE_ALIAS,
+    DATA_FINGERPRINT_TAG,
     FINGERPRINT_TAG,
     JOB_ID_TAG,
+    MODEL_KIND_TAG,
+    MODEL_MASKS_ARTIFACT_DIR,
+    MODEL_TOKENS_ARTIFACT,
     PROJECT_TAG,
     REUSED_FROM_JOB_TAG,
+    STUDENT_KIND,
     STUDENT_MODEL_NAME,
     STUDENT_MODEL_TYPE,
+    TOKENS_COUNT_TAG,
+    TOKENS_FROM_MODEL_TAG,
+    TOKENS_JOB_ID_TAG,
+    TOKENS_KIND,
+    TOKENS_MASK_WEIGHTING_TAG,
+    TOKENS_MODEL_NAME,
+    TOKENS_MODEL_TYPE,
+    TOKENS_SHA256_TAG,
+    TOKENS_TEACHER_LAYERS_TAG,
     VERSION_ARCH_TAG,
     VERSION_JOB_ID_TAG,
     VERSION_METHOD_TAG,
-    VERSION_METRIC_TAG_PREFIX,
     VERSION_SEED_TAG,
     VERSION_TASK_TAG,
     VERSION_TEACHER_ARCH_TAG,
@@ -51,8 +82,10 @@ from service.mlflow_names import (
     WEIGHTS_SHA256_TAG,
     quoted,
     registered_model_name,
+    tokens_model_name,
 )
-from workers.token_reuse import stage1_fingerprint
+from service.model_registry import use_process_tracking_uri
+from workers.token_reuse import data_fingerprint, stage1_fingerprint
 
 if TYPE_CHECKING:
     from maskd_core.runner import JobResult, StudentRun
@@ -68,6 +101,14 @@ class RegisteredVersion:
     version: str
     uri: str
     """``models:/NAME/VERSION``: usable as a later job's ``teacher.weights``."""
+
+    @classmethod
+    def of(cls, name: str, version: ModelVersion) -> RegisteredVersion:
+        return cls(name=name, version=str(version.version), uri=f"models:/{name}/{version.version}")
+
+    def link(self) -> dict[str, str]:
+        """As the job's outputs hold it."""
+        return {"name": self.name, "version": self.version, "uri": self.uri}
 
 
 def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dict[str, Any]:
@@ -88,7 +129,10 @@ def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dic
             model_run_id=tracker.stage_run(run.stage) if comparison else None,
             alias=None if comparison else CANDIDATE_ALIAS,
         )
-        models.append({"name": version.name, "version": version.version, "uri": version.uri})
+        models.append(version.link())
+    tokens = register_tokens(tracking_uri, tracker, result.tokens_path)
+    if tokens is not None:
+        links["tokens"] = tokens.link()
     if comparison:
         tracker.log_comparison(result.metrics)
         links["models"] = [
@@ -101,23 +145,36 @@ def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dic
 
 
 def student_pip_requirements() -> list[str]:
-    """Pinned explicitly: inferring them costs about 5 s and a subprocess per model.
+    """What the student's pyfunc needs, pinned to what trained it; not maskd, whose code
+    travels with the model (``_stage_core_source``).
 
-    ``maskd`` is listed because the model code imports ``maskd_core``; deployments install it
-    from our own index (it is not on public PyPI).
+    Pinned explicitly: inferring them costs about 5 s and a subprocess per model. torchvision is
+    listed because ``maskd_core.models`` builds on it; pydantic and numpy because the shipped
+    ``maskd_core`` and the pyfunc's own code import them.
     """
     import pydantic
     import torch
-
-    import maskd_core
+    import torchvision
 
     return [
-        f"maskd=={maskd_core.__version__}",
         f"mlflow=={mlflow.__version__}",
         f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
         f"numpy=={np.__version__}",
         f"pydantic=={pydantic.VERSION}",
     ]
+
+
+def _stage_core_source(into: Path) -> Path:
+    """A copy of the installed ``maskd_core`` package's source under ``into``, without compiled
+    caches: the code MLflow stores beside the student, so ``student_model.py`` can rebuild the
+    network where maskd is not installed."""
+    import maskd_core
+
+    source = Path(maskd_core.__file__).parent
+    target = into / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def _signature(task: str, num_classes: int) -> ModelSignature:
@@ -158,13 +215,12 @@ def register_student(
     example: two, not one, since an example of batch 1 is easily read as "the batch size is 1".
     """
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    # pyfunc.log_model resolves the store from the process-wide URI; set it explicitly so it
-    # can never be a default.
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    use_process_tracking_uri(tracking_uri)
     run = client.get_run(run_id)
     name = registered_model_name(project, student.spec.name)
-    _get_or_create_registered_model(client, name, project)
+    _get_or_create_registered_model(
+        client, name, project, STUDENT_KIND, f"MasKD students distilled by project {project}."
+    )
     lineage = _lineage(student, project, run.data.tags, run.data.params)
     version = _find_or_create_version(
         client,
@@ -181,9 +237,127 @@ def register_student(
     )
     if alias is not None:
         client.set_registered_model_alias(name, alias, version.version)
-    return RegisteredVersion(
-        name=name, version=str(version.version), uri=f"models:/{name}/{version.version}"
+    return RegisteredVersion.of(name, version)
+
+
+TOKENS_IDENTITY_TAGS = (TOKENS_JOB_ID_TAG, FINGERPRINT_TAG)
+"""The lineage tags that say which stage 1 a tokens version holds: one version per job's tokens."""
+
+
+def register_tokens(
+    tracking_uri: str, tracker: MlflowTracker, tokens_path: Path | None
+) -> RegisteredVersion | None:
+    """The version of ``<project>.<teacher arch>-tokens`` holding the tokens this job learned
+    (``tokens_path``), registered once per job; None when it learned none here.
+
+    A job learned them when its stage-1 run carries the tokens checksum: the tracker tags it
+    after uploading them. Jobs whose tokens were reused or named (``stage1.from_model``) have no
+    stage-1 run, so tokens are registered once, by the job that learned them. The version is
+    linked to the stage-1 run (its curves and mask images) and gets the ``candidate`` alias when
+    it is the newest (``_move_alias_to_newest``).
+    """
+    stage1_run_id = tracker.stage_run(STAGE1)
+    if tokens_path is None or stage1_run_id is None:
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    stage1_run = client.get_run(stage1_run_id)
+    if TOKENS_SHA256_TAG not in stage1_run.data.tags:
+        return None
+    spec = tracker.spec
+    name = tokens_model_name(tracker.project, spec.teacher.arch)
+    _get_or_create_registered_model(
+        client,
+        name,
+        tracker.project,
+        TOKENS_KIND,
+        f"MasKD stage-1 tokens learned on {spec.teacher.arch} teachers by project "
+        f"{tracker.project}; name one in a job as stage1.from_model.",
     )
+    teacher_source = client.get_run(tracker.run_id).data.params.get("teacher.weights")
+    lineage = _tokens_lineage(spec, tracker, teacher_source, file_sha256(tokens_path))
+    version = _find_or_create_version(
+        client,
+        name,
+        lineage,
+        lambda: _log_tokens_model(client, stage1_run, tokens_path, lineage[TOKENS_SHA256_TAG]),
+        identity=TOKENS_IDENTITY_TAGS,
+    )
+    _move_alias_to_newest(client, name, CANDIDATE_ALIAS, str(version.version))
+    return RegisteredVersion.of(name, version)
+
+
+def _tokens_lineage(
+    spec: JobSpec, tracker: MlflowTracker, teacher_source: str | None, tokens_sha256: str
+) -> dict[str, str]:
+    """What the tokens were learned from and with: what ``service.model_uris`` checks a job
+    naming them against, and what a person browsing reads."""
+    teacher_weights = spec.teacher.weights
+    return {
+        TOKENS_JOB_ID_TAG: tracker.job_id,
+        PROJECT_TAG: tracker.project,
+        FINGERPRINT_TAG: tracker.fingerprint,
+        DATA_FINGERPRINT_TAG: data_fingerprint(spec),
+        TOKENS_SHA256_TAG: tokens_sha256,
+        VERSION_TASK_TAG: spec.task,
+        VERSION_SEED_TAG: str(spec.seed),
+        VERSION_TEACHER_ARCH_TAG: spec.teacher.arch,
+        VERSION_TEACHER_WEIGHTS_TAG: teacher_source or str(teacher_weights),
+        VERSION_TEACHER_SHA256_TAG: file_sha256(teacher_weights) if teacher_weights else "none",
+        TOKENS_TEACHER_LAYERS_TAG: json.dumps(list(spec.teacher.layers)),
+        TOKENS_COUNT_TAG: str(spec.stage1.tokens),
+        TOKENS_MASK_WEIGHTING_TAG: "true" if spec.stage1.mask_weighting else "false",
+    }
+
+
+def _log_tokens_model(
+    client: MlflowClient, stage1_run: Run, tokens_path: Path, tokens_sha256: str
+) -> LoggedModel:
+    """The tokens as a logged model of the stage-1 run, with the run's mask images and final
+    metrics; one an earlier attempt finished (READY, same checksum) is taken instead."""
+    run_id = stage1_run.info.run_id
+
+    def write_files(logged: LoggedModel) -> LoggedModel:
+        with tempfile.TemporaryDirectory(prefix="maskd-tokens-model-") as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            shutil.copyfile(tokens_path, folder / MODEL_TOKENS_ARTIFACT)
+            _copy_mask_images(client, run_id, Path(tmp) / "run", folder / MODEL_MASKS_ARTIFACT_DIR)
+            client.log_model_artifacts(logged.model_id, str(folder))
+        return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+    return _log_model_once(
+        client,
+        stage1_run.info.experiment_id,
+        run_id,
+        name=TOKENS_MODEL_NAME,
+        model_type=TOKENS_MODEL_TYPE,
+        checksum_tag=TOKENS_SHA256_TAG,
+        checksum=tokens_sha256,
+        metrics=stage1_run.data.metrics,
+        write_files=write_files,
+    )
+
+
+MASK_IMAGES_DIR = "images"
+"""Where ``MlflowClient.log_image`` puts a run's images (the tracker's masks among them)."""
+
+
+def _copy_mask_images(client: MlflowClient, run_id: str, scratch: Path, target: Path) -> None:
+    """The PNG images of the stage-1 run (its token masks) into ``target``."""
+    if not client.list_artifacts(run_id, MASK_IMAGES_DIR):
+        return
+    downloaded = Path(client.download_artifacts(run_id, MASK_IMAGES_DIR, dst_path=str(scratch)))
+    target.mkdir(parents=True, exist_ok=True)
+    for image in sorted(downloaded.rglob("*.png")):
+        shutil.copyfile(image, target / image.name)
+
+
+def _move_alias_to_newest(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Points ``alias`` at ``version`` unless it already names a newer one, so the retry of an
+    older job never moves it back."""
+    current = client.get_registered_model(name).aliases.get(alias)
+    if current is None or int(current) < int(version):
+        client.set_registered_model_alias(name, alias, version)
 
 
 VERSION_IDENTITY_TAGS = (VERSION_JOB_ID_TAG, VERSION_METHOD_TAG, VERSION_SEED_TAG)
@@ -195,17 +369,21 @@ def _find_or_create_version(
     name: str,
     lineage: Mapping[str, str],
     log_model: Callable[[], LoggedModel],
+    identity: tuple[str, ...] = VERSION_IDENTITY_TAGS,
 ) -> ModelVersion:
-    """The one place that decides whether a student gets a new version of ``name``.
+    """The one place that decides whether a student (or tokens) get a new version of ``name``.
 
-    A version carrying the student's identity tags is reused: the attempt that made it died
+    ``identity`` are the lineage tags that say which student (or which job's tokens) a version
+    holds.
+
+    A version carrying those identity tags is reused: the attempt that made it died
     before the job was recorded as registered. Its tags were written with it, in one call, but
     any lineage tag it lacks is written now. Otherwise the model is logged (``log_model``) and a
     version created. Two registrars at once (a worker that lost its lease while registering,
     and its successor) would each create one; both then keep the lowest-numbered, and the
     other is deleted by the registrar that made it.
     """
-    found = _find_version(client, name, lineage)
+    found = _find_version(client, name, lineage, identity)
     if found is not None:
         for key, value in lineage.items():
             if key not in found.tags:
@@ -219,7 +397,7 @@ def _find_or_create_version(
         tags=dict(lineage),
         model_id=logged.model_id,
     )
-    first = _find_version(client, name, lineage)
+    first = _find_version(client, name, lineage, identity)
     if first is not None and str(first.version) != str(created.version):
         client.delete_model_version(name, str(created.version))
         return first
@@ -227,11 +405,11 @@ def _find_or_create_version(
 
 
 def _find_version(
-    client: MlflowClient, name: str, lineage: Mapping[str, str]
+    client: MlflowClient, name: str, lineage: Mapping[str, str], identity: tuple[str, ...]
 ) -> ModelVersion | None:
-    """The oldest version of ``name`` with the identity tags of ``lineage``, if any."""
+    """The oldest version of ``name`` with the ``identity`` tags of ``lineage``, if any."""
     conditions = [f"name = '{quoted(name)}'"] + [
-        f"tags.`{key}` = '{quoted(lineage[key])}'" for key in VERSION_IDENTITY_TAGS
+        f"tags.`{key}` = '{quoted(lineage[key])}'" for key in identity
     ]
     found = client.search_model_versions(
         " and ".join(conditions), max_results=1, order_by=["version_number ASC"]
@@ -250,49 +428,102 @@ def log_student_model(
     """``student`` as a pyfunc model on run ``run_id``, logged by an earlier attempt if one
     finished logging these very weights there, else logged now.
 
-    MLflow marks a logged model READY only after its files are written, and the run's output
-    link is made before them, so a READY one with the weights' checksum is complete; one whose
-    attempt died while logging stays PENDING and is passed over. Finding it again spares
-    uploading the weights twice after a crash between logging and registering.
+    Finding it again (``_log_model_once``) spares uploading the weights twice after a crash
+    between logging and registering.
     """
     weights_sha256 = file_sha256(student.workdir.student)
+
+    def write_files(logged: LoggedModel) -> LoggedModel:
+        with tempfile.TemporaryDirectory(prefix="maskd-student-code-") as code_dir:
+            mlflow.pyfunc.log_model(
+                name=STUDENT_MODEL_NAME,
+                python_model=str(files("workers") / STUDENT_MODEL_CODE),
+                artifacts={
+                    "weights": str(student.workdir.student),
+                    "model_spec": str(student.workdir.model_spec),
+                },
+                code_paths=[str(_stage_core_source(Path(code_dir)))],
+                pip_requirements=student_pip_requirements(),
+                signature=_signature(student.spec.task, num_classes),
+                input_example=example,
+                model_id=logged.model_id,
+            )
+        return logged
+
+    return _log_model_once(
+        client,
+        experiment_id,
+        run_id,
+        name=STUDENT_MODEL_NAME,
+        model_type=STUDENT_MODEL_TYPE,
+        checksum_tag=WEIGHTS_SHA256_TAG,
+        checksum=weights_sha256,
+        metrics=student.metrics,
+        write_files=write_files,
+    )
+
+
+def _log_model_once(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    *,
+    name: str,
+    model_type: str,
+    checksum_tag: str,
+    checksum: str,
+    metrics: Mapping[str, float],
+    write_files: Callable[[LoggedModel], LoggedModel],
+) -> LoggedModel:
+    """The logged model ``name`` of run ``run_id`` holding the file with ``checksum``: the one
+    an earlier attempt finished (READY), else a new one, made the run's output, given
+    ``metrics`` and then its files (``write_files``, which returns it as logged).
+
+    MLflow marks a logged model READY only after its files are written, and the run's output
+    link is made before them, so a READY one with the checksum is complete; one whose attempt
+    died while logging stays PENDING and is passed over.
+    """
     # The status is matched here, not in the filter: MLflow's SQL store compares a status
     # filter with the integer it stores and never matches.
     earlier = client.search_logged_models(
         [experiment_id],
-        filter_string=f"source_run_id = '{quoted(run_id)}' AND name = '{STUDENT_MODEL_NAME}' "
-        f"AND tags.`{WEIGHTS_SHA256_TAG}` = '{weights_sha256}'",
+        filter_string=f"source_run_id = '{quoted(run_id)}' AND name = '{name}' "
+        f"AND tags.`{checksum_tag}` = '{checksum}'",
     )
     for model in earlier:
         if model.status == LoggedModelStatus.READY:
             return model
     logged = client.create_logged_model(
         experiment_id,
-        name=STUDENT_MODEL_NAME,
+        name=name,
         source_run_id=run_id,
-        tags={WEIGHTS_SHA256_TAG: weights_sha256},
-        model_type=STUDENT_MODEL_TYPE,
+        tags={checksum_tag: checksum},
+        model_type=model_type,
     )
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    mlflow.pyfunc.log_model(
-        name=STUDENT_MODEL_NAME,
-        python_model=str(files("workers") / STUDENT_MODEL_CODE),
-        artifacts={
-            "weights": str(student.workdir.student),
-            "model_spec": str(student.workdir.model_spec),
-        },
-        pip_requirements=student_pip_requirements(),
-        signature=_signature(student.spec.task, num_classes),
-        input_example=example,
-        model_id=logged.model_id,
-    )
-    return logged
+    _log_model_metrics(client, run_id, logged.model_id, metrics)
+    return write_files(logged)
+
+
+def _log_model_metrics(
+    client: MlflowClient, run_id: str, model_id: str, metrics: Mapping[str, float]
+) -> None:
+    """``metrics`` as the logged model's own (MLflow 3 shows them on the registered version).
+
+    Logged before the model's files, which mark it READY: a READY model found again after a
+    crash (``log_student_model``) therefore has its metrics.
+    """
+    now = int(time.time() * 1000)
+    rows = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in metrics.items()]
+    if rows:
+        client.log_batch(run_id, metrics=rows)
 
 
 def _lineage(
     student: StudentRun, project: str, run_tags: Mapping[str, str], run_params: Mapping[str, str]
 ) -> dict[str, str]:
-    """Where the version came from: job, method, seed, teacher, data and its own checksum."""
+    """Where the version came from: job, method, seed, teacher, data, tokens and its own
+    checksum. Its evaluation metrics are not here: they are the logged model's metrics."""
     spec = student.spec
     teacher_weights = spec.teacher.weights
     lineage = {
@@ -307,30 +538,32 @@ def _lineage(
         VERSION_TEACHER_SHA256_TAG: file_sha256(teacher_weights) if teacher_weights else "none",
         FINGERPRINT_TAG: stage1_fingerprint(spec),
         WEIGHTS_SHA256_TAG: file_sha256(student.workdir.student),
-        **{f"{VERSION_METRIC_TAG_PREFIX}{k}": f"{v:.6g}" for k, v in student.metrics.items()},
     }
-    reused = run_tags.get(REUSED_FROM_JOB_TAG)
-    if reused:
-        lineage[REUSED_FROM_JOB_TAG] = reused
+    for tag in (REUSED_FROM_JOB_TAG, TOKENS_FROM_MODEL_TAG):
+        if run_tags.get(tag):
+            lineage[tag] = run_tags[tag]
     return lineage
 
 
-def _get_or_create_registered_model(client: MlflowClient, name: str, project: str) -> None:
-    """Creates the model with its project tag, or checks an existing one is this project's.
+def _get_or_create_registered_model(
+    client: MlflowClient, name: str, project: str, kind: str, description: str
+) -> None:
+    """Creates the model with its project and kind tags, or checks an existing one is this
+    project's.
 
     The check matters: names are registry-wide, and adding a version to a model another
     project owns would put our weights in their registry.
     """
     try:
         client.create_registered_model(
-            name,
-            tags={PROJECT_TAG: project},
-            description=f"MasKD students distilled by project {project}.",
+            name, tags={PROJECT_TAG: project, MODEL_KIND_TAG: kind}, description=description
         )
         return
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    owner = client.get_registered_model(name).tags.get(PROJECT_TAG)
-    if owner != project:
+    model = client.get_registered_model(name)
+    if model.tags.get(PROJECT_TAG) != project:
         raise RuntimeError(f"registered model {name!r} belongs to another project")
+    if MODEL_KIND_TAG not in model.tags:
+        client.set_registered_model_tag(name, MODEL_KIND_TAG, kind)

@@ -6,6 +6,12 @@ and reviewed, never code carried inside an artifact. The network itself is rebui
 the ``model_spec`` artifact the core wrote beside the weights (``maskd_core.models``) and its
 weights are read with ``torch.load(weights_only=True)``, the same path a job's teacher takes.
 
+The model is portable: ``maskd_core``'s source is stored with it (``code_paths``; MLflow puts it
+on ``sys.path`` before running this file) and its requirements are torch, torchvision, numpy,
+pydantic and mlflow, pinned, never maskd. So it loads, predicts and serves
+(``mlflow models serve --env-manager local``) where maskd is not installed; this file therefore
+imports nothing of ``service`` or ``workers`` (``.ci/pyfunc-check`` checks it in a fresh venv).
+
 Input: float32 ``[N, 3, H, W]`` images, normalised like the training data. Output: the
 network's main output, for segmentation the logits ``[N, K, H, W]``.
 """

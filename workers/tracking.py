@@ -3,7 +3,8 @@
 Before the core runs, the spec's local paths are checked against the input policy again
 (``service.inputs``: a link in the project's folder may have changed since the API accepted the
 job), ``models:/`` weights are resolved to cached files (the core only reads local files),
-tokens of an earlier matching stage 1 are put in the work directory when there are any, and
+the registered tokens the spec names (``stage1.from_model``), or else those of an earlier
+matching stage 1, are put in the work directory when there are any, and
 the job's MLflow runs are opened (or found again, on a redelivery).
 
 The runs end with the attempt when how the job ends is already certain: FINISHED once
@@ -19,6 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from maskd_core.errors import JobCancelled
 from maskd_core.spec import JobSpec
@@ -26,7 +29,7 @@ from maskd_core.workdir import WorkDir
 from service.config import Settings
 from service.inputs import check_input_paths
 from service.lifecycle import JobState
-from service.mlflow_names import experiment_name
+from service.mlflow_names import TOKENS_FROM_MODEL_TAG, experiment_name
 from service.model_uris import resolve_registry_weights
 from service.store import JobStore
 from workers.mlflow_tracker import MlflowTracker
@@ -51,21 +54,16 @@ def tracked_attempt(
     check_input_paths(spec, project.name, settings)
     uri = settings.mlflow_tracking_uri
     resolved = resolve_registry_weights(spec, project.name, uri, settings.model_cache_dir)
-    reused = reuse_stage1_tokens(uri, project.name, resolved, workdir)
-    tracker = MlflowTracker(
-        uri,
-        experiment=experiment_name(project.name),
-        job_id=job_id,
-        project=project.name,
-        spec=resolved,
-        fingerprint=stage1_fingerprint(resolved),
-        source_spec=spec,
-        artifact_root=settings.mlflow_artifacts_dir,
+    reused = reuse_stage1_tokens(uri, project.name, resolved, workdir, settings.model_cache_dir)
+    tracker = job_tracker(
+        uri, project.name, job_id, resolved, settings.mlflow_artifacts_dir, source_spec=spec
     )
     try:
         if reused is not None:
             tracker.mark_stage1_reused(reused)
-            store.add_event(job_id, f"stage 1 reused from job {reused.job_id}")
+            if reused.model_uri is not None:
+                tracker.client.set_tag(tracker.run_id, TOKENS_FROM_MODEL_TAG, reused.model_uri)
+            store.add_event(job_id, reused.event_message)
         yield tracker, resolved
     except BaseException as error:
         try:
@@ -74,6 +72,29 @@ def tracked_attempt(
             logger.warning("job %s: could not end its MLflow runs", job_id, exc_info=True)
         raise
     _end_runs(tracker, _run_status_after(store, job_id, None))
+
+
+def job_tracker(
+    tracking_uri: str,
+    project: str,
+    job_id: str,
+    spec: JobSpec,
+    artifact_root: Path,
+    **options: Any,
+) -> MlflowTracker:
+    """The tracker of job ``job_id`` of ``project`` running ``spec``: its runs in the project's
+    experiment, its stage 1 tagged with the fingerprint later jobs reuse it by. ``options`` are
+    ``MlflowTracker``'s own (``source_spec``, ``max_points_per_curve``, ...)."""
+    return MlflowTracker(
+        tracking_uri,
+        experiment=experiment_name(project),
+        job_id=job_id,
+        project=project,
+        spec=spec,
+        fingerprint=stage1_fingerprint(spec),
+        artifact_root=artifact_root,
+        **options,
+    )
 
 
 _CANCEL_STATES = frozenset({JobState.CANCELLING, JobState.CANCELLED})
@@ -104,6 +125,6 @@ def _run_status_after(store: JobStore, job_id: str, error: BaseException | None)
 def _end_runs(tracker: MlflowTracker, status: str | None) -> None:
     """Sends what the tracker still holds, and ends its runs with ``status`` unless None."""
     if status is None:
-        tracker.flush()
+        tracker.leave_open()
     else:
         tracker.finish(status)

@@ -11,7 +11,6 @@ import os
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from registry_testkit import register_a_student
 
-from maskd_core.callbacks import EVAL, STAGE2
-from maskd_core.models import build_model, model_document
-from maskd_core.runner import StudentRun
-from maskd_core.spec import JobSpec
-from maskd_core.workdir import WorkDir
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker, upgrade_to_head
 from service.main import create_app
-from service.mlflow_names import experiment_name
 from service.store import JobStore
-from workers.mlflow_tracker import MlflowTracker
-from workers.publishing import RegisteredVersion, register_student
-from workers.token_reuse import stage1_fingerprint
+from workers.publishing import RegisteredVersion
 
 torch.set_num_threads(1)
 
@@ -46,40 +38,6 @@ class ModelsApi:
     weights: Path
 
 
-def _register_student(tracking_uri: str, root: Path) -> tuple[RegisteredVersion, Path]:
-    spec = JobSpec.model_validate(
-        {
-            "name": "seg-small",
-            "teacher": {"arch": "seg_tiny_teacher", "layers": ["head"]},
-            "student": {
-                "arch": "seg_tiny_student",
-                "args": {"base_channels": 4, "context_blocks": 0},
-                "layers": ["head"],
-            },
-            "dataset": {"args": {"num_samples": 4, "image_size": 32}},
-            "stage1": {"iterations": 1},
-            "stage2": {"iterations": 1},
-        }
-    )
-    workdir = WorkDir(root / "job").create()
-    torch.save(build_model(spec.student, 5).state_dict(), workdir.student)
-    workdir.model_spec.write_text(json.dumps(model_document(spec.student, 5, spec.task)))
-    tracker = MlflowTracker(
-        tracking_uri,
-        experiment=experiment_name("acme"),
-        job_id="job-acme",
-        project="acme",
-        spec=spec,
-        fingerprint=stage1_fingerprint(spec),
-        artifact_root=root / "mlartifacts",
-    )
-    tracker.on_eval(EVAL, 1, {"student_miou": 0.25})
-    student = StudentRun(spec, STAGE2, workdir, {"metrics": {"student_miou": 0.25}})
-    version = register_student(tracking_uri, tracker.run_id, "acme", student, 5, None)
-    tracker.finish()
-    return version, workdir.student
-
-
 @pytest.fixture(scope="module")
 def models_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelsApi]:
     root = tmp_path_factory.mktemp("models-api")
@@ -91,7 +49,7 @@ def models_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelsApi]:
         data_dir=root / "var",
         mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
     )
-    version, weights = _register_student(settings.mlflow_tracking_uri, root)
+    version, weights = register_a_student(settings.mlflow_tracking_uri, root)
     engine = make_engine(database_url)
     store = JobStore(make_sessionmaker(engine))
     acme = {"Authorization": f"Bearer {store.create_api_key('acme')}"}
