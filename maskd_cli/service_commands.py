@@ -182,6 +182,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
     from service.dispatch import Dispatcher, make_celery_app
+    from service.webhooks import deliver_due
     from workers.reconciler import reconcile_once, run_reconciler
     from workers.run_closer import close_runs_of_ended_jobs
 
@@ -193,10 +194,12 @@ def _reconcile(args: argparse.Namespace) -> int:
         if args.once:
             report = reconcile_once(store, dispatcher, settings)
             closed = close_runs_of_ended_jobs(store, settings.mlflow_tracking_uri)
+            sent = deliver_due(store, settings)
             print(
                 f"re-queued {len(report.requeued)}, re-dispatched {len(report.redispatched)}, "
                 f"left waiting in the broker {len(report.still_waiting)}, "
-                f"MLflow runs ended {len(closed)}"
+                f"MLflow runs ended {len(closed)}, webhooks delivered {len(sent.delivered)} "
+                f"(to retry {len(sent.retrying)}, failed {len(sent.failed)})"
             )
         else:
             run_reconciler(store, dispatcher, settings, threading.Event())

@@ -138,3 +138,67 @@ class JobEvent(Base):
     to_state: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class JobLabel(Base):
+    """One of a job's labels (``JobSpec.labels``), a row per key so that ``GET /v1/jobs?label=``
+    filters through an index on both databases instead of reading every job's JSON spec.
+
+    Written with the job in the one transaction that stores it, and never changed: a job's
+    spec, its labels included, is fixed at submission.
+    """
+
+    __tablename__ = "job_labels"
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value", "job_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+
+
+class WebhookEndpoint(Base):
+    """A URL a project registered to be told of its jobs' state changes.
+
+    ``secret`` signs every delivery (HMAC-SHA256), so it must be stored as given: unlike an
+    API key it cannot be kept as a hash. ``states`` (a list of ``JobState`` values) limits
+    the deliveries to transitions into those states; None means every state.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_project", "project_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(64))
+    states: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row and, once sent, its delivery log line.
+
+    Inserted in the transaction that writes the state change, so no committed transition goes
+    unannounced and none is announced that did not commit. ``status`` is ``pending`` (due at
+    ``next_attempt_at``), ``delivered`` or ``failed`` (attempts exhausted); the id is the
+    ``Maskd-Delivery`` header, the same on every retry, so receivers can drop duplicates.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

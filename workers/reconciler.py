@@ -22,6 +22,7 @@ from service.dispatch import Dispatcher
 from service.lifecycle import JobState
 from service.logs import job_log_context
 from service.store import JobStore
+from service.webhooks import start_webhook_sender_thread
 from workers.run_closer import close_runs_of_ended_jobs
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,12 @@ def run_reconciler(
     store: JobStore, dispatcher: Dispatcher, settings: Settings, stop: threading.Event
 ) -> None:
     """Reconciles every ``reconcile_interval_seconds`` until ``stop`` is set, and ends the
-    MLflow runs that killed workers left open on jobs now over (``workers.run_closer``)."""
+    MLflow runs that killed workers left open on jobs now over (``workers.run_closer``).
+
+    Starts the webhook sender (``service.webhooks``) beside it, on its own thread and its own
+    shorter interval, stopped by the same ``stop``: wherever the reconciler runs (``maskd
+    serve``, ``maskd reconcile``, ``maskd demo``), the outbox is sent too."""
+    start_webhook_sender_thread(store, settings, stop)
     while True:
         try:
             reconcile_once(store, dispatcher, settings)

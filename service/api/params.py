@@ -17,14 +17,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
-from maskd_core.spec import INT64_MAX
+from maskd_core.spec import INT64_MAX, check_label_key, check_label_value
 from service.model_registry import MAX_VERSION, is_version_number
 
 __all__ = [
     "INT64_MAX",
+    "LabelFilter",
     "ModelVersionNumber",
     "UtcTime",
     "refuse_nul_characters",
+    "split_label_filter",
     "version_or_alias",
 ]
 
@@ -109,3 +111,28 @@ def version_or_alias(value: str) -> str:
 
 ModelVersionNumber = Annotated[str, AfterValidator(_version_number)]
 """A registered model's version number, as a string of digits MLflow can hold."""
+
+
+def split_label_filter(text: str) -> tuple[str, str]:
+    """``key=value`` as ``(key, value)``, split at the first ``=`` (keys hold none)."""
+    key, _, value = text.partition("=")
+    return key, value
+
+
+def _label_filter(text: str) -> str:
+    """A ``label`` query value: ``key=value`` with a key and a value a job's labels can hold
+    (``maskd_core.spec``), so a typo is a 422 rather than an empty page."""
+    key, separator, value = text.partition("=")
+    if not separator:
+        raise PydanticCustomError(
+            "label_filter",
+            "{reason}",
+            {"reason": f"{text!r} is no label filter: write key=value, e.g. label=team=vision"},
+        )
+    check_label_key(key)
+    check_label_value(value)
+    return text
+
+
+LabelFilter = Annotated[str, AfterValidator(_label_filter)]
+"""One ``?label=key=value`` of ``GET /v1/jobs``."""

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.lifecycle import TERMINAL, FailureKind, JobState
 from service.models import Job, JobEvent
+from service.store._outbox import enqueue_state_change
 from service.store._records import (
     EVENT_INFO,
     EVENT_TRANSITION,
@@ -84,7 +85,8 @@ class StoreBase:
         message: str | None,
         failure_kind: FailureKind | None = None,
     ) -> None:
-        """Write an allowed transition and its event (the caller holds the row lock)."""
+        """Write an allowed transition, its event and its webhook deliveries (the outbox), in
+        the caller's transaction (the caller holds the row lock)."""
         now = self._clock()
         source = JobState(job.state)
         job.state = target.value
@@ -102,13 +104,26 @@ class StoreBase:
             job.lease_expires_at = None
         if target in TERMINAL:
             job.finished_at = now
-        self._add_event(
+        event = self._add_event(
             session,
             job.id,
             message,
             kind=EVENT_TRANSITION,
             from_state=source,
             to_state=target,
+            at=now,
+        )
+        enqueue_state_change(
+            session,
+            project_id=job.project_id,
+            job_id=job.id,
+            job_name=job.name,
+            labels=job.spec.get("labels", {}),
+            event_id=event.id,
+            from_state=source,
+            to_state=target,
+            failure_kind=job.failure_kind if target == JobState.FAILED else None,
+            message=message,
             at=now,
         )
 

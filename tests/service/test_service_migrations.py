@@ -26,7 +26,15 @@ from service.models import Base
 from service.security import hash_api_key
 from service.store import JobStore
 
-TABLES = {"projects", "api_keys", "jobs", "job_events"}
+TABLES = {
+    "projects",
+    "api_keys",
+    "jobs",
+    "job_events",
+    "job_labels",
+    "webhook_endpoints",
+    "webhook_deliveries",
+}
 
 
 def tables(engine: Engine) -> set[str]:

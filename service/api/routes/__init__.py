@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends
 from service.api.params import refuse_nul_characters
 from service.api.routes.jobs import router as jobs_router
 from service.api.routes.models import router as models_router
+from service.api.routes.webhooks import router as webhooks_router
 from service.api.schemas import error_responses
 
 api_router = APIRouter(
@@ -20,3 +21,4 @@ api_router = APIRouter(
 )
 api_router.include_router(jobs_router)
 api_router.include_router(models_router)
+api_router.include_router(webhooks_router)

@@ -1,0 +1,100 @@
+"""The webhook outbox: a delivery row per matching endpoint, written with each state change.
+
+Called inside the transaction that writes the transition (``StoreBase._apply`` for workers,
+the reconciler and cancels; ``create_job`` for the submission), so a delivery exists exactly
+when its transition committed. The sender (``service.webhooks``) reads the rows later; nothing
+here talks to the network. A plain module rather than a mixin, so both ``_base`` and
+``_jobs_api`` use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy.orm import Session
+
+from service.lifecycle import JobState
+from service.models import WebhookDelivery, WebhookEndpoint
+
+EVENT_STATE_CHANGED = "job.state_changed"
+"""The one event kind so far: a job moved into another state (its submission included)."""
+DELIVERY_PENDING = "pending"
+DELIVERY_DELIVERED = "delivered"
+DELIVERY_FAILED = "failed"
+
+_endpoints = cast(Table, WebhookEndpoint.__table__)
+_deliveries = cast(Table, WebhookDelivery.__table__)
+_PROJECT_ENDPOINTS = select(_endpoints.c.id, _endpoints.c.states).where(
+    _endpoints.c.project_id == bindparam("project_id")
+)
+"""Built once: it runs in every transition's transaction."""
+
+
+def enqueue_state_change(
+    session: Session,
+    *,
+    project_id: str,
+    job_id: str,
+    job_name: str,
+    labels: Mapping[str, str],
+    event_id: int,
+    from_state: JobState | None,
+    to_state: JobState,
+    failure_kind: str | None,
+    message: str | None,
+    at: datetime,
+) -> None:
+    """Queue a ``job.state_changed`` delivery for each of the project's endpoints that wants
+    ``to_state``. One indexed read of the project's endpoints (a handful at most), and one
+    insert when any matches."""
+    endpoints = session.execute(_PROJECT_ENDPOINTS, {"project_id": project_id}).all()
+    wanted = [
+        endpoint_id
+        for endpoint_id, states in endpoints
+        if states is None or to_state.value in states
+    ]
+    if not wanted:
+        return
+    # The body receivers get, fixed when the transition commits: every retry sends the same
+    # bytes. ``event_id`` orders one job's events (retries can reorder deliveries).
+    data = {
+        "job_id": job_id,
+        "job_name": job_name,
+        "event_id": event_id,
+        "from_state": None if from_state is None else from_state.value,
+        "to_state": to_state.value,
+        "failure_kind": failure_kind,
+        "message": message,
+        "labels": dict(labels),
+        "links": {"job": f"/v1/jobs/{job_id}"},
+    }
+    rows = []
+    for endpoint_id in wanted:
+        delivery_id = str(uuid.uuid4())
+        payload = {
+            "id": delivery_id,
+            "type": EVENT_STATE_CHANGED,
+            "created_at": at.isoformat(),
+            "data": data,
+        }
+        rows.append(
+            {
+                "id": delivery_id,
+                "endpoint_id": endpoint_id,
+                "job_id": job_id,
+                "event": EVENT_STATE_CHANGED,
+                "payload": payload,
+                "status": DELIVERY_PENDING,
+                "attempts": 0,
+                "last_status_code": None,
+                "last_error": None,
+                "next_attempt_at": at,
+                "delivered_at": None,
+                "created_at": at,
+            }
+        )
+    session.execute(insert(_deliveries), rows)
