@@ -11,7 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from maskd_cli import client_commands, core_commands, mlflow_command, service_commands
+from maskd_cli import (
+    client_commands,
+    core_commands,
+    mlflow_command,
+    model_commands,
+    service_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,11 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     service_commands.register(subparsers)
     mlflow_command.register(subparsers)
     client_commands.register(subparsers)
+    model_commands.register(subparsers)
     return parser
 
 
 EXTRA_OF_MODULE = {
-    **dict.fromkeys(("torch", "torchvision", "numpy", "PIL", "tqdm"), "core"),
+    **dict.fromkeys(("torch", "torchvision", "numpy", "PIL"), "core"),
     **dict.fromkeys(
         (
             "fastapi",
@@ -47,7 +54,7 @@ EXTRA_OF_MODULE = {
     "pycocotools": "detection",
 }
 """The extra that brings each third-party package a command may need: the bare package is the
-API client and ``maskd jobs`` only."""
+API client, ``maskd jobs`` and ``maskd models`` only."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

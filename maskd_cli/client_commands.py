@@ -2,78 +2,80 @@
 
 These commands are thin wrappers over ``service.client.MaskdClient``, so what a script does with
 the Python client and what a person does on the command line are the same calls. The server
-and key come from ``--url``/``--api-key`` or ``MASKD_URL``/``MASKD_API_KEY``.
+and key come from ``--url``/``--api-key`` or ``MASKD_URL``/``MASKD_API_KEY``; every command
+takes ``-o json`` for scripts, and errors are one line with a documented exit status
+(``maskd_cli.api_session``). The client and the views are imported inside the commands, so
+``maskd --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from service.client import MaskdClient
+from maskd_cli.api_session import (
+    ExitCode,
+    add_api_command_group,
+    fail,
+    print_json,
+    run_with_client,
+)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+if TYPE_CHECKING:
+    from service.client import Job, MaskdClient
 
 
 def register(subparsers: Any) -> None:
-    jobs = subparsers.add_parser("jobs", help="submit, inspect and cancel jobs on a service")
-    jobs.add_argument("--url", default=os.environ.get("MASKD_URL", DEFAULT_URL))
-    jobs.add_argument("--api-key", default=os.environ.get("MASKD_API_KEY"))
-    commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    commands, output = add_api_command_group(
+        subparsers, "jobs", help="submit, inspect and cancel jobs on a service"
+    )
 
-    submit = commands.add_parser("submit", help="submit a job spec (YAML or JSON)")
+    submit = commands.add_parser("submit", parents=output, help="submit a job spec (YAML/JSON)")
     submit.add_argument("spec", type=Path)
-    submit.add_argument("--idempotency-key", help="retry-safe: the same key returns the same job")
-    submit.add_argument("--follow", action="store_true", help="stream events until it ends")
+    submit.add_argument(
+        "--idempotency-key",
+        help="retry-safe: the same key returns the same job (one is made up when not given)",
+    )
+    submit.add_argument(
+        "--follow", action="store_true", help="show its progress until it ends, then a summary"
+    )
     submit.set_defaults(func=_submit)
 
-    get = commands.add_parser("get", help="a job's state, progress, metrics and history")
+    get = commands.add_parser(
+        "get", parents=output, help="a job's state, progress, metrics and history"
+    )
     get.add_argument("job_id")
     get.set_defaults(func=_get)
 
-    listing = commands.add_parser("list", help="this project's jobs, newest first")
+    listing = commands.add_parser("list", parents=output, help="this project's jobs, newest first")
     listing.add_argument("--state", action="append", help="filter by state (repeatable)")
-    listing.add_argument("--name")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--name", help="only jobs with exactly this name")
+    listing.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeatable: every one must match)",
+    )
+    listing.add_argument("--limit", type=int, default=20, help="page size (1 to 100)")
+    listing.add_argument("--cursor", help="the page after the one that printed this cursor")
+    listing.add_argument("--all", action="store_true", help="every page, not just one")
     listing.set_defaults(func=_list)
 
-    cancel = commands.add_parser("cancel", help="cancel a queued or running job")
+    cancel = commands.add_parser("cancel", parents=output, help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=_cancel)
 
-    events = commands.add_parser("events", help="a job's events; --follow streams them live")
+    events = commands.add_parser(
+        "events", parents=output, help="a job's events; --follow shows them live"
+    )
     events.add_argument("job_id")
-    events.add_argument("--follow", action="store_true")
+    events.add_argument(
+        "--follow", action="store_true", help="progress bars and events until it ends"
+    )
     events.set_defaults(func=_events)
-
-
-def _connect(args: argparse.Namespace) -> MaskdClient:
-    from service.client import MaskdClient
-
-    if not args.api_key:
-        raise SystemExit(
-            "maskd jobs: no API key; pass --api-key or set MASKD_API_KEY "
-            "(an operator creates one with `maskd admin create-key --project NAME`)"
-        )
-    return MaskdClient.connect(args.url, args.api_key)
-
-
-def _call(args: argparse.Namespace, action: Any) -> int:
-    """Run ``action(client)``, turning API errors into a message and exit status 1."""
-    from service.client import ApiError
-
-    with _connect(args) as client:
-        try:
-            result: int = action(client)
-        except ApiError as error:
-            print(f"maskd jobs: {error}", file=sys.stderr)
-            return 1
-    return result
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -82,69 +84,90 @@ def _submit(args: argparse.Namespace) -> int:
     try:
         body = read_spec_file(args.spec)
     except SpecFileError as error:
-        print(f"maskd jobs: {error}", file=sys.stderr)
-        return 2
+        return fail(args, str(error), ExitCode.USAGE)
 
     def submit(client: MaskdClient) -> int:
-        job = client.submit_job(body, idempotency_key=args.idempotency_key)
-        print(f"job {job['id']} {job['state']}")
-        return _follow(client, job["id"]) if args.follow else 0
+        from maskd_cli.follow_view import follow_to_end
 
-    return _call(args, submit)
+        job = client.submit_job(body, idempotency_key=args.idempotency_key)
+        if args.output == "json":
+            print_json({"event": "job", "data": _json(job)} if args.follow else _json(job))
+        else:
+            print(f"job {job.id} {job.state}", flush=True)
+        return follow_to_end(client, job.id, args.output) if args.follow else ExitCode.OK
+
+    return run_with_client(args, submit)
 
 
 def _get(args: argparse.Namespace) -> int:
     def get(client: MaskdClient) -> int:
-        print(json.dumps(client.get_job(args.job_id), indent=2, default=str))
-        return 0
+        job = client.get_job(args.job_id)
+        # The whole job, in text mode too: it is already the readable form of a job.
+        if args.output == "json":
+            print_json(_json(job))
+        else:
+            print(json.dumps(_json(job), indent=2))
+        return ExitCode.OK
 
-    return _call(args, get)
+    return run_with_client(args, get)
 
 
 def _list(args: argparse.Namespace) -> int:
     def listing(client: MaskdClient) -> int:
-        page = client.list_jobs(states=args.state, name=args.name, limit=args.limit)
-        for job in page["data"]:
-            print(f"{job['id']}  {job['state']:<12} {job['created_at']}  {job['name']}")
-        if page.get("next_cursor"):
-            print("(more: use the API's cursor to page on)")
-        return 0
+        filters = {"states": args.state, "name": args.name, "labels": dict(args.label or ())}
+        if args.all:
+            jobs = list(client.iter_jobs(**filters, page_size=args.limit))
+            next_cursor = None
+        else:
+            page = client.list_jobs(**filters, limit=args.limit, cursor=args.cursor)
+            jobs, next_cursor = page.data, page.next_cursor
+        if args.output == "json":
+            print_json({"data": [_json(job) for job in jobs], "next_cursor": next_cursor})
+            return ExitCode.OK
+        for job in jobs:
+            print(f"{job.id}  {job.state:<12} {job.created_at:%Y-%m-%d %H:%M:%S}  {job.name}")
+        if next_cursor:
+            print(f"more: maskd jobs list --cursor {next_cursor} (or --all)")
+        return ExitCode.OK
 
-    return _call(args, listing)
+    return run_with_client(args, listing)
 
 
 def _cancel(args: argparse.Namespace) -> int:
     def cancel(client: MaskdClient) -> int:
         job = client.cancel_job(args.job_id)
-        print(f"job {job['id']} {job['state']}")
-        return 0
+        if args.output == "json":
+            print_json(_json(job))
+        else:
+            print(f"job {job.id} {job.state}")
+        return ExitCode.OK
 
-    return _call(args, cancel)
+    return run_with_client(args, cancel)
 
 
 def _events(args: argparse.Namespace) -> int:
     def events(client: MaskdClient) -> int:
+        from maskd_cli.follow_view import describe_event, follow_to_end
+
         if args.follow:
-            return _follow(client, args.job_id)
-        for event in client.list_events(args.job_id):
-            print(_describe_event(event))
-        return 0
+            return follow_to_end(client, args.job_id, args.output)
+        history = client.list_events(args.job_id)
+        if args.output == "json":
+            print_json({"data": [event.model_dump(mode="json") for event in history]})
+        else:
+            for event in history:
+                print(describe_event(event))
+        return ExitCode.OK
 
-    return _call(args, events)
+    return run_with_client(args, events)
 
 
-def _describe_event(event: dict[str, Any]) -> str:
-    change = f"{event['from_state']} -> {event['to_state']}  " if event.get("to_state") else ""
-    return f"{event['created_at']}  {change}{event.get('message') or ''}"
+def _label(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a label as KEY=VALUE, e.g. team=vision")
+    return key, value
 
 
-def _follow(client: MaskdClient, job_id: str) -> int:
-    """Print events and progress until the job ends; exit 0 only if it SUCCEEDED."""
-    for kind, data in client.stream_events(job_id):
-        if kind == "progress":
-            print(f"  progress {json.dumps(data.get('progress'), default=str)}")
-        elif kind != "end":
-            print(f"  {_describe_event(data)}")
-    job = client.get_job(job_id)
-    print(f"job {job_id} {job['state']}")
-    return 0 if job["state"] == "SUCCEEDED" else 1
+def _json(job: Job) -> dict[str, Any]:
+    return job.model_dump(mode="json")

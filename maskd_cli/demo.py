@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from maskd_core.callbacks import Stage
     from maskd_core.spec import JobSpec
-    from service.client import MaskdClient
+    from service.client import Event, Job, MaskdClient
     from service.config import Settings
     from service.store import JobStore
 
@@ -85,10 +85,10 @@ def run_demo(directory: str | None) -> int:
 
         client = stack.enter_context(MaskdClient.connect(base_url, api_key))
         job = client.submit_job(spec)
-        print(f"[4/5] submitted job {job['id']} through POST /v1/jobs; following it:")
-        final = follow_job(client, job["id"])
+        print(f"[4/5] submitted job {job.id} through POST /v1/jobs; following it:")
+        final = follow_job(client, job.id)
         _print_result(final, time.monotonic() - started)
-        return 0 if final["state"] == "SUCCEEDED" else 1
+        return 0 if final.state == "SUCCEEDED" else 1
 
 
 def demo_environment(root: Path) -> dict[str, str]:
@@ -118,7 +118,7 @@ def train_demo_teacher(spec: Mapping[str, Any], out_path: Path) -> dict[str, flo
     )
 
 
-def follow_job(client: MaskdClient, job_id: str) -> dict[str, Any]:
+def follow_job(client: MaskdClient, job_id: str) -> Job:
     """Prints the job's events and, every few seconds, its progress, until it is terminal."""
     deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
     last_event = 0
@@ -127,14 +127,14 @@ def follow_job(client: MaskdClient, job_id: str) -> dict[str, Any]:
     while True:
         job = client.get_job(job_id)
         for event in client.list_events(job_id, after=last_event):
-            last_event = event["id"]
+            last_event = event.id
             print(f"      event: {_describe_event(event)}")
-        if job["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+        if job.is_terminal:
             return job
-        progress = job["progress"].get(job["stage"])
+        progress = job.progress.get(job.stage or "")
         if progress and time.monotonic() - last_printed >= STEP_PRINT_SECONDS:
-            loss = job["metrics"].get("loss")
-            line = f"{job['state']:<11} {job['stage']} step {progress['step']}/{progress['total']}"
+            loss = job.metrics.get("loss")
+            line = f"{job.state:<11} {job.stage} step {progress.step}/{progress.total}"
             if line != last_line:
                 print(f"      {line}" + (f"  loss {loss:.4f}" if loss is not None else ""))
                 last_printed, last_line = time.monotonic(), line
@@ -144,11 +144,11 @@ def follow_job(client: MaskdClient, job_id: str) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-def _describe_event(event: Mapping[str, Any]) -> str:
-    if event["to_state"]:
-        text = f"{event['from_state'] or '-'} -> {event['to_state']}"
-        return f"{text} ({event['message']})" if event["message"] else text
-    return str(event["message"])
+def _describe_event(event: Event) -> str:
+    if event.to_state:
+        text = f"{event.from_state or '-'} -> {event.to_state}"
+        return f"{text} ({event.message})" if event.message else text
+    return str(event.message)
 
 
 def _pick(metrics: Mapping[str, Any], name: str) -> str:
@@ -156,19 +156,19 @@ def _pick(metrics: Mapping[str, Any], name: str) -> str:
     return ", ".join(values) or "no metrics"
 
 
-def _print_result(job: Mapping[str, Any], seconds: float) -> None:
-    print(f"[5/5] job {job['id']}: {job['state']} ({seconds:.0f} s in all)")
-    if job["state"] != "SUCCEEDED":
-        print(f"      {job.get('failure_kind') or ''} {job.get('message') or ''}".rstrip())
+def _print_result(job: Job, seconds: float) -> None:
+    print(f"[5/5] job {job.id}: {job.state} ({seconds:.0f} s in all)")
+    if job.state != "SUCCEEDED":
+        print(f"      {job.failure_kind or ''} {job.message or ''}".rstrip())
         return
-    metrics = job["outputs"].get("metrics", {})
+    metrics = job.outputs.get("metrics", {})
     for name in ("teacher_miou", "masked_teacher_miou", "student_miou"):
         if name in metrics:
             print(f"      {name:<20} {metrics[name]:.3f}")
-    for name, path in job["outputs"].get("files", {}).items():
+    for name, path in job.outputs.get("files", {}).items():
         print(f"      {name:<20} {path}")
-    if "model" in job["outputs"]:
-        print(f"      {'registered model':<20} {job['outputs']['model']['uri']}")
+    if "model" in job.outputs:
+        print(f"      {'registered model':<20} {job.outputs['model']['uri']}")
 
 
 class _StepPrinter(Callback):

@@ -14,12 +14,24 @@ on) and the optimisers.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from itertools import islice
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    JsonValue,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 TaskName = Literal["segmentation", "detection"]
 
@@ -51,9 +63,43 @@ class StrictModel(BaseModel):
     every store and process downstream can hold: finite numbers, integers within ±``INT64_MAX``,
     strings without NUL characters or unpaired surrogates, and nesting within ``MAX_NESTING``.
     ``_plain_data`` walks the raw input once and names each offending field.
+
+    The JSON schema comes in two modes, and generated clients build their types from it. The
+    request schema (validation mode) leaves out of ``required`` what a validator fills in
+    (``_filled_in``), since the shipped specs omit those fields; the response schema
+    (serialization mode) requires every field, since a stored spec spells each one out. The
+    two differ, so each gets its own title (``JobSpec`` and ``JobSpecOut``): generators name
+    classes by title, and two schemas titled alike become one class that fits neither.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+        json_schema_serialization_defaults_required=True,
+    )
+
+    @classmethod
+    def _filled_in(cls) -> frozenset[str]:
+        """Fields without a default of their own that a ``before`` validator fills in."""
+        return frozenset()
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(core_schema)
+        definition = handler.resolve_ref_schema(json_schema)
+        if handler.mode == "serialization":
+            definition["title"] = f"{cls.__name__}Out"
+            return json_schema
+        filled = cls._filled_in()
+        required = [name for name in definition.get("required", []) if name not in filled]
+        if required:
+            definition["required"] = required
+        else:
+            definition.pop("required", None)
+        return json_schema
 
     @model_validator(mode="before")
     @classmethod
@@ -209,6 +255,10 @@ class ValDatasetSpec(DataSourceSpec):
     split (COCO's ``instances_val2017.json``, VOC's ``ImageSets/Main/val.txt``, an image
     folder's ``val/``). It must hold the training dataset's task and classes."""
 
+    @classmethod
+    def _filled_in(cls) -> frozenset[str]:
+        return frozenset({"name"})  # JobSpec._val_dataset_name: the training dataset's
+
     @model_validator(mode="before")
     @classmethod
     def _no_split_settings(cls, data: Any) -> Any:
@@ -238,6 +288,24 @@ class OptimizerSpec(StrictModel):
     grad_clip: float | None = Field(default=None, gt=0.0)
 
 
+REGISTRY_SCHEME = "models:/"
+
+
+def _registry_uri(uri: str) -> str:
+    """A ``models:/`` URI: the service resolves it in the project's registry (the core never
+    talks to MLflow), so a local path here would be silently ignored."""
+    if not uri.startswith(REGISTRY_SCHEME):
+        raise PydanticCustomError(
+            "registry_uri",
+            "{reason}",
+            {
+                "reason": f"{uri!r} is not a registered model; write "
+                "models:/<project>.<teacher arch>-tokens@ALIAS or .../VERSION"
+            },
+        )
+    return uri
+
+
 class Stage1Spec(StrictModel):
     """Learning receptive tokens on the frozen teacher."""
 
@@ -251,6 +319,19 @@ class Stage1Spec(StrictModel):
     reuse: bool = Field(
         default=True, description="Reuse tokens already learned for the same teacher and data."
     )
+
+    from_model: Annotated[str, AfterValidator(_registry_uri)] | None = Field(
+        default=None,
+        max_length=LAYER_NAME_LENGTH,
+        description="Registered tokens to distil with instead of learning them: "
+        "'models:/<project>.<teacher arch>-tokens@ALIAS' or '.../VERSION' (GET /v1/models "
+        "lists them). Stage 1 then does not run. The version must have been learned on this "
+        "teacher (arch and weights) and teacher.layers, with these tokens and mask_weighting.",
+    )
+
+    @classmethod
+    def _filled_in(cls) -> frozenset[str]:
+        return _filled_by_every_task("stage1")
 
 
 class MethodSpec(StrictModel):
@@ -277,6 +358,28 @@ class MethodSpec(StrictModel):
         return {"name": data} if isinstance(data, str) else data
 
 
+class _NameAccepted:
+    """Says in the request schema that a method may be given by its name alone (``"mgd"``,
+    which ``MethodSpec._name_alone`` reads as ``{name: mgd}``), as the shipped specs do; a
+    client generated from a schema without it refuses them. Stored specs hold the object."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(core_schema)
+        if handler.mode != "validation":
+            return json_schema
+        name = {
+            "type": "string",
+            "maxLength": NAME_LENGTH,
+            "description": "The method's name alone: the method with its default params.",
+        }
+        return {"anyOf": [json_schema, name]}
+
+
+MethodChoice = Annotated[MethodSpec, _NameAccepted()]
+
+
 class Stage2Spec(StrictModel):
     """Distilling the student into the teacher's features with ``method`` (MasKD by default).
 
@@ -291,7 +394,11 @@ class Stage2Spec(StrictModel):
         default="conv1x1",
         description="Student→teacher adaptation per level; 'identity' needs equal channels.",
     )
-    method: MethodSpec = Field(default_factory=MethodSpec)
+    method: MethodChoice = Field(default_factory=MethodSpec)
+
+    @classmethod
+    def _filled_in(cls) -> frozenset[str]:
+        return _filled_by_every_task("stage2")
 
 
 class ComparisonSpec(StrictModel):
@@ -304,7 +411,7 @@ class ComparisonSpec(StrictModel):
     one method belong in two jobs, where they cannot be confused in the table.
     """
 
-    methods: list[MethodSpec] = Field(
+    methods: list[MethodChoice] = Field(
         min_length=1, description="The methods to compare, e.g. [maskd, none, fitnet]."
     )
     seeds: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(
@@ -323,6 +430,69 @@ class ComparisonSpec(StrictModel):
         if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
             raise ValueError("comparison.seeds must be distinct non-negative integers")
         return self
+
+
+MAX_LABELS = 32
+"""The most labels one job may carry: enough to describe it, few enough to index and to copy
+onto every MLflow run of the job."""
+LABEL_KEY_LENGTH = 63
+LABEL_VALUE_LENGTH = 128
+LABEL_KEY_PATTERN = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+"""Letters, digits, ``.``, ``_`` and ``-``, starting and ending with a letter or digit: no
+``=`` or ``,``, so ``?label=key=value`` splits at its first ``=``, and every key is a valid
+MLflow tag name."""
+LABEL_VALUE_PATTERN = r"[A-Za-z0-9._:/@+-]+"
+"""Letters, digits and ``. _ : / @ + -``: safe in a query string, a SQL index and an MLflow tag."""
+
+
+def check_label_key(key: str) -> str:
+    return _check_label_part(
+        key,
+        "key",
+        LABEL_KEY_LENGTH,
+        LABEL_KEY_PATTERN,
+        "letters, digits, '.', '_' or '-', starting and ending with a letter or digit "
+        "(e.g. 'team' or 'data.version')",
+    )
+
+
+def check_label_value(value: str) -> str:
+    return _check_label_part(
+        value,
+        "value",
+        LABEL_VALUE_LENGTH,
+        LABEL_VALUE_PATTERN,
+        "letters, digits or '.', '_', ':', '/', '@', '+', '-' (no spaces; e.g. "
+        "'vision-team' or 'v2.1')",
+    )
+
+
+def _check_label_part(text: str, part: str, max_length: int, pattern: str, allowed: str) -> str:
+    """``text`` when it is a valid label ``part`` (key or value); else the error that says
+    which characters (``allowed``) and how many it may have."""
+    if len(text) > max_length or not re.fullmatch(pattern, text):
+        raise PydanticCustomError(
+            f"label_{part}",
+            "{reason}",
+            {"reason": f"label {part} {text!r} is not valid: use 1 to {max_length} {allowed}"},
+        )
+    return text
+
+
+LabelKey = Annotated[
+    str,
+    AfterValidator(check_label_key),
+    WithJsonSchema(
+        {"type": "string", "pattern": f"^{LABEL_KEY_PATTERN}$", "maxLength": LABEL_KEY_LENGTH}
+    ),
+]
+LabelValue = Annotated[
+    str,
+    AfterValidator(check_label_value),
+    WithJsonSchema(
+        {"type": "string", "pattern": f"^{LABEL_VALUE_PATTERN}$", "maxLength": LABEL_VALUE_LENGTH}
+    ),
+]
 
 
 class JobSpec(StrictModel):
@@ -360,10 +530,21 @@ class JobSpec(StrictModel):
         description="Compare stage-2 methods over seeds in one job (stage2.method is then "
         "not used); see docs/methods.md.",
     )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description=f"Key/value labels (at most {MAX_LABELS}) to find the job by: "
+        "GET /v1/jobs?label=team=vision filters on them, and every MLflow run of the job "
+        "carries them as tags 'maskd.label.<key>'. They change nothing in training.",
+    )
 
     def methods(self) -> list[MethodSpec]:
         """The stage-2 methods this job runs: the comparison's, or ``stage2.method`` alone."""
         return list(self.comparison.methods) if self.comparison else [self.stage2.method]
+
+    @classmethod
+    def _filled_in(cls) -> frozenset[str]:
+        return frozenset({"stage1", "stage2"})  # _fill_task_defaults: the task's sections
 
     def run_spec(self, method: MethodSpec, seed: int) -> JobSpec:
         """The single-method job one comparison run amounts to."""
@@ -496,6 +677,12 @@ def _move_maskd_settings(data: dict[str, Any], task_defaults: dict[str, Any]) ->
     else:
         stage2["method"] = moved[0]
     return {**data, "stage2": stage2}
+
+
+def _filled_by_every_task(section: str) -> frozenset[str]:
+    """The fields of ``section`` (``stage1``, ``stage2``) that every task's defaults fill in:
+    a spec may leave them out whatever its task."""
+    return frozenset.intersection(*(frozenset(task[section]) for task in TASK_DEFAULTS.values()))
 
 
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {

@@ -80,3 +80,15 @@ def test_the_celery_parent_never_imports_torch() -> None:
 def test_parsing_a_spec_does_not_import_torch() -> None:
     report = _imports_in_fresh_interpreter("import maskd_core.spec", watched=("torch",))
     assert not report["loaded"], _describe(report["loaded"])
+
+
+def test_the_client_and_its_commands_import_none_of_the_service_stack() -> None:
+    """The bare ``pip install maskd`` has none of these: the client, ``maskd jobs`` and
+    ``maskd models`` (their rendering included) must run without them."""
+    report = _imports_in_fresh_interpreter(
+        """
+        import service.client, maskd_cli, maskd_cli.follow_view, maskd_cli.model_commands
+        """,
+        watched=("torch", "numpy", "fastapi", "starlette", "sqlalchemy", "celery", "mlflow"),
+    )
+    assert not report["loaded"], _describe(report["loaded"])

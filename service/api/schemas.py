@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from maskd_core.spec import JobSpec
 from service.lifecycle import FailureKind, JobState
@@ -44,6 +44,98 @@ class JobLinks(BaseModel):
     cancel: str
 
 
+class WorkerWritten(BaseModel):
+    """A part of a job's outputs, as the workers write it (``workers/tasks.py``,
+    ``workers/publishing.py``, ``maskd_core.comparison``).
+
+    Keys a newer worker adds pass through (``additionalProperties`` in the schema), so a job
+    stored by it still reads back rather than failing the whole answer.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+
+class MlflowRunLink(WorkerWritten):
+    """The job's MLflow run: open it in the MLflow UI under this experiment."""
+
+    run_id: str
+    experiment_id: str
+
+
+class RegisteredModelLink(WorkerWritten):
+    """A registered student version."""
+
+    name: str
+    version: str
+    uri: str = Field(description="``models:/NAME/VERSION``: usable as a later job's weights.")
+
+
+class ComparisonModelLink(RegisteredModelLink):
+    """The registered student of one comparison run."""
+
+    method: str
+    seed: int
+
+
+class FailedRunOut(WorkerWritten):
+    """A comparison run that failed on its own settings (a diverged loss, say)."""
+
+    seed: int
+    error: str = Field(description="The error's class, e.g. 'TrainingDiverged'.")
+    reason: str = Field(description="What went wrong and what to change.")
+
+
+class ComparisonRowOut(WorkerWritten):
+    """One method of a comparison: its student's primary metric over the seeds that finished."""
+
+    method: str
+    params: dict[str, Any] = Field(description="The method's params, its defaults included.")
+    seeds: list[int]
+    values: list[float] = Field(description="The primary metric per seed in ``seeds``.")
+    mean: float | None = Field(description="Null when no seed finished.")
+    std: float | None = Field(description="Sample standard deviation (0 with one seed).")
+    seconds_per_step: float | None
+    failed: list[FailedRunOut] = Field(default_factory=list)
+
+
+class ComparisonOut(WorkerWritten):
+    """A comparison job's table (``comparison.json``)."""
+
+    format: str = Field(description="The table's version, e.g. 'maskd-comparison/2'.")
+    job: str
+    task: str
+    primary_metric: str = Field(description="e.g. 'miou' or 'map'.")
+    teacher: float = Field(description="The teacher's primary metric.")
+    masked_teacher: float | None = None
+    iterations: int
+    seeds: list[int]
+    methods: list[ComparisonRowOut]
+    failed_runs: int = 0
+
+
+class JobOutputs(WorkerWritten):
+    """What a finished job left: files, final metrics, its MLflow run and registered students.
+
+    Empty until the job registers its students; a single job has ``model``, a comparison
+    ``models`` and ``comparison``.
+    """
+
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Path on the workers per file: student, summary, ..."
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Final metrics: teacher and student mIoU or mAP, ..."
+    )
+    mlflow: MlflowRunLink | None = None
+    model: RegisteredModelLink | None = Field(
+        default=None, description="The registered student of a single job."
+    )
+    models: list[ComparisonModelLink] | None = Field(
+        default=None, description="The registered students of a comparison, one per run."
+    )
+    comparison: ComparisonOut | None = None
+
+
 class JobOut(BaseModel):
     """A job as clients see it."""
 
@@ -53,7 +145,7 @@ class JobOut(BaseModel):
     stage: str | None = Field(description="The stage running or last run: stage1, stage2, ...")
     progress: dict[str, StageProgress] = Field(description="Step and total per stage.")
     metrics: dict[str, float] = Field(description="Latest value of each training metric.")
-    outputs: dict[str, Any] = Field(description="Artifact paths, model links, final metrics.")
+    outputs: JobOutputs
     failure_kind: FailureKind | None = Field(
         description="Why a FAILED job failed: validation (the spec), user (the data), training "
         "(the loss diverged: lower the learning rate or loss weight the message names), "
@@ -84,7 +176,7 @@ class JobOut(BaseModel):
                 for stage, values in job.progress.items()
             },
             metrics=job.metrics,
-            outputs=job.outputs,
+            outputs=JobOutputs.model_validate(job.outputs),
             failure_kind=job.failure_kind,
             message=job.message,
             attempt=job.attempt,
@@ -227,7 +319,7 @@ class ModelVersionOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    """An error answer (400, 401, 404, 409, 413): what is wrong and how to fix it."""
+    """An error answer (400, 401, 404, 409, 413, 415, 503): what is wrong and how to fix it."""
 
     detail: str = Field(description="What is wrong and how to fix it, in one sentence or two.")
 
@@ -294,6 +386,7 @@ _ERROR_DESCRIPTIONS: dict[int, tuple[type[BaseModel], str]] = {
     404: (ErrorOut, "No such job or model in this project (another project's is reported alike)."),
     409: (ErrorOut, "The request conflicts with the resource's state; `detail` says how."),
     413: (ErrorOut, "The request body is larger than MASKD_MAX_REQUEST_BYTES."),
+    415: (ErrorOut, "The body was not sent as JSON (`Content-Type: application/json`)."),
     422: (ValidationErrorOut, "Invalid request: each problem names its field."),
     429: (QuotaErrorOut, "A project quota is reached; retry after `Retry-After` seconds."),
 }

@@ -35,7 +35,7 @@ def transitions(job: dict[str, Any]) -> list[str]:
 
 def test_job_runs_end_to_end_through_api_and_worker(stack: Stack) -> None:
     stack.start_worker()
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=20))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=20)).id
 
     job = stack.wait_terminal(job_id)
 
@@ -58,7 +58,7 @@ def test_job_runs_end_to_end_through_api_and_worker(stack: Stack) -> None:
 
 def test_killed_worker_job_resumes_from_checkpoint_on_another_worker(stack: Stack) -> None:
     first = stack.start_worker()
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=400, checkpoint_every=25))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=400, checkpoint_every=25)).id
     checkpoint = stack.workdir(job_id) / "stage2" / "checkpoint.pt"
     wait_for(checkpoint.exists, 120, "the first stage-2 checkpoint", poll=0.02)
 
@@ -84,7 +84,7 @@ def test_killed_worker_job_resumes_from_checkpoint_on_another_worker(stack: Stac
 
 def test_duplicate_delivery_during_a_run_does_not_start_a_second_run(stack: Stack) -> None:
     worker = stack.start_worker(concurrency=2)
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=600))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=600)).id
     wait_for(lambda: stack.job(job_id)["state"] in {"STAGE1", "STAGE2"}, 120, "the job to run")
 
     stack.dispatcher.send_job(job_id)  # the same message again, e.g. a redelivery
@@ -103,7 +103,7 @@ def test_duplicate_delivery_during_a_run_does_not_start_a_second_run(stack: Stac
 
 def test_reconciler_resends_a_message_lost_with_a_flushed_redis(stack: Stack) -> None:
     broker = redis.Redis.from_url(stack.settings.broker_url)
-    job_id = stack.client.submit_job(tiny_spec())["id"]
+    job_id = stack.client.submit_job(tiny_spec()).id
     assert broker.llen(GPU_QUEUE) == 1
 
     # Waiting long behind other jobs is not lost: the broker still holds its message.
@@ -132,8 +132,8 @@ def test_stale_deliveries_are_dropped_in_the_parent_without_using_a_pool_process
 ) -> None:
     """A cancelled job's message and many re-sends of it wait in the queue: a worker drops
     each in milliseconds, keeps its pool process, and then runs a real job as usual."""
-    cancelled = stack.client.submit_job(tiny_spec())["id"]
-    assert stack.client.cancel_job(cancelled)["state"] == "CANCELLED"
+    cancelled = stack.client.submit_job(tiny_spec()).id
+    assert stack.client.cancel_job(cancelled).state == "CANCELLED"
     for _ in range(STALE_DELIVERIES - 1):
         stack.dispatcher.send_job(cancelled)
     broker = redis.Redis.from_url(stack.settings.broker_url)
@@ -154,7 +154,7 @@ def test_stale_deliveries_are_dropped_in_the_parent_without_using_a_pool_process
     print(f"drop: median {milliseconds[len(drops) // 2]:.1f} ms, max {milliseconds[-1]:.1f} ms")
     assert milliseconds[len(drops) // 2] < 100
 
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=10))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=10)).id
     job = stack.wait_terminal(job_id)
     assert job["state"] == "SUCCEEDED", job["message"]
     assert job["attempt"] == 1
@@ -163,14 +163,14 @@ def test_stale_deliveries_are_dropped_in_the_parent_without_using_a_pool_process
 def test_cancel_stops_a_running_job_within_a_second_with_its_checkpoint(stack: Stack) -> None:
     # Heartbeats far apart: the cancel must not wait for one.
     stack.start_worker(MASKD_HEARTBEAT_SECONDS="20", MASKD_LEASE_SECONDS="60")
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000)).id
     wait_for(
         lambda: stack.job(job_id)["progress"].get("stage2", {}).get("step", 0) > 0,
         120,
         "stage 2 to make progress",
     )
 
-    assert stack.client.cancel_job(job_id)["state"] == "CANCELLING"
+    assert stack.client.cancel_job(job_id).state == "CANCELLING"
     asked = time.monotonic()
     job = stack.wait_terminal(job_id, timeout=30)
     took = time.monotonic() - asked
@@ -189,7 +189,7 @@ def test_cancel_stops_a_running_job_within_a_second_with_its_checkpoint(stack: S
 
 def test_time_limit_stops_the_run_with_a_checkpoint_and_fails_it_as_timeout(stack: Stack) -> None:
     stack.start_worker(MASKD_JOB_SOFT_TIME_LIMIT_SECONDS="8", MASKD_JOB_TIME_LIMIT_SECONDS="60")
-    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000))["id"]
+    job_id = stack.client.submit_job(tiny_spec(stage2_iterations=100_000)).id
 
     job = stack.wait_terminal(job_id, timeout=60)
 

@@ -34,11 +34,11 @@ def loads_torch(pid: int) -> bool:
 def claim(stack: Stack, job_id: str) -> tuple[int, datetime]:
     """The pid of the process that claimed ``job_id``, and when (its one claim event)."""
     (event,) = [
-        (match, event["created_at"])
+        (match, event.created_at)
         for event in stack.client.list_events(job_id)
-        if (match := CLAIMED_BY.match(event["message"] or ""))
+        if (match := CLAIMED_BY.match(event.message or ""))
     ]
-    return int(event[0][1]), datetime.fromisoformat(event[1])
+    return int(event[0][1]), event[1]
 
 
 def ended_at(job: dict[str, Any]) -> datetime:
@@ -51,7 +51,7 @@ def test_warm_children_run_queued_jobs_back_to_back_without_torch_in_the_parent(
     # The MLflow database exists, as in a deployment: its creation is not a job's start-up.
     MlflowClient(stack.settings.mlflow_tracking_uri).search_experiments()
     job_ids = [
-        stack.client.submit_job(tiny_spec(stage2_iterations=10))["id"]
+        stack.client.submit_job(tiny_spec(stage2_iterations=10)).id
         for _ in range(QUEUED_BACK_TO_BACK)
     ]
     worker = stack.start_worker()

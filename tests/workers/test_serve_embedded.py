@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from worker_testkit import FAST_SETTINGS, settings_environment, tiny_spec, wait_for
 
-from service.client import ApiError, MaskdClient
+from service.client import MaskdClient, MaskdClientError
 from service.config import Settings
 
 MASKD = [sys.executable, "-c", "import sys; from maskd_cli import main; sys.exit(main())"]
@@ -108,9 +107,9 @@ def test_serve_embedded_runs_a_job_and_stops_its_worker_on_ctrl_c(
 ) -> None:
     with MaskdClient.connect(served.base_url, api_key) as client:
         wait_for(lambda: _healthy(client), 60, "the API to answer")
-        job_id = client.submit_job(tiny_spec())["id"]
+        job_id = client.submit_job(tiny_spec()).id
         job = client.wait(job_id, timeout=120, poll_seconds=0.25)
-    assert job["state"] == "SUCCEEDED", job["message"]
+    assert job.state == "SUCCEEDED", job.message
 
     served.process.send_signal(signal.SIGINT)
     assert served.process.wait(timeout=60) == 0
@@ -121,6 +120,6 @@ def test_serve_embedded_runs_a_job_and_stops_its_worker_on_ctrl_c(
 def _healthy(client: MaskdClient) -> bool:
     try:
         client.healthz()
-    except (ApiError, httpx.TransportError):
+    except MaskdClientError:
         return False
     return True

@@ -171,7 +171,7 @@ def test_maskd_worker_serves_metrics_and_writes_json_logs(stack: Stack, tmp_path
 
     jobs = 3
     for _ in range(jobs):
-        job_id = stack.client.submit_job(tiny_spec(stage2_iterations=10))["id"]
+        job_id = stack.client.submit_job(tiny_spec(stage2_iterations=10)).id
         finished = stack.wait_terminal(job_id, timeout=180)
         assert finished["state"] == "SUCCEEDED", finished["message"]
 

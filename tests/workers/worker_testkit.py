@@ -178,7 +178,8 @@ class Stack:
         return self.settings.jobs_dir / job_id
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.client.get_job(job_id)
+        """The job's JSON as the API sent it, which the tests read field by field."""
+        return self.client.get_job(job_id).model_dump(mode="json")
 
     def wait_terminal(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
         return wait_for(
@@ -189,7 +190,7 @@ class Stack:
         )
 
     def event_messages(self, job_id: str) -> list[str]:
-        return [event["message"] or "" for event in self.client.list_events(job_id)]
+        return [event.message or "" for event in self.client.list_events(job_id)]
 
     def worker_logs(self) -> str:
         return "\n".join(f"--- {w.log_path.name}\n{w.log()}" for w in self.workers)
