@@ -187,6 +187,15 @@ class Settings(BaseSettings):
         description="Submissions an API process lets wait for a validation process; beyond "
         "it POST /v1/jobs answers 503 with Retry-After instead of queueing without bound.",
     )
+    submission_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Threads an API process stores and dispatches validated submissions in. "
+        "A project's submissions take its row lock one at a time (the quota check), so more "
+        "threads only wait on it; kept apart from the threads everything else runs in, they "
+        "cannot fill those during a burst.",
+    )
     max_request_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
@@ -242,6 +251,54 @@ class Settings(BaseSettings):
         "REGISTERING or CANCELLING), its new submissions are refused with 429 (and "
         "Retry-After) until one ends; 0 (the default) means unlimited. It is checked at "
         "submission only: jobs already queued still start when a worker is free.",
+    )
+    max_webhooks_per_project: int = Field(
+        default=10,
+        ge=0,
+        description="The most webhook endpoints one project may register (POST /v1/webhooks); "
+        "each state change of its jobs is one delivery per endpoint.",
+    )
+    webhook_allow_private_addresses: bool = Field(
+        default=False,
+        description="Let webhooks reach private, loopback and other non-public addresses "
+        "(10/8, 172.16/12, 192.168/16, 127/8, fc00::/7, ...). Off by default, so a tenant "
+        "cannot make the service call into its own network (SSRF); turn it on for a receiver "
+        "on the same host or network, e.g. in `maskd demo` or tests. Link-local addresses "
+        "(169.254/16 with the cloud metadata service, fe80::/10), multicast and unspecified "
+        "addresses are refused even then.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="How long one webhook delivery may take (connect and answer) before the "
+        "attempt counts as failed.",
+    )
+    webhook_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=30,
+        description="Attempts per webhook delivery before it is logged as failed. Retries wait "
+        "webhook_retry_base_seconds, then twice as long each time, up to "
+        "webhook_retry_max_seconds (the defaults retry for about 40 minutes).",
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="The wait before a failed webhook delivery's first retry; doubled for "
+        "each further retry.",
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="The longest wait between two attempts of one webhook delivery.",
+    )
+    webhook_poll_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the webhook sender (beside the reconciler: `maskd serve`, "
+        "`maskd reconcile`, `maskd demo`) looks for deliveries that are due.",
     )
 
     @field_validator("log_level", mode="before")

@@ -8,6 +8,7 @@ request.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,19 +16,27 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.constants import REF_PREFIX, REF_TEMPLATE
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.body_limit import RequestBodyLimit
 from service.api.routes import api_router
 from service.api.routes.health import router as health_router
 from service.api.routes.metrics import router as metrics_router
-from service.api.schemas import FieldError, validation_error_body
+from service.api.schemas import ErrorOut, FieldError, error_responses, validation_error_body
 from service.config import Settings, get_settings
-from service.db import check_schema_current, make_autocommit_engine, make_engine, make_sessionmaker
+from service.db import (
+    AUTOCOMMIT_POOL_SIZE,
+    check_schema_current,
+    make_autocommit_engine,
+    make_engine,
+    make_sessionmaker,
+)
 from service.dispatch import Dispatcher, make_celery_app
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
-from service.store import JobStore
+from service.store import JobStore, open_job_reads
 from service.validation_pool import shared_validation_pool
 
 
@@ -49,11 +58,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store = store
             app.state.dispatcher = Dispatcher(celery_app, store)
             app.state.validations = shared_validation_pool(settings)
+            app.state.submissions = anyio.CapacityLimiter(settings.submission_threads)
+            app.state.reads = await open_job_reads(
+                settings.database_url, store, max_connections=AUTOCOMMIT_POOL_SIZE
+            )
             metrics.watch_database(engine)
+            # What exists now (modules, the app, the pools) lives as long as the process. Out
+            # of the collector's reach, it is not walked by every full collection, which
+            # otherwise took hundreds of milliseconds here: the reads' tail latency.
+            gc.freeze()
             try:
                 yield
             finally:
                 metrics.forget_database()
+                await app.state.reads.close()
                 celery_app.close()
         finally:
             autocommit.dispose()
@@ -64,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="MasKD distillation jobs as a service",
         version="1",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.metrics = metrics
     # Inside the metrics middleware, so refused bodies are counted too.
@@ -76,9 +95,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(metrics_router)
     app.include_router(api_router)
+    _document_body_errors(app)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route's handler name in camelCase (``submit_job`` → ``submitJob``): what a client
+    generated from /openapi.json names its methods, and what the OpenAPI links point at.
+
+    FastAPI's default also spells the path and method (``submit_job_v1_jobs_post``), names no
+    client should carry. Handler names are unique across routers, so these are too.
+    """
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def _document_body_errors(app: FastAPI) -> None:
+    """Document 400 (not readable as JSON) and 415 (not sent as JSON) on every operation that
+    reads a body, as this module's handlers send them for all: one place, new routes included.
+
+    Added to the generated document rather than to each route's ``responses``: FastAPI builds
+    included routes lazily, so they are not there to amend before the first request.
+    """
+    build_document = app.openapi
+    error_schema = {"$ref": f"{REF_PREFIX}{ErrorOut.__name__}"}
+
+    def document_with_body_errors() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build_document()  # FastAPI keeps it as app.openapi_schema: amended in place
+        document["components"]["schemas"].setdefault(
+            ErrorOut.__name__, ErrorOut.model_json_schema(ref_template=REF_TEMPLATE)
+        )
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                if "requestBody" not in operation:
+                    continue
+                for code, response in error_responses(400, 415).items():
+                    operation["responses"].setdefault(
+                        str(code),
+                        {
+                            "description": response["description"],
+                            "content": {"application/json": {"schema": error_schema}},
+                        },
+                    )
+        return document
+
+    app.openapi = document_with_body_errors  # type: ignore[method-assign]
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -89,6 +154,16 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     ``service.api.schemas.ValidationErrorOut``, which the OpenAPI document shows.
     """
     assert isinstance(exc, RequestValidationError)
+    if any(_unread_body(error) for error in exc.errors()):
+        sent = request.headers.get("content-type") or "no Content-Type"
+        detail = (
+            f"the request body was sent as {_printable(sent)}; send it as JSON with "
+            "`Content-Type: application/json` (`maskd jobs submit` turns a YAML spec into JSON)"
+        )
+        return JSONResponse(
+            status_code=status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            content=ErrorOut(detail=detail).model_dump(),
+        )
     problems = [_field_error(error) for error in exc.errors()]
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content=validation_error_body(problems)
@@ -109,6 +184,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(detail, str):
         detail = _printable(detail)
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unread_body(error: Any) -> bool:
+    """FastAPI hands a body it did not read as JSON (another or no ``Content-Type``) to the
+    model as raw bytes, which fail as "not a dictionary": a 422 that blames the spec for what
+    is the media type."""
+    return tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes)
 
 
 def _field_error(error: Any) -> FieldError:

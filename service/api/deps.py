@@ -4,13 +4,18 @@ Everything comes from ``app.state``, which ``service.main.create_app``'s lifespa
 process: routes never build engines, stores or Celery apps themselves. Those lookups are
 ``async def`` because FastAPI runs every plain ``def`` dependency in its thread pool, and a
 thread hop costs more than the lookup; only dependencies that block (the key check reads the
-database) stay plain functions.
+database) stay plain functions. The hot reads take the bare key (``ApiKeyDep``) instead of
+``CurrentProject`` and check it in their own round trip (``ReadsDep``), with the same answers
+(``caller``, ``refusing_ended_keys``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
+from anyio import CapacityLimiter
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
@@ -18,7 +23,7 @@ from sqlalchemy import Engine
 from service.config import Settings
 from service.dispatch import Dispatcher
 from service.metrics import ApiMetrics
-from service.store import ApiKeyRejected, JobStore, ProjectRecord
+from service.store import ApiKeyRejected, JobReads, JobStore, ProjectRecord
 from service.validation_pool import ValidationPool
 
 GET_A_KEY = (
@@ -58,6 +63,16 @@ async def _metrics(request: Request) -> ApiMetrics:
     return metrics
 
 
+async def _reads(request: Request) -> JobReads:
+    reads: JobReads = request.app.state.reads
+    return reads
+
+
+async def _submissions(request: Request) -> CapacityLimiter:
+    submissions: CapacityLimiter = request.app.state.submissions
+    return submissions
+
+
 async def _validations(request: Request) -> ValidationPool:
     validations: ValidationPool = request.app.state.validations
     return validations
@@ -69,25 +84,46 @@ StoreDep = Annotated[JobStore, Depends(_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
 ValidationsDep = Annotated[ValidationPool, Depends(_validations)]
+ReadsDep = Annotated[JobReads, Depends(_reads)]
+SubmissionThreadsDep = Annotated[CapacityLimiter, Depends(_submissions)]
 
 
-def _current_project(
-    store: StoreDep,
+async def _api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ProjectRecord:
-    """The project owning the request's API key; 401 (with how to get a key) otherwise.
-
-    A revoked or expired key is told so (it was once valid: its holder needs a new one), and
-    nothing else: not its project, nor anything about other keys.
-    """
+) -> str:
+    """The request's bearer key, unchecked (401 when there is none): for the reads that check
+    it in the same round trip as they read (``JobReads``)."""
     if credentials is None:
         raise _unauthorized(f"missing API key: {GET_A_KEY}")
+    return credentials.credentials
+
+
+ApiKeyDep = Annotated[str, Depends(_api_key)]
+
+
+def _current_project(store: StoreDep, key: ApiKeyDep) -> ProjectRecord:
+    """The project owning the request's API key; 401 (with how to get a key) otherwise."""
+    with refusing_ended_keys():
+        return caller(store.authenticate(key))
+
+
+@contextmanager
+def refusing_ended_keys() -> Iterator[None]:
+    """401 for a revoked or expired key (raised by a key check inside the block).
+
+    It is told so (it was once valid: its holder needs a new one), and nothing else: not its
+    project, nor anything about other keys.
+    """
     try:
-        project = store.authenticate(credentials.credentials)
+        yield
     except ApiKeyRejected as error:
         raise _unauthorized(
             f"{error}; it can no longer be used. Ask your administrator for a new key: {GET_A_KEY}"
         ) from error
+
+
+def caller(project: ProjectRecord | None) -> ProjectRecord:
+    """The project a key check found; 401 for an unknown, malformed or wrong key."""
     if project is None:
         raise _unauthorized(f"unknown API key: {GET_A_KEY}")
     return project

@@ -11,14 +11,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Result, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Result, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from maskd_core.spec import JobSpec
 from service.lifecycle import RUNNING, TERMINAL, JobState
-from service.models import Job, JobEvent, Project
+from service.models import Job, JobEvent, JobLabel, Project
 from service.store._base import StoreBase
+from service.store._outbox import enqueue_state_change
+from service.store._reads import JOB_WITH_TRANSITIONS, JobFilter, job_from_rows
 from service.store._records import (
     EVENT_TRANSITION,
     EventRecord,
@@ -28,25 +30,15 @@ from service.store._records import (
     JobQuotas,
     JobRecord,
     QuotaExceeded,
-    decode_cursor,
-    encode_cursor,
     event_record,
-    job_record,
     spec_fingerprint,
 )
 
 QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
 """The states that count against ``JobQuotas.max_running``: the job holds a worker."""
 
-_EVENT_PREFIX = "event_"
 _jobs, _events = cast(Table, Job.__table__), cast(Table, JobEvent.__table__)
-_JOB_WITH_TRANSITIONS = (
-    select(_jobs, *(column.label(_EVENT_PREFIX + column.name) for column in _events.c))
-    .outerjoin(_events, and_(_events.c.job_id == _jobs.c.id, _events.c.kind == EVENT_TRANSITION))
-    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.project_id == bindparam("project_id"))
-    .order_by(_events.c.id)
-)
-"""A job and its transitions in one statement; built once, as reads are the API's hot path."""
+_labels = cast(Table, JobLabel.__table__)
 
 
 _QUOTA_COUNTS = (
@@ -153,6 +145,25 @@ class JobsApiMixin(StoreBase):
                 event_id = session.execute(
                     insert(_events).returning(_events.c.id), submitted
                 ).scalar_one()
+                if spec.labels:
+                    labels = [
+                        {"job_id": job_id, "key": key, "value": value}
+                        for key, value in spec.labels.items()
+                    ]
+                    session.execute(insert(_labels), labels)
+                enqueue_state_change(
+                    session,
+                    project_id=project_id,
+                    job_id=job_id,
+                    job_name=spec.name,
+                    labels=spec.labels,
+                    event_id=event_id,
+                    from_state=None,
+                    to_state=JobState.QUEUED,
+                    failure_kind=None,
+                    message="job submitted",
+                    at=now,
+                )
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -200,14 +211,9 @@ class JobsApiMixin(StoreBase):
         """
         wanted = {"job_id": job_id, "project_id": project_id}
         rows = self._autocommit(
-            lambda connection: connection.execute(_JOB_WITH_TRANSITIONS, wanted).all()
+            lambda connection: connection.execute(JOB_WITH_TRANSITIONS, wanted).all()
         )
-        if not rows:
-            return None
-        transitions = tuple(
-            event_record(row, prefix=_EVENT_PREFIX) for row in rows if row.event_id is not None
-        )
-        return job_record(rows[0], transitions)
+        return job_from_rows(rows)
 
     def list_jobs(
         self,
@@ -219,40 +225,25 @@ class JobsApiMixin(StoreBase):
         created_before: datetime | None = None,
         cursor: str | None = None,
         limit: int = 20,
+        labels: Sequence[tuple[str, str]] = (),
     ) -> tuple[list[JobRecord], str | None]:
-        """One page of the project's jobs, newest first, and the cursor of the next page.
-
-        Filters are part of the SQL query, so a page is always full when enough jobs match
-        (unlike APIs that filter after limiting). ``name`` matches exactly; the time bounds
-        are exclusive. Raises ``InvalidCursor`` for a cursor this store did not produce.
-        One statement on the autocommit engine.
-        """
-        jobs = Job.__table__
-        query = select(jobs).where(jobs.c.project_id == project_id)
-        if states:
-            query = query.where(jobs.c.state.in_([state.value for state in states]))
-        if name is not None:
-            query = query.where(jobs.c.name == name)
-        if created_after is not None:
-            query = query.where(jobs.c.created_at > created_after)
-        if created_before is not None:
-            query = query.where(jobs.c.created_at < created_before)
-        if cursor is not None:
-            after_time, after_id = decode_cursor(cursor)
-            query = query.where(
-                or_(
-                    jobs.c.created_at < after_time,
-                    and_(jobs.c.created_at == after_time, jobs.c.id < after_id),
-                )
-            )
-        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
-        rows = self._autocommit(lambda connection: connection.execute(query).all())
-        records = [job_record(row, ()) for row in rows[:limit]]
-        next_cursor = None
-        if len(rows) > limit:
-            last = records[-1]
-            next_cursor = encode_cursor(last.created_at, last.id)
-        return records, next_cursor
+        """One page of the project's jobs, newest first, and the cursor of the next page
+        (``JobFilter`` says how the filters apply). Raises ``InvalidCursor`` for a cursor this
+        store did not produce. One statement on the autocommit engine."""
+        page = JobFilter(
+            states=tuple(states),
+            name=name,
+            created_after=created_after,
+            created_before=created_before,
+            labels=tuple(labels),
+            cursor=cursor,
+            limit=limit,
+        )
+        params = page.params(project_id)
+        statement = page.statement()
+        return page.page(
+            self._autocommit(lambda connection: connection.execute(statement, params).all())
+        )
 
     def request_cancel(self, project_id: str, job_id: str) -> JobRecord:
         """Ask for a job to stop.

@@ -1,7 +1,8 @@
 """Projects and API keys: who a request belongs to.
 
 Separate from the job queries because tenancy has its own concerns (create-if-missing races on
-the project name, constant-cost key checks) and touches no job rows.
+the project name, constant-cost key checks). The one job it reads is the API's hot read, which
+checks the key and reads the job in one statement (``service.store._reads``).
 """
 
 from __future__ import annotations
@@ -9,40 +10,28 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import bindparam, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
 from service import security
 from service.models import ApiKey, Project
 from service.store._base import StoreBase
+from service.store._reads import (
+    KEY_BY_PREFIX,
+    KEY_WITH_JOB,
+    JobFilter,
+    job_from_rows,
+    key_params,
+    project_for_key,
+)
 from service.store._records import (
-    ApiKeyExpired,
     ApiKeyNotFound,
     ApiKeyRecord,
-    ApiKeyRevoked,
+    JobRecord,
     ProjectRecord,
     api_key_record,
     project_record,
 )
-
-_keys, _projects = ApiKey.__table__, Project.__table__
-_KEY_BY_PREFIX = (
-    select(
-        _keys.c.prefix,
-        _keys.c.key_hash,
-        _keys.c.revoked_at,
-        _keys.c.expires_at,
-        _projects.c.id,
-        _projects.c.name,
-        _projects.c.created_at,
-    )
-    .join(_projects, _projects.c.id == _keys.c.project_id)
-    .where(_keys.c.prefix == bindparam("prefix"))
-)
-"""The key check's one statement, built once: every authenticated request runs it."""
-
-# Compared against when a key's prefix is unknown, so that case costs the same as a bad secret.
-_UNKNOWN_KEY_HASH = security.hash_api_key("mk_unknown_unknown")
 
 
 class ProjectsMixin(StoreBase):
@@ -96,25 +85,33 @@ class ProjectsMixin(StoreBase):
         """The project a key belongs to, or None for an unknown, malformed or wrong key.
 
         The key's row is read on every call, so a revocation counts from the next request.
-        A key whose secret matches but which was revoked or has expired raises
-        ``ApiKeyRevoked`` or ``ApiKeyExpired``. Every path compares one hash, so the time
-        taken does not tell an unknown prefix from a wrong secret.
+        A revoked or expired key raises ``ApiKeyRevoked`` or ``ApiKeyExpired``
+        (``project_for_key`` has the rules).
         """
-        prefix = security.key_prefix(key)
-        wanted = {"prefix": prefix or ""}
         row = self._autocommit(
-            lambda connection: connection.execute(_KEY_BY_PREFIX, wanted).one_or_none()
+            lambda connection: connection.execute(KEY_BY_PREFIX, key_params(key)).one_or_none()
         )
-        if row is None:
-            security.key_matches(key, _UNKNOWN_KEY_HASH)
-            return None
-        if not security.key_matches(key, row.key_hash):
-            return None
-        if row.revoked_at is not None:
-            raise ApiKeyRevoked(row.prefix, row.revoked_at)
-        if row.expires_at is not None and row.expires_at <= self._clock():
-            raise ApiKeyExpired(row.prefix, row.expires_at)
-        return ProjectRecord(id=row.id, name=row.name, created_at=row.created_at)
+        return project_for_key(key, row, self._clock())
+
+    def job_for_key(self, key: str, job_id: str) -> tuple[ProjectRecord | None, JobRecord | None]:
+        """``authenticate(key)`` and, for a valid key, its project's job ``job_id`` (None when
+        it is not that project's): one statement."""
+        params = {**key_params(key), "job_id": job_id}
+        rows = self._autocommit(lambda connection: connection.execute(KEY_WITH_JOB, params).all())
+        project = project_for_key(key, rows[0] if rows else None, self._clock())
+        return project, None if project is None else job_from_rows(rows)
+
+    def jobs_for_key(
+        self, key: str, page: JobFilter
+    ) -> tuple[ProjectRecord | None, list[JobRecord], str | None]:
+        """``authenticate(key)`` and, for a valid key, one page of its project's jobs and the
+        next page's cursor: one statement. Raises ``InvalidCursor`` for a foreign cursor."""
+        params, statement = page.params_for_key(key), page.statement_for_key()
+        rows = self._autocommit(lambda connection: connection.execute(statement, params).all())
+        project = project_for_key(key, rows[0] if rows else None, self._clock())
+        if project is None:
+            return None, [], None
+        return project, *page.page(rows)
 
     def list_api_keys(self, project_name: str | None = None) -> list[ApiKeyRecord]:
         """Every key (of ``project_name`` only, when given), oldest first; revoked and

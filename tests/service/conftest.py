@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from service_testkit import Api, FakeClock, open_api
+from service_testkit import Api, FakeClock, open_api, store_on_clock
 
 from service.config import Settings
-from service.db import make_engine, make_sessionmaker
 from service.store import JobStore
 
 
@@ -20,11 +19,8 @@ def clock() -> FakeClock:
 @pytest.fixture
 def clocked_store(database_url: str, clock: FakeClock) -> Iterator[JobStore]:
     """A store on ``database_url`` whose notion of "now" is ``clock``."""
-    engine = make_engine(database_url)
-    try:
-        yield JobStore(make_sessionmaker(engine), clock=clock)
-    finally:
-        engine.dispose()
+    with store_on_clock(database_url, clock) as store:
+        yield store
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from maskd_core.spec import JobSpec
 from service.client import MaskdClient
 from service.config import Settings
+from service.db import make_engine, make_sessionmaker
 from service.dispatch import embedded_queue_dir
 from service.lifecycle import JobState
 from service.main import create_app
@@ -36,6 +37,16 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+
+@contextmanager
+def store_on_clock(database_url: str, clock: FakeClock) -> Iterator[JobStore]:
+    """A store on ``database_url`` whose notion of "now" is ``clock``."""
+    engine = make_engine(database_url)
+    try:
+        yield JobStore(make_sessionmaker(engine), clock=clock)
+    finally:
+        engine.dispose()
 
 
 def spec_body(name: str = "tiny-seg", **overrides: Any) -> dict[str, Any]:

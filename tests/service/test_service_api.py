@@ -449,10 +449,10 @@ def test_unknown_paths_say_where_the_api_is(api: Api) -> None:
 def test_client_raises_api_errors_with_the_servers_reason(api: Api) -> None:
     client = MaskdClient(api.http, api.key)
     job = client.submit_job(make_spec("via-client"), idempotency_key="c-1")
-    assert client.get_job(job["id"])["name"] == "via-client"
-    assert client.list_jobs(name="via-client")["data"][0]["id"] == job["id"]
-    assert client.cancel_job(job["id"])["state"] == "CANCELLED"
-    assert client.wait(job["id"], timeout=5)["state"] == "CANCELLED"
+    assert client.get_job(job.id).name == "via-client"
+    assert client.list_jobs(name="via-client").data[0].id == job.id
+    assert client.cancel_job(job.id).state == "CANCELLED"
+    assert client.wait(job.id, timeout=5).state == "CANCELLED"
     with pytest.raises(ApiError, match="already finished") as error:
-        client.cancel_job(job["id"])
+        client.cancel_job(job.id)
     assert error.value.status_code == 409

@@ -1,8 +1,10 @@
 """``/v1/jobs``: submit, inspect, list, cancel and follow distillation jobs.
 
-Handlers that touch the database are plain ``def`` functions, so FastAPI runs them in its thread
-pool; that is also where spec validation (a CPU dry run of both models, a second or two) runs,
-keeping the event loop free. Another project's job is reported exactly like a missing one.
+The two hot reads (a job, a page of jobs) are ``async def`` over ``JobReads``, which checks the
+key and reads without leaving the event loop on PostgreSQL. The other handlers that touch the
+database are plain ``def`` functions, so FastAPI runs them in its thread pool; spec validation
+(a CPU dry run of both models) runs in the validation pool's processes. Another project's job is
+reported exactly like a missing one.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError as BrokerError
 
 from maskd_core.errors import SpecError
-from maskd_core.spec import JobSpec
+from maskd_core.spec import MAX_LABELS, JobSpec
 from service.api.deps import (
+    ApiKeyDep,
     CurrentProject,
     DispatcherDep,
     MetricsDep,
+    ReadsDep,
     SettingsDep,
     StoreDep,
+    SubmissionThreadsDep,
     ValidationsDep,
+    caller,
+    refusing_ended_keys,
 )
-from service.api.params import INT64_MAX, UtcTime
+from service.api.params import INT64_MAX, LabelFilter, UtcTime, split_label_filter
 from service.api.responses import ModelResponse
 from service.api.schemas import (
     ErrorOut,
@@ -42,6 +49,7 @@ from service.api.schemas import (
     error_responses,
 )
 from service.config import Settings
+from service.dispatch import Dispatcher
 from service.lifecycle import JobState
 from service.limits import limits_exceeded
 from service.logs import bind_job
@@ -51,6 +59,7 @@ from service.store import (
     IdempotencyConflict,
     InvalidCursor,
     JobAlreadyFinished,
+    JobFilter,
     JobNotFound,
     JobQuotas,
     JobRecord,
@@ -82,15 +91,15 @@ _JOB_LINKS = {
     # For clients and stateful API tests: what the job's id opens. (Not the event stream,
     # which stays open until the job ends.)
     "GetJob": {
-        "operationId": "get_job_v1_jobs__job_id__get",
+        "operationId": "getJob",
         "parameters": {"job_id": "$response.body#/id"},
     },
     "CancelJob": {
-        "operationId": "cancel_job_v1_jobs__job_id__cancel_post",
+        "operationId": "cancelJob",
         "parameters": {"job_id": "$response.body#/id"},
     },
     "ListEvents": {
-        "operationId": "list_events_v1_jobs__job_id__events_get",
+        "operationId": "listEvents",
         "parameters": {"job_id": "$response.body#/id"},
     },
 }
@@ -215,6 +224,7 @@ def _resolved_weights(
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
     responses={
         200: {
             "model": JobOut,
@@ -235,7 +245,7 @@ async def submit_job(
     settings: SettingsDep,
     metrics: MetricsDep,
     validations: ValidationsDep,
-    response: Response,
+    submission_threads: SubmissionThreadsDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -244,7 +254,7 @@ async def submit_job(
             description="Retry-safe submission: the same key and spec return the same job.",
         ),
     ] = None,
-) -> JobOut:
+) -> ModelResponse:
     """Validate the spec completely, store the job as QUEUED and send it to the workers.
 
     Nothing is stored when validation fails. If the broker is unreachable the job is still
@@ -255,8 +265,9 @@ async def submit_job(
     the transaction that stores the job. A replay of an existing job is never refused.
 
     The handler is ``async`` so that a submission waiting for its dry run (in the validation
-    pool) holds no thread of the pool the reads run in; its database and broker calls go to
-    threads. With the validation queue full the answer is 503 with ``Retry-After``.
+    pool) holds no thread; its database and broker calls go to threads, storing and sending
+    to a few of their own (``store_and_dispatch``). With the validation queue full the answer
+    is 503 with ``Retry-After``.
     """
     quotas = JobQuotas(
         max_queued=settings.max_queued_jobs_per_project,
@@ -266,7 +277,10 @@ async def submit_job(
         await anyio.to_thread.run_sync(store.check_quotas, project.id, quotas, idempotency_key)
         await validate_spec(spec, project.name, settings, validations, metrics)
         job, created = await anyio.to_thread.run_sync(
-            partial(store.create_job, project.id, spec, idempotency_key, quotas=quotas)
+            partial(
+                store_and_dispatch, store, dispatcher, project.id, spec, idempotency_key, quotas
+            ),
+            limiter=submission_threads,
         )
     except ValidationBusy as error:
         raise validation_busy(error) from error
@@ -275,25 +289,43 @@ async def submit_job(
     except QuotaExceeded as error:
         raise quota_exceeded(error) from error
     bind_job(job.id)
-    if not created:
-        response.status_code = status.HTTP_200_OK
-        return JobOut.from_record(job)
-    try:
-        await anyio.to_thread.run_sync(dispatcher.send_job, job.id)
-    except (BrokerError, OSError):
-        logger.exception("job %s stored but not dispatched; the reconciler will retry", job.id)
-        await anyio.to_thread.run_sync(
-            store.add_event,
-            job.id,
-            "broker unreachable at submission; the job will be dispatched when it is back",
-        )
-    return JobOut.from_record(job)
+    return ModelResponse(
+        JobOut.from_record(job),
+        status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+    )
+
+
+def store_and_dispatch(
+    store: JobStore,
+    dispatcher: Dispatcher,
+    project_id: str,
+    spec: JobSpec,
+    idempotency_key: str | None,
+    quotas: JobQuotas,
+) -> tuple[JobRecord, bool]:
+    """Store the job (``JobStore.create_job``) and, when it is new, send it to the workers:
+    one thread hop, in the submission threads (``Settings.submission_threads``).
+
+    An unreachable broker does not fail the submission: the job stays QUEUED, an event says
+    so, and the reconciler sends it once the broker is back.
+    """
+    job, created = store.create_job(project_id, spec, idempotency_key, quotas=quotas)
+    if created:
+        try:
+            dispatcher.send_job(job.id)
+        except (BrokerError, OSError):
+            logger.exception("job %s stored but not dispatched; the reconciler will retry", job.id)
+            store.add_event(
+                job.id,
+                "broker unreachable at submission; the job will be dispatched when it is back",
+            )
+    return job, created
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(
-    project: CurrentProject,
-    store: StoreDep,
+async def list_jobs(
+    key: ApiKeyDep,
+    reads: ReadsDep,
     state: Annotated[
         list[JobState] | None, Query(description="Only jobs in these states (repeatable).")
     ] = None,
@@ -308,18 +340,29 @@ def list_jobs(
     cursor: Annotated[
         str | None, Query(description="The `next_cursor` of the previous page.")
     ] = None,
+    label: Annotated[
+        list[LabelFilter] | None,
+        Query(
+            max_length=MAX_LABELS,
+            description="Only jobs with this label, written key=value, e.g. team=vision "
+            "(repeatable: a job must have every one).",
+        ),
+    ] = None,
 ) -> ModelResponse:
     """The project's jobs, newest first. Filters apply before the page is cut."""
+    page = JobFilter(
+        states=tuple(state or ()),
+        name=name,
+        created_after=_as_utc(created_after),
+        created_before=_as_utc(created_before),
+        labels=tuple(split_label_filter(text) for text in label or ()),
+        cursor=cursor,
+        limit=limit,
+    )
     try:
-        jobs, next_cursor = store.list_jobs(
-            project.id,
-            states=state or (),
-            name=name,
-            created_after=_as_utc(created_after),
-            created_before=_as_utc(created_before),
-            cursor=cursor,
-            limit=limit,
-        )
+        with refusing_ended_keys():
+            project, jobs, next_cursor = await reads.jobs(key, page)
+        caller(project)
     except InvalidCursor as error:
         raise RequestValidationError(
             [{"loc": ["query", "cursor"], "msg": str(error), "type": "invalid_cursor"}]
@@ -330,9 +373,11 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: str, project: CurrentProject, store: StoreDep) -> ModelResponse:
+async def get_job(job_id: str, key: ApiKeyDep, reads: ReadsDep) -> ModelResponse:
     """The job's spec, state, progress, metrics, transitions, failure reason and outputs."""
-    job = store.get_job(project.id, job_id)
+    with refusing_ended_keys():
+        project, job = await reads.job(key, job_id)
+    caller(project)
     if job is None:
         raise job_not_found(job_id)
     return ModelResponse(JobOut.from_record(job))
