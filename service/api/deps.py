@@ -11,9 +11,9 @@ database) stay plain functions. The hot reads take the bare key (``ApiKeyDep``) 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar, cast
 
 from anyio import CapacityLimiter
 from fastapi import Depends, HTTPException, Request, status
@@ -25,6 +25,8 @@ from service.dispatch import Dispatcher
 from service.metrics import ApiMetrics
 from service.store import ApiKeyRejected, JobReads, JobStore, ProjectRecord
 from service.validation_pool import ValidationPool
+
+T = TypeVar("T")
 
 GET_A_KEY = (
     "create one with `maskd admin create-key --project NAME` and send it as "
@@ -38,54 +40,26 @@ _bearer = HTTPBearer(
 )
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _app_state(name: str, kind: type[T]) -> Callable[[Request], Awaitable[T]]:
+    """A dependency answering ``app.state.<name>``, the ``kind`` the lifespan put there."""
+
+    async def lookup(request: Request) -> T:
+        return cast(T, getattr(request.app.state, name))
+
+    lookup.__name__ = f"app_state_{name}"
+    return lookup
 
 
-async def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
-async def _store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.store
-    return store
-
-
-async def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-async def _metrics(request: Request) -> ApiMetrics:
-    metrics: ApiMetrics = request.app.state.metrics
-    return metrics
-
-
-async def _reads(request: Request) -> JobReads:
-    reads: JobReads = request.app.state.reads
-    return reads
-
-
-async def _submissions(request: Request) -> CapacityLimiter:
-    submissions: CapacityLimiter = request.app.state.submissions
-    return submissions
-
-
-async def _validations(request: Request) -> ValidationPool:
-    validations: ValidationPool = request.app.state.validations
-    return validations
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-EngineDep = Annotated[Engine, Depends(_engine)]
-StoreDep = Annotated[JobStore, Depends(_store)]
-DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
-MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
-ValidationsDep = Annotated[ValidationPool, Depends(_validations)]
-ReadsDep = Annotated[JobReads, Depends(_reads)]
-SubmissionThreadsDep = Annotated[CapacityLimiter, Depends(_submissions)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings", Settings))]
+EngineDep = Annotated[Engine, Depends(_app_state("engine", Engine))]
+StoreDep = Annotated[JobStore, Depends(_app_state("store", JobStore))]
+DispatcherDep = Annotated[Dispatcher, Depends(_app_state("dispatcher", Dispatcher))]
+MetricsDep = Annotated[ApiMetrics, Depends(_app_state("metrics", ApiMetrics))]
+ValidationsDep = Annotated[ValidationPool, Depends(_app_state("validations", ValidationPool))]
+ReadsDep = Annotated[JobReads, Depends(_app_state("reads", JobReads))]
+SubmissionThreadsDep = Annotated[
+    CapacityLimiter, Depends(_app_state("submissions", CapacityLimiter))
+]
 
 
 async def _api_key(
