@@ -86,9 +86,7 @@ def run_tracked_comparison(root: Path, tracking_uri: str) -> str:
 
     from maskd_core.runner import run_job, train_teacher
     from maskd_core.spec import JobSpec
-    from service.mlflow_names import experiment_name
-    from workers.mlflow_tracker import MlflowTracker
-    from workers.token_reuse import stage1_fingerprint
+    from workers.tracking import job_tracker
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     teacher = root / "teacher.pt"
@@ -96,14 +94,12 @@ def run_tracked_comparison(root: Path, tracking_uri: str) -> str:
     if not teacher.is_file():
         metrics = train_teacher(spec, teacher, TEACHER_STEPS)
         print(f"teacher trained: miou {metrics['teacher_miou']:.3f}", flush=True)
-    tracker = MlflowTracker(
+    tracker = job_tracker(
         tracking_uri,
-        experiment=experiment_name(PROJECT),
-        job_id="compare-methods",
-        project=PROJECT,
-        spec=spec,
-        fingerprint=stage1_fingerprint(spec),
-        artifact_root=root / "mlartifacts",
+        PROJECT,
+        "compare-methods",
+        spec,
+        root / "mlartifacts",
         system_metrics_interval_seconds=2.0,
     )
     result = run_job(spec, root / "job", callbacks=[tracker])

@@ -25,12 +25,10 @@ from maskd_core.spec import JobSpec
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.lifecycle import FailureKind, JobState
-from service.mlflow_names import experiment_name
 from service.store import JobStore, ProjectRecord
 from workers.mlflow_tracker import MlflowTracker
 from workers.run_closer import close_runs_of_ended_jobs, close_runs_of_job
-from workers.token_reuse import stage1_fingerprint
-from workers.tracking import tracked_attempt
+from workers.tracking import job_tracker, tracked_attempt
 
 # A real MLflow store (its schema takes seconds to create) behind every test.
 pytestmark = pytest.mark.slow
@@ -56,14 +54,12 @@ class Jobs:
         return job.id
 
     def tracker(self, job_id: str) -> MlflowTracker:
-        return MlflowTracker(
+        return job_tracker(
             self.tracking_uri,
-            experiment=experiment_name(self.project.name),
-            job_id=job_id,
-            project=self.project.name,
-            spec=SPEC,
-            fingerprint=stage1_fingerprint(SPEC),
-            artifact_root=self.settings.mlflow_artifacts_dir,
+            self.project.name,
+            job_id,
+            SPEC,
+            self.settings.mlflow_artifacts_dir,
         )
 
     def statuses(self, run_ids: list[str]) -> list[str]:

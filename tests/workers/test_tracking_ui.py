@@ -29,10 +29,9 @@ from service.mlflow_names import (
     EXPERIMENT_KIND_TAG,
     PROJECT_TAG,
     TRAINING_EXPERIMENT_KIND,
-    experiment_name,
 )
 from workers.mlflow_tracker import MlflowTracker, get_or_create_experiment
-from workers.token_reuse import stage1_fingerprint
+from workers.tracking import job_tracker
 
 torch.set_num_threads(1)
 
@@ -81,15 +80,8 @@ def comparison(tmp_path_factory: pytest.TempPathFactory) -> ComparisonRuns:
     spec = JobSpec.model_validate(body)
     teacher = build_model(spec.teacher.model_copy(update={"weights": None}), 5)
     torch.save(teacher.state_dict(), root / "teacher.pt")
-    tracker = MlflowTracker(
-        uri,
-        experiment=experiment_name(PROJECT),
-        job_id="job-ui",
-        project=PROJECT,
-        spec=spec,
-        fingerprint=stage1_fingerprint(spec),
-        artifact_root=root / "mlartifacts",
-        system_metrics_interval_seconds=0.05,
+    tracker = job_tracker(
+        uri, PROJECT, "job-ui", spec, root / "mlartifacts", system_metrics_interval_seconds=0.05
     )
     result = run_job(spec, root / "job", callbacks=[tracker])
     tracker.finish()
