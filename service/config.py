@@ -187,15 +187,6 @@ class Settings(BaseSettings):
         description="Submissions an API process lets wait for a validation process; beyond "
         "it POST /v1/jobs answers 503 with Retry-After instead of queueing without bound.",
     )
-    submission_threads: int = Field(
-        default=4,
-        ge=1,
-        le=64,
-        description="Threads an API process stores and dispatches validated submissions in. "
-        "A project's submissions take its row lock one at a time (the quota check), so more "
-        "threads only wait on it; kept apart from the threads everything else runs in, they "
-        "cannot fill those during a burst.",
-    )
     max_request_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,

@@ -8,10 +8,12 @@ store's lease makes a duplicate harmless, and the reconciler re-sends what was l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
 
 from service.broker_queue import JOB_ID_HEADER, waiting_job_ids
 from service.config import Settings
@@ -109,6 +111,16 @@ def make_celery_app(settings: Settings, name: str = "maskd") -> Celery:
     return app
 
 
+class NotDispatched(Exception):  # noqa: N818 - reads as the condition it reports
+    """The broker refused a message: ``job_ids`` stay QUEUED and undispatched, for the
+    reconciler to send once the broker is back."""
+
+    def __init__(self, job_ids: list[str], cause: BrokerError | OSError) -> None:
+        super().__init__(f"{len(job_ids)} job(s) not dispatched: {cause}")
+        self.job_ids = job_ids
+        self.cause = cause
+
+
 class Dispatcher:
     """Sends jobs to the workers and records when, for the reconciler's redispatch clock."""
 
@@ -119,10 +131,26 @@ class Dispatcher:
     def send_job(self, job_id: str) -> None:
         """Publish one ``maskd.run_job`` message. Raises the broker's error when it is down;
         the job then stays QUEUED and undispatched, and the reconciler sends it later."""
-        self._celery.send_task(
-            RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, headers={JOB_ID_HEADER: job_id}
-        )
-        self._store.mark_dispatched(job_id)
+        try:
+            self.send_jobs([job_id])
+        except NotDispatched as error:
+            raise error.cause from error
+
+    def send_jobs(self, job_ids: Sequence[str]) -> None:
+        """Publish a message per job, then stamp those sent in one statement. Raises
+        ``NotDispatched`` naming the jobs left unsent when the broker refuses one (the rest
+        are not tried: a broker that is down stays down for the next)."""
+        sent: list[str] = []
+        try:
+            for job_id in job_ids:
+                self._celery.send_task(
+                    RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, headers={JOB_ID_HEADER: job_id}
+                )
+                sent.append(job_id)
+        except (BrokerError, OSError) as error:
+            raise NotDispatched(list(job_ids[len(sent) :]), error) from error
+        finally:
+            self._store.mark_dispatched(sent)
 
     def waiting_job_ids(self) -> frozenset[str] | None:
         """Jobs whose message the broker still holds (see ``service.broker_queue``)."""

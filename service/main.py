@@ -36,7 +36,8 @@ from service.db import (
 )
 from service.dispatch import Dispatcher, make_celery_app
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
-from service.store import JobStore, open_job_reads
+from service.store import JobQuotas, JobStore, open_job_reads
+from service.submissions import SubmissionWriter
 from service.validation_pool import shared_validation_pool
 
 
@@ -56,9 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.settings = settings
             app.state.engine = engine
             app.state.store = store
-            app.state.dispatcher = Dispatcher(celery_app, store)
+            app.state.dispatcher = dispatcher = Dispatcher(celery_app, store)
             app.state.validations = shared_validation_pool(settings)
-            app.state.submissions = anyio.CapacityLimiter(settings.submission_threads)
+            quotas = JobQuotas(
+                max_queued=settings.max_queued_jobs_per_project,
+                max_running=settings.max_running_jobs_per_project,
+            )
+            app.state.submissions = SubmissionWriter(store, dispatcher, quotas)
             app.state.reads = await open_job_reads(
                 settings.database_url, store, max_connections=AUTOCOMMIT_POOL_SIZE
             )

@@ -197,3 +197,12 @@ def _check_tokens_fit(uri: str, version: ModelVersion, spec: JobSpec) -> None:
                 "learn tokens",
                 field=TOKENS_FIELD,
             )
+
+
+def names_registered_models(spec: JobSpec) -> bool:
+    """Whether ``resolve_registry_weights`` has anything to look up: a ``models:/`` weight or
+    ``stage1.from_model``. Without one it returns the spec as it is, and the API skips it."""
+    weights = [model.weights or "" for model in (spec.teacher, spec.student) if model is not None]
+    return spec.stage1.from_model is not None or any(
+        weight.startswith(MODELS_SCHEME) for weight in weights
+    )

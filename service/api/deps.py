@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, TypeVar, cast
 
-from anyio import CapacityLimiter
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
@@ -24,6 +23,7 @@ from service.config import Settings
 from service.dispatch import Dispatcher
 from service.metrics import ApiMetrics
 from service.store import ApiKeyRejected, JobReads, JobStore, ProjectRecord
+from service.submissions import SubmissionWriter
 from service.validation_pool import ValidationPool
 
 T = TypeVar("T")
@@ -57,9 +57,7 @@ DispatcherDep = Annotated[Dispatcher, Depends(_app_state("dispatcher", Dispatche
 MetricsDep = Annotated[ApiMetrics, Depends(_app_state("metrics", ApiMetrics))]
 ValidationsDep = Annotated[ValidationPool, Depends(_app_state("validations", ValidationPool))]
 ReadsDep = Annotated[JobReads, Depends(_app_state("reads", JobReads))]
-SubmissionThreadsDep = Annotated[
-    CapacityLimiter, Depends(_app_state("submissions", CapacityLimiter))
-]
+SubmissionsDep = Annotated[SubmissionWriter, Depends(_app_state("submissions", SubmissionWriter))]
 
 
 async def _api_key(

@@ -27,7 +27,7 @@ page of jobs) are statements in ``_reads``, which the store runs through SQLAlch
 from __future__ import annotations
 
 from service.store._async_reads import JobReads, open_job_reads
-from service.store._jobs_api import QUOTA_RUNNING_STATES, JobsApiMixin
+from service.store._jobs_api import JobsApiMixin
 from service.store._outbox import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,
@@ -35,7 +35,7 @@ from service.store._outbox import (
     EVENT_STATE_CHANGED,
 )
 from service.store._projects import ProjectsMixin
-from service.store._reads import JobFilter
+from service.store._reads import QUOTA_RUNNING_STATES, JobFilter
 from service.store._reconciler import ReconcilerMixin
 from service.store._records import (
     CLAIM_EVENT_PREFIX,
@@ -54,9 +54,11 @@ from service.store._records import (
     JobNotFound,
     JobQuotas,
     JobRecord,
+    NewJob,
     ProjectRecord,
     QuotaExceeded,
     StoreError,
+    SubmissionOutcome,
     decode_cursor,
     encode_cursor,
     spec_fingerprint,
@@ -101,9 +103,11 @@ __all__ = [
     "JobReads",
     "JobRecord",
     "JobStore",
+    "NewJob",
     "ProjectRecord",
     "QuotaExceeded",
     "StoreError",
+    "SubmissionOutcome",
     "WebhookLimitReached",
     "WebhookNotFound",
     "WebhookRecord",

@@ -1,4 +1,5 @@
-"""The API's hot reads from the event loop: a job and a page of jobs, each with its key check.
+"""The API's hot reads from the event loop: a job and a page of jobs, each with its key check,
+and a submission's key and quota check.
 
 A read on the synchronous store costs two thread hops (FastAPI runs plain ``def`` handlers and
 dependencies in its thread pool) and, per statement, SQLAlchemy's execution machinery, which
@@ -12,8 +13,8 @@ and the row readers of ``service.store._reads`` and changes only how they run:
   statements on the synchronous store, in one thread hop.
 
 Either way a read is one statement, the key check included (``KEY_WITH_JOB``,
-``JobFilter.statement_for_key``): the key is still read on every request, so a revocation
-counts from the very next one.
+``JobFilter.statement_for_key``, ``KEY_WITH_QUOTA_USE``): the key is still read on every
+request, so a revocation counts from the very next one.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from sqlalchemy.engine import make_url
 
 from service.store._reads import (
     KEY_WITH_JOB,
+    KEY_WITH_QUOTA_USE,
     JobFilter,
     job_from_rows,
     key_params,
     project_for_key,
+    submitter_for_key,
 )
-from service.store._records import JobRecord, ProjectRecord, utcnow
+from service.store._records import JobQuotas, JobRecord, ProjectRecord, utcnow
 
 if TYPE_CHECKING:
     from service.store import JobStore
@@ -62,6 +65,14 @@ class JobReads(Protocol):
         ``InvalidCursor`` for a cursor the store did not produce."""
         ...
 
+    async def submitter(
+        self, key: str, idempotency_key: str | None, quotas: JobQuotas
+    ) -> ProjectRecord | None:
+        """The key's project, checked before a submission is validated: raises
+        ``QuotaExceeded`` when the project may not take one more job now (unless
+        ``idempotency_key`` already made one of its jobs)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -84,6 +95,14 @@ class ThreadedJobReads:
         found: tuple[ProjectRecord | None, list[JobRecord], str | None]
         found = await anyio.to_thread.run_sync(self._store.jobs_for_key, key, page)
         return found
+
+    async def submitter(
+        self, key: str, idempotency_key: str | None, quotas: JobQuotas
+    ) -> ProjectRecord | None:
+        project: ProjectRecord | None = await anyio.to_thread.run_sync(
+            self._store.submitter_for_key, key, idempotency_key, quotas
+        )
+        return project
 
     async def close(self) -> None:
         """The store's engines belong to the app, which disposes of them."""
@@ -118,14 +137,17 @@ class PostgresJobReads:
     ) -> None:
         self._clock = clock
         url = make_url(database_url).set(drivername="postgresql")
+        # Every connection opened at start: one opened during a burst of submissions cost the
+        # event loop milliseconds (and PostgreSQL a new backend) just when it had none to spare.
         self._pool = AsyncConnectionPool(
             url.render_as_string(hide_password=False),
-            min_size=1,
+            min_size=max_connections,
             max_size=max_connections,
             kwargs={"autocommit": True, "options": "-c TimeZone=UTC"},
             open=False,
         )
         self._key_with_job = _Compiled(KEY_WITH_JOB)
+        self._key_with_quota_use = _Compiled(KEY_WITH_QUOTA_USE)
         self._pages: dict[Hashable, _Compiled] = {}
 
     async def open(self) -> None:
@@ -139,6 +161,15 @@ class PostgresJobReads:
         rows = await self._fetch(self._key_with_job.sql, params)
         project = project_for_key(key, rows[0] if rows else None, self._clock())
         return project, None if project is None else job_from_rows(rows)
+
+    async def submitter(
+        self, key: str, idempotency_key: str | None, quotas: JobQuotas
+    ) -> ProjectRecord | None:
+        given = {**key_params(key), "idempotency_key": idempotency_key}
+        rows = await self._fetch(
+            self._key_with_quota_use.sql, self._key_with_quota_use.params(given)
+        )
+        return submitter_for_key(key, rows[0] if rows else None, self._clock(), quotas)
 
     async def jobs(
         self, key: str, page: JobFilter

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Result, Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,8 +20,14 @@ from maskd_core.spec import JobSpec
 from service.lifecycle import RUNNING, TERMINAL, JobState
 from service.models import Job, JobEvent, JobLabel, Project
 from service.store._base import StoreBase
-from service.store._outbox import enqueue_state_change
-from service.store._reads import JOB_WITH_TRANSITIONS, JobFilter, job_from_rows
+from service.store._outbox import insert_deliveries, project_endpoints, state_change_deliveries
+from service.store._reads import (
+    JOB_WITH_TRANSITIONS,
+    QUOTA_COUNTS,
+    JobFilter,
+    job_from_rows,
+    quota_use,
+)
 from service.store._records import (
     EVENT_TRANSITION,
     EventRecord,
@@ -29,86 +36,58 @@ from service.store._records import (
     JobNotFound,
     JobQuotas,
     JobRecord,
+    NewJob,
     QuotaExceeded,
+    StoredJob,
+    SubmissionOutcome,
     event_record,
     spec_fingerprint,
 )
 
-QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
-"""The states that count against ``JobQuotas.max_running``: the job holds a worker."""
-
 _jobs, _events = cast(Table, Job.__table__), cast(Table, JobEvent.__table__)
 _labels = cast(Table, JobLabel.__table__)
+_projects = cast(Table, Project.__table__)
 
-
-_QUOTA_COUNTS = (
-    select(_jobs.c.state, func.count())
-    .where(
-        _jobs.c.project_id == bindparam("project_id"),
-        _jobs.c.state.in_([state.value for state in (JobState.QUEUED, *QUOTA_RUNNING_STATES)]),
-    )
-    .group_by(_jobs.c.state)
+_LOCK_PROJECT = (
+    select(_projects.c.id)
+    .where(_projects.c.id == bindparam("project_id"))
+    .with_for_update(key_share=True)
 )
-"""The project's jobs per state that count against its quotas."""
+"""The project's row lock that serialises its submissions' quota checks."""
 _STAMP_DISPATCHED = (
     update(_jobs)
-    .where(_jobs.c.id == bindparam("job_id"))
+    .where(_jobs.c.id.in_(bindparam("job_ids", expanding=True)))
     .values(dispatched_at=bindparam("dispatched_at"))
 )
+SUBMITTED = "job submitted"
 
 
-def _counts(rows: Result[str, int]) -> dict[str, int]:
-    return {state: count for state, count in rows}
+def _replay(earlier: JobRecord, key: str, fingerprint: str) -> SubmissionOutcome:
+    """``earlier`` again when the spec is the same; an ``IdempotencyConflict`` when not."""
+    if spec_fingerprint(earlier.spec) != fingerprint:
+        return IdempotencyConflict(key, earlier.id)
+    return earlier, False
 
 
-def _refuse_over_quota(counts: dict[str, int], quotas: JobQuotas) -> None:
-    """Raise ``QuotaExceeded`` when one more job would go over ``quotas``, given the
-    project's ``_QUOTA_COUNTS``."""
-    queued = counts.get(JobState.QUEUED.value, 0)
-    running = sum(counts.get(state.value, 0) for state in QUOTA_RUNNING_STATES)
-    if quotas.max_queued > 0 and queued >= quotas.max_queued:
-        raise QuotaExceeded("queued_jobs", quotas.max_queued, queued)
-    if quotas.max_running > 0 and running >= quotas.max_running:
-        raise QuotaExceeded("running_jobs", quotas.max_running, running)
+@dataclass
+class _NewRow:
+    """A submission ``create_jobs`` stores: where it was in the batch, and its new job."""
 
+    index: int
+    job_id: str
+    new_job: NewJob
+    fingerprint: str
+    event_id: int = 0
 
-class JobsApiMixin(StoreBase):
-    """``JobStore``'s methods for the HTTP API."""
-
-    def create_job(
-        self,
-        project_id: str,
-        spec: JobSpec,
-        idempotency_key: str | None = None,
-        *,
-        quotas: JobQuotas | None = None,
-    ) -> tuple[JobRecord, bool]:
-        """Store a new QUEUED job; returns ``(job, created)``.
-
-        With an ``idempotency_key`` already used in this project, the earlier job is returned
-        (``created`` False) when the spec is the same, and ``IdempotencyConflict`` is raised
-        when it differs. The caller dispatches only when ``created`` is True.
-
-        With ``quotas``, a new job that would go over them raises ``QuotaExceeded`` and
-        nothing is stored; a replay is never refused. The count and the insert happen in one
-        transaction holding the project's row lock (``SELECT ... FOR NO KEY UPDATE`` on
-        PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers), so concurrent
-        submissions cannot all slip under the quota.
-        """
-        fingerprint = spec_fingerprint(spec)
-        if idempotency_key is not None:
-            earlier = self._job_by_idempotency_key(project_id, idempotency_key)
-            if earlier is not None:
-                return self._replay(earlier, idempotency_key, fingerprint), False
-        now = self._clock()
-        job_id = str(uuid.uuid4())
-        row = {
-            "id": job_id,
+    def job_row(self, project_id: str, now: datetime) -> dict[str, object]:
+        spec = self.new_job.spec
+        return {
+            "id": self.job_id,
             "project_id": project_id,
             "name": spec.name,
             "spec": spec.model_dump(mode="json"),
-            "spec_hash": fingerprint,
-            "idempotency_key": idempotency_key,
+            "spec_hash": self.fingerprint,
+            "idempotency_key": self.new_job.idempotency_key,
             "state": JobState.QUEUED.value,
             "stage": None,
             "progress": {},
@@ -125,67 +104,33 @@ class JobsApiMixin(StoreBase):
             "started_at": None,
             "finished_at": None,
         }
-        submitted = {
-            "job_id": job_id,
+
+    def event_row(self, now: datetime) -> dict[str, object]:
+        return {
+            "job_id": self.job_id,
             "kind": EVENT_TRANSITION,
             "from_state": None,
             "to_state": JobState.QUEUED.value,
-            "message": "job submitted",
+            "message": SUBMITTED,
             "created_at": now,
         }
-        try:
-            # Core statements, not the ORM's unit of work: submissions come in bursts and
-            # this transaction holds the project's lock, so it is kept to its statements.
-            with self._sessions.begin() as session:
-                if quotas is not None and quotas.enabled:
-                    earlier = self._check_quotas(session, project_id, quotas, idempotency_key)
-                    if earlier is not None:
-                        return self._replay(earlier, idempotency_key or "", fingerprint), False
-                session.execute(insert(_jobs), row)
-                event_id = session.execute(
-                    insert(_events).returning(_events.c.id), submitted
-                ).scalar_one()
-                if spec.labels:
-                    labels = [
-                        {"job_id": job_id, "key": key, "value": value}
-                        for key, value in spec.labels.items()
-                    ]
-                    session.execute(insert(_labels), labels)
-                enqueue_state_change(
-                    session,
-                    project_id=project_id,
-                    job_id=job_id,
-                    job_name=spec.name,
-                    labels=spec.labels,
-                    event_id=event_id,
-                    from_state=None,
-                    to_state=JobState.QUEUED,
-                    failure_kind=None,
-                    message="job submitted",
-                    at=now,
-                )
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            # A concurrent request with the same key won the insert.
-            earlier = self._job_by_idempotency_key(project_id, idempotency_key)
-            if earlier is None:
-                raise
-            return self._replay(earlier, idempotency_key, fingerprint), False
-        event = EventRecord(
-            id=event_id,
-            job_id=job_id,
+
+    def record(self, project_id: str, now: datetime) -> JobRecord:
+        """The stored job as a read would return it."""
+        submitted = EventRecord(
+            id=self.event_id,
+            job_id=self.job_id,
             kind=EVENT_TRANSITION,
             from_state=None,
             to_state=JobState.QUEUED,
-            message="job submitted",
+            message=SUBMITTED,
             created_at=now,
         )
         return JobRecord(
-            id=job_id,
+            id=self.job_id,
             project_id=project_id,
-            name=spec.name,
-            spec=spec,
+            name=self.new_job.spec.name,
+            spec=self.new_job.spec,
             state=JobState.QUEUED,
             stage=None,
             progress={},
@@ -201,8 +146,144 @@ class JobsApiMixin(StoreBase):
             updated_at=now,
             started_at=None,
             finished_at=None,
-            transitions=(event,),
-        ), True
+            transitions=(submitted,),
+        )
+
+
+class JobsApiMixin(StoreBase):
+    """``JobStore``'s methods for the HTTP API."""
+
+    def create_job(
+        self,
+        project_id: str,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        *,
+        quotas: JobQuotas | None = None,
+    ) -> StoredJob:
+        """Store a new QUEUED job; returns ``(job, created)``. ``create_jobs`` for one job,
+        raising its refusal (``IdempotencyConflict``, ``QuotaExceeded``)."""
+        (outcome,) = self.create_jobs(project_id, [NewJob(spec, idempotency_key)], quotas=quotas)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def create_jobs(
+        self, project_id: str, new_jobs: Sequence[NewJob], *, quotas: JobQuotas | None = None
+    ) -> list[SubmissionOutcome]:
+        """Store a project's submissions as QUEUED jobs in one transaction; one outcome each,
+        in order. The API stores whatever arrived while it wrote the previous batch together,
+        so a burst pays for one lock, one count and one insert per table instead of one each.
+
+        A submission whose ``idempotency_key`` already made a job of the project (earlier, or
+        earlier in ``new_jobs``) is a replay: that job with ``created`` False when the spec is
+        the same, ``IdempotencyConflict`` when it differs. The caller dispatches only what was
+        created.
+
+        With ``quotas``, a submission that would go over them is refused (``QuotaExceeded``)
+        and the others are stored; a replay is never refused. The count and the inserts happen
+        in one transaction holding the project's row lock (``SELECT ... FOR NO KEY UPDATE`` on
+        PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers), so concurrent
+        submissions cannot all slip under the quota.
+        """
+        try:
+            return self._insert_jobs(project_id, new_jobs, quotas)
+        except IntegrityError:
+            if not any(new_job.idempotency_key for new_job in new_jobs):
+                raise
+        # A concurrent request (another API process) stored one of these keys first: the
+        # rolled-back batch goes again, and now finds that job as a replay.
+        return self._insert_jobs(project_id, new_jobs, quotas)
+
+    def _insert_jobs(
+        self, project_id: str, new_jobs: Sequence[NewJob], quotas: JobQuotas | None
+    ) -> list[SubmissionOutcome]:
+        keys = {new_job.idempotency_key for new_job in new_jobs} - {None}
+        earlier = self._jobs_by_idempotency_keys(project_id, keys)
+        now = self._clock()
+        outcomes: list[SubmissionOutcome | None] = [None] * len(new_jobs)
+        batch: list[_NewRow] = []
+        made: dict[str, _NewRow] = {}
+        # Core statements, not the ORM's unit of work: this transaction holds the project's
+        # lock, so it is kept to a few statements whatever the batch's size.
+        with self._sessions.begin() as session:
+            queued = running = 0
+            if quotas is not None and quotas.enabled:
+                session.execute(_LOCK_PROJECT, {"project_id": project_id})
+                # Keys stored by a concurrent submission while this one waited for the lock.
+                earlier |= self._jobs_by_idempotency_keys(project_id, keys - set(earlier), session)
+                queued, running = quota_use(
+                    session.execute(QUOTA_COUNTS, {"project_id": project_id}).all()
+                )
+            for index, new_job in enumerate(new_jobs):
+                key = new_job.idempotency_key
+                fingerprint = spec_fingerprint(new_job.spec)
+                if key is not None and key in earlier:
+                    outcomes[index] = _replay(earlier[key], key, fingerprint)
+                    continue
+                if key is not None and key in made:
+                    if made[key].fingerprint != fingerprint:
+                        outcomes[index] = IdempotencyConflict(key, made[key].job_id)
+                    continue
+                if quotas is not None and quotas.enabled:
+                    try:
+                        quotas.refuse_one_more(queued, running)
+                    except QuotaExceeded as refused:
+                        outcomes[index] = refused
+                        continue
+                    queued += 1
+                row = _NewRow(index, str(uuid.uuid4()), new_job, fingerprint)
+                batch.append(row)
+                if key is not None:
+                    made[key] = row
+            if batch:
+                self._insert_rows(session, project_id, batch, now)
+        records = {row.job_id: row.record(project_id, now) for row in batch}
+        for row in batch:
+            outcomes[row.index] = (records[row.job_id], True)
+        for index, new_job in enumerate(new_jobs):
+            if outcomes[index] is None:
+                # A repeat of a key this batch stored: that job, as a replay.
+                key = new_job.idempotency_key
+                assert key is not None
+                outcomes[index] = (records[made[key].job_id], False)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    @staticmethod
+    def _insert_rows(
+        session: Session, project_id: str, batch: Sequence[_NewRow], now: datetime
+    ) -> None:
+        """The jobs, their "submitted" transitions, labels and webhook deliveries: one insert
+        per table."""
+        session.execute(insert(_jobs), [row.job_row(project_id, now) for row in batch])
+        event_ids = session.scalars(
+            insert(_events).returning(_events.c.id, sort_by_parameter_order=True),
+            [row.event_row(now) for row in batch],
+        ).all()
+        labels = [
+            {"job_id": row.job_id, "key": key, "value": value}
+            for row in batch
+            for key, value in row.new_job.spec.labels.items()
+        ]
+        if labels:
+            session.execute(insert(_labels), labels)
+        endpoints = project_endpoints(session, project_id)
+        deliveries = []
+        for row, event_id in zip(batch, event_ids, strict=True):
+            row.event_id = event_id
+            deliveries += state_change_deliveries(
+                endpoints,
+                job_id=row.job_id,
+                job_name=row.new_job.spec.name,
+                labels=row.new_job.spec.labels,
+                event_id=event_id,
+                from_state=None,
+                to_state=JobState.QUEUED,
+                failure_kind=None,
+                message=SUBMITTED,
+                at=now,
+            )
+        insert_deliveries(session, deliveries)
 
     def get_job(self, project_id: str, job_id: str) -> JobRecord | None:
         """The job with its transitions, or None when it is not this project's.
@@ -291,63 +372,29 @@ class JobsApiMixin(StoreBase):
             )
             return [event_record(event) for event in events]
 
-    def mark_dispatched(self, job_id: str) -> None:
-        """Record that a message for the job was just sent (the reconciler's redispatch clock).
-
-        One ``UPDATE`` (which takes the row lock itself), on the autocommit engine."""
-        stamp = {"job_id": job_id, "dispatched_at": self._clock()}
+    def mark_dispatched(self, job_ids: Sequence[str]) -> None:
+        """Record that a message for each job was just sent (the reconciler's redispatch
+        clock). One ``UPDATE`` (which takes the rows' locks itself), on the autocommit engine."""
+        if not job_ids:
+            return
+        stamp = {"job_ids": list(job_ids), "dispatched_at": self._clock()}
         self._autocommit(lambda connection: connection.execute(_STAMP_DISPATCHED, stamp))
 
-    def check_quotas(
-        self, project_id: str, quotas: JobQuotas, idempotency_key: str | None = None
-    ) -> None:
-        """Raise ``QuotaExceeded`` if a new job of the project would go over ``quotas`` now,
-        unless ``idempotency_key`` already names one of its jobs (a replay).
-
-        A cheap early answer that takes no lock (one count, on the autocommit engine), so the
-        API can refuse before it validates a spec; ``create_job`` checks again when it stores
-        the job, which is what counts.
-        """
-        if not quotas.enabled:
-            return
-        if (
-            idempotency_key is not None
-            and self._job_by_idempotency_key(project_id, idempotency_key) is not None
-        ):
-            return
-        wanted = {"project_id": project_id}
-        counts: dict[str, int] = self._autocommit(
-            lambda connection: _counts(connection.execute(_QUOTA_COUNTS, wanted))
+    def _jobs_by_idempotency_keys(
+        self, project_id: str, keys: set[str | None], session: Session | None = None
+    ) -> dict[str, JobRecord]:
+        """The project's jobs made by ``keys``, by key (in ``session``, or a transaction of
+        its own)."""
+        wanted = {key for key in keys if key is not None}
+        if not wanted:
+            return {}
+        if session is None:
+            with self._sessions.begin() as own:
+                return self._jobs_by_idempotency_keys(project_id, keys, own)
+        jobs = session.scalars(
+            select(Job).where(Job.project_id == project_id, Job.idempotency_key.in_(wanted))
         )
-        _refuse_over_quota(counts, quotas)
-
-    def _check_quotas(
-        self, session: Session, project_id: str, quotas: JobQuotas, idempotency_key: str | None
-    ) -> JobRecord | None:
-        """Lock the project's row, then raise ``QuotaExceeded`` if a new job would go over
-        ``quotas``. Returns the job an ``idempotency_key`` already made when a concurrent
-        submission stored it while this one waited for the lock: that is a replay."""
-        session.get(Project, project_id, with_for_update={"key_share": True})
-        if idempotency_key is not None:
-            earlier = session.scalars(
-                select(Job).where(
-                    Job.project_id == project_id, Job.idempotency_key == idempotency_key
-                )
-            ).one_or_none()
-            if earlier is not None:
-                return self._record_with_transitions(session, earlier)
-        wanted = {"project_id": project_id}
-        _refuse_over_quota(_counts(session.execute(_QUOTA_COUNTS, wanted)), quotas)
-        return None
-
-    def _job_by_idempotency_key(self, project_id: str, key: str) -> JobRecord | None:
-        with self._sessions.begin() as session:
-            job = session.scalars(
-                select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)
-            ).one_or_none()
-            return None if job is None else self._record_with_transitions(session, job)
-
-    def _replay(self, earlier: JobRecord, key: str, fingerprint: str) -> JobRecord:
-        if spec_fingerprint(earlier.spec) != fingerprint:
-            raise IdempotencyConflict(key, earlier.id)
-        return earlier
+        return {
+            cast(str, job.idempotency_key): self._record_with_transitions(session, job)
+            for job in jobs
+        }

@@ -10,7 +10,7 @@ here talks to the network. A plain module rather than a mixin, so both ``_base``
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import cast
 
@@ -34,6 +34,12 @@ _PROJECT_ENDPOINTS = select(_endpoints.c.id, _endpoints.c.states).where(
 """Built once: it runs in every transition's transaction."""
 
 
+def project_endpoints(session: Session, project_id: str) -> list[tuple[str, list[str] | None]]:
+    """The project's endpoints as ``(id, states)``: one indexed read (a handful of rows)."""
+    rows = session.execute(_PROJECT_ENDPOINTS, {"project_id": project_id}).all()
+    return [(endpoint_id, states) for endpoint_id, states in rows]
+
+
 def enqueue_state_change(
     session: Session,
     *,
@@ -49,16 +55,50 @@ def enqueue_state_change(
     at: datetime,
 ) -> None:
     """Queue a ``job.state_changed`` delivery for each of the project's endpoints that wants
-    ``to_state``. One indexed read of the project's endpoints (a handful at most), and one
-    insert when any matches."""
-    endpoints = session.execute(_PROJECT_ENDPOINTS, {"project_id": project_id}).all()
+    ``to_state``: one read of the endpoints, and one insert when any matches."""
+    rows = state_change_deliveries(
+        project_endpoints(session, project_id),
+        job_id=job_id,
+        job_name=job_name,
+        labels=labels,
+        event_id=event_id,
+        from_state=from_state,
+        to_state=to_state,
+        failure_kind=failure_kind,
+        message=message,
+        at=at,
+    )
+    insert_deliveries(session, rows)
+
+
+def insert_deliveries(session: Session, rows: list[dict[str, object]]) -> None:
+    """Insert the delivery rows of several state changes (``state_change_deliveries``) at once."""
+    if rows:
+        session.execute(insert(_deliveries), rows)
+
+
+def state_change_deliveries(
+    endpoints: Sequence[tuple[str, Sequence[str] | None]],
+    *,
+    job_id: str,
+    job_name: str,
+    labels: Mapping[str, str],
+    event_id: int,
+    from_state: JobState | None,
+    to_state: JobState,
+    failure_kind: str | None,
+    message: str | None,
+    at: datetime,
+) -> list[dict[str, object]]:
+    """The delivery rows of one state change: one per endpoint (of ``project_endpoints``) that
+    wants ``to_state``."""
     wanted = [
         endpoint_id
         for endpoint_id, states in endpoints
         if states is None or to_state.value in states
     ]
     if not wanted:
-        return
+        return []
     # The body receivers get, fixed when the transition commits: every retry sends the same
     # bytes. ``event_id`` orders one job's events (retries can reorder deliveries).
     data = {
@@ -72,7 +112,7 @@ def enqueue_state_change(
         "labels": dict(labels),
         "links": {"job": f"/v1/jobs/{job_id}"},
     }
-    rows = []
+    rows: list[dict[str, object]] = []
     for endpoint_id in wanted:
         delivery_id = str(uuid.uuid4())
         payload = {
@@ -97,4 +137,4 @@ def enqueue_state_change(
                 "created_at": at,
             }
         )
-    session.execute(insert(_deliveries), rows)
+    return rows

@@ -19,14 +19,17 @@ from service.store._base import StoreBase
 from service.store._reads import (
     KEY_BY_PREFIX,
     KEY_WITH_JOB,
+    KEY_WITH_QUOTA_USE,
     JobFilter,
     job_from_rows,
     key_params,
     project_for_key,
+    submitter_for_key,
 )
 from service.store._records import (
     ApiKeyNotFound,
     ApiKeyRecord,
+    JobQuotas,
     JobRecord,
     ProjectRecord,
     api_key_record,
@@ -100,6 +103,17 @@ class ProjectsMixin(StoreBase):
         rows = self._autocommit(lambda connection: connection.execute(KEY_WITH_JOB, params).all())
         project = project_for_key(key, rows[0] if rows else None, self._clock())
         return project, None if project is None else job_from_rows(rows)
+
+    def submitter_for_key(
+        self, key: str, idempotency_key: str | None, quotas: JobQuotas
+    ) -> ProjectRecord | None:
+        """``authenticate(key)`` and the early quota check of a submission (``QuotaExceeded``;
+        not for a replay of ``idempotency_key``): one statement."""
+        params = {**key_params(key), "idempotency_key": idempotency_key}
+        row = self._autocommit(
+            lambda connection: connection.execute(KEY_WITH_QUOTA_USE, params).one_or_none()
+        )
+        return submitter_for_key(key, row, self._clock(), quotas)
 
     def jobs_for_key(
         self, key: str, page: JobFilter

@@ -23,18 +23,21 @@ from sqlalchemy import (
     and_,
     bindparam,
     exists,
+    func,
+    literal,
     or_,
     select,
     true,
 )
 
 from service import security
-from service.lifecycle import JobState
+from service.lifecycle import RUNNING, JobState
 from service.models import ApiKey, Job, JobEvent, JobLabel, Project
 from service.store._records import (
     EVENT_TRANSITION,
     ApiKeyExpired,
     ApiKeyRevoked,
+    JobQuotas,
     JobRecord,
     ProjectRecord,
     decode_cursor,
@@ -98,6 +101,67 @@ the very next one."""
 
 # Compared against when a key's prefix is unknown, so that case costs the same as a bad secret.
 _UNKNOWN_KEY_HASH = security.hash_api_key("mk_unknown_unknown")
+
+
+QUOTA_RUNNING_STATES = RUNNING | {JobState.CANCELLING}
+"""The states that count against ``JobQuotas.max_running``: the job holds a worker."""
+_QUEUED = JobState.QUEUED.value
+_QUOTA_RUNNING = sorted(state.value for state in QUOTA_RUNNING_STATES)
+
+QUOTA_COUNTS = (
+    select(_jobs.c.state, func.count())
+    .where(
+        _jobs.c.project_id == bindparam("project_id"),
+        _jobs.c.state.in_([_QUEUED, *_QUOTA_RUNNING]),
+    )
+    .group_by(_jobs.c.state)
+)
+"""A project's jobs per state that count against its quotas, in the submission's transaction."""
+
+
+def quota_use(rows: Sequence[Any]) -> tuple[int, int]:
+    """``(queued, running)`` from the rows of ``QUOTA_COUNTS``."""
+    counts = {state: count for state, count in rows}
+    return counts.get(_QUEUED, 0), sum(counts.get(state, 0) for state in _QUOTA_RUNNING)
+
+
+def _project_jobs_where(*conditions: ColumnElement[bool]) -> ColumnElement[int]:
+    return (
+        select(func.count())
+        .where(_jobs.c.project_id == _keys.c.project_id, *conditions)
+        .scalar_subquery()
+    )
+
+
+KEY_WITH_QUOTA_USE = (
+    select(
+        *_KEY_COLUMNS,
+        _project_jobs_where(_jobs.c.state == _QUEUED).label("queued_jobs"),
+        # One bound value per state, not an expanding IN: ``_async_reads`` compiles it once.
+        _project_jobs_where(_jobs.c.state.in_([literal(state) for state in _QUOTA_RUNNING])).label(
+            "running_jobs"
+        ),
+        _project_jobs_where(_jobs.c.idempotency_key == bindparam("idempotency_key")).label(
+            "replays"
+        ),
+    )
+    .select_from(_KEYS_WITH_PROJECTS)
+    .where(_keys.c.prefix == bindparam("prefix"))
+)
+"""A submission's first round trip: the key check, its project's quota use, and whether the
+``Idempotency-Key`` already made one of its jobs (a replay, which no quota refuses)."""
+
+
+def submitter_for_key(
+    key: str, row: Any | None, now: datetime, quotas: JobQuotas
+) -> ProjectRecord | None:
+    """The project of ``key`` (``project_for_key``) given its row of ``KEY_WITH_QUOTA_USE``;
+    raises ``QuotaExceeded`` when the project may not take one more job now. An early, lock-free
+    answer, so a tenant at its quota costs no dry runs; storing the job checks again."""
+    project = project_for_key(key, row, now)
+    if project is not None and row is not None and not row.replays:
+        quotas.refuse_one_more(row.queued_jobs, row.running_jobs)
+    return project
 
 
 def key_params(key: str) -> dict[str, str]:

@@ -124,6 +124,14 @@ class JobQuotas:
     def enabled(self) -> bool:
         return self.max_queued > 0 or self.max_running > 0
 
+    def refuse_one_more(self, queued: int, running: int) -> None:
+        """Raise ``QuotaExceeded`` when a project with ``queued`` and ``running`` jobs may not
+        take one more."""
+        if self.max_queued > 0 and queued >= self.max_queued:
+            raise QuotaExceeded("queued_jobs", self.max_queued, queued)
+        if self.max_running > 0 and running >= self.max_running:
+            raise QuotaExceeded("running_jobs", self.max_running, running)
+
 
 class QuotaExceeded(StoreError):  # noqa: N818 - reads as the condition it reports
     """A submission would go over one of the project's ``JobQuotas``; nothing was stored.
@@ -358,3 +366,17 @@ def job_record(job: Job | Row[Any], transitions: tuple[EventRecord, ...]) -> Job
         finished_at=job.finished_at,
         transitions=transitions,
     )
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A submission to store: its validated spec and the client's ``Idempotency-Key``, if any."""
+
+    spec: JobSpec
+    idempotency_key: str | None = None
+
+
+StoredJob = tuple[JobRecord, bool]
+"""A stored submission: the job, and whether this call created it (False: a replay)."""
+SubmissionOutcome = StoredJob | IdempotencyConflict | QuotaExceeded
+"""What ``JobStore.create_jobs`` made of one submission: stored, or refused with the reason."""

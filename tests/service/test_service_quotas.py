@@ -25,6 +25,7 @@ def queued_count(store: JobStore, project_id: str) -> int:
 
 
 def test_the_queued_quota_refuses_the_next_job_and_stores_nothing(job_store: JobStore) -> None:
+    key = job_store.create_api_key("acme")
     project = job_store.create_project("acme")
     quotas = JobQuotas(max_queued=2)
     for index in range(2):
@@ -34,7 +35,7 @@ def test_the_queued_quota_refuses_the_next_job_and_stores_nothing(job_store: Job
     assert (error.value.quota, error.value.limit, error.value.current) == ("queued_jobs", 2, 2)
     assert "2 queued jobs and may have at most 2" in str(error.value)
     with pytest.raises(QuotaExceeded):
-        job_store.check_quotas(project.id, quotas)
+        job_store.submitter_for_key(key, None, quotas)
     assert queued_count(job_store, project.id) == 2
 
     other = job_store.create_project("globex")
@@ -43,10 +44,13 @@ def test_the_queued_quota_refuses_the_next_job_and_stores_nothing(job_store: Job
 
 
 def test_a_replay_is_never_refused_by_a_quota(job_store: JobStore) -> None:
+    key = job_store.create_api_key("acme")
     project = job_store.create_project("acme")
     quotas = JobQuotas(max_queued=1)
     job, _ = job_store.create_job(project.id, make_spec(), "key-1", quotas=quotas)
-    job_store.check_quotas(project.id, quotas, "key-1")
+    assert job_store.submitter_for_key(key, "key-1", quotas) == project, "a replay's pre-check"
+    with pytest.raises(QuotaExceeded):
+        job_store.submitter_for_key(key, "key-2", quotas)
     replay, created = job_store.create_job(project.id, make_spec(), "key-1", quotas=quotas)
     assert (replay.id, created) == (job.id, False)
     with pytest.raises(QuotaExceeded):

@@ -216,7 +216,7 @@ def test_find_orphans_and_requeue_expired(clocked_store: JobStore, clock: FakeCl
     cancelling = running_job(clocked_store, "w2")
     clocked_store.request_cancel(project.id, cancelling)
     clock.advance(30)
-    clocked_store.mark_dispatched(sent.id)
+    clocked_store.mark_dispatched([sent.id])
     assert clocked_store.find_orphans(clock.now, redispatch_after_seconds=20) == [never_sent.id]
 
     clock.advance(LEASE)

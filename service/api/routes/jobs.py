@@ -20,19 +20,17 @@ import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from kombu.exceptions import OperationalError as BrokerError
 
 from maskd_core.errors import SpecError
 from maskd_core.spec import MAX_LABELS, JobSpec
 from service.api.deps import (
     ApiKeyDep,
     CurrentProject,
-    DispatcherDep,
     MetricsDep,
     ReadsDep,
     SettingsDep,
     StoreDep,
-    SubmissionThreadsDep,
+    SubmissionsDep,
     ValidationsDep,
     caller,
     refusing_ended_keys,
@@ -49,21 +47,20 @@ from service.api.schemas import (
     error_responses,
 )
 from service.config import Settings
-from service.dispatch import Dispatcher
 from service.lifecycle import JobState
 from service.limits import limits_exceeded
 from service.logs import bind_job
 from service.metrics import ApiMetrics, RegistryOutcome
-from service.model_uris import MODELS_SCHEME, resolve_registry_weights
+from service.model_uris import names_registered_models, resolve_registry_weights
 from service.store import (
     IdempotencyConflict,
     InvalidCursor,
     JobAlreadyFinished,
     JobFilter,
     JobNotFound,
-    JobQuotas,
     JobRecord,
     JobStore,
+    NewJob,
     QuotaExceeded,
 )
 from service.validation_pool import ValidationBusy, ValidationPool
@@ -173,9 +170,11 @@ async def validate_spec(
             ]
         )
     try:
-        resolved = await anyio.to_thread.run_sync(
-            _resolved_weights, spec, project, settings, metrics
-        )
+        resolved = spec
+        if names_registered_models(spec):
+            resolved = await anyio.to_thread.run_sync(
+                _resolved_weights, spec, project, settings, metrics
+            )
     except SpecError as error:
         raise _invalid_spec(str(error), error.field) from error
     problem = await validations.validate(spec, resolved, project, settings)
@@ -206,8 +205,7 @@ def _resolved_weights(
             spec, project, settings.mlflow_tracking_uri, settings.model_cache_dir
         )
 
-    weights = (spec.teacher.weights or "", spec.student.weights or "")
-    if metrics is None or not any(w.startswith(MODELS_SCHEME) for w in weights):
+    if metrics is None:
         return resolve()
     outcome: RegistryOutcome = "error"
     try:
@@ -239,13 +237,12 @@ def _resolved_weights(
 )
 async def submit_job(
     spec: JobSpec,
-    project: CurrentProject,
-    store: StoreDep,
-    dispatcher: DispatcherDep,
+    key: ApiKeyDep,
+    reads: ReadsDep,
+    submissions: SubmissionsDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     validations: ValidationsDep,
-    submission_threads: SubmissionThreadsDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -261,27 +258,19 @@ async def submit_job(
     accepted: it stays QUEUED and the reconciler sends it once the broker is back.
 
     Over a project quota the answer is 429 with ``Retry-After``: checked cheaply before the
-    validation (so a tenant at its quota costs no dry runs), and again, authoritatively, in
-    the transaction that stores the job. A replay of an existing job is never refused.
+    validation, in the key check's round trip (so a tenant at its quota costs no dry runs),
+    and again, authoritatively, in the transaction that stores the job. A replay of an
+    existing job is never refused.
 
     The handler is ``async`` so that a submission waiting for its dry run (in the validation
-    pool) holds no thread; its database and broker calls go to threads, storing and sending
-    to a few of their own (``store_and_dispatch``). With the validation queue full the answer
-    is 503 with ``Retry-After``.
+    pool) or for its batch to be stored and sent (``service.submissions``) holds no thread.
+    With the validation queue full the answer is 503 with ``Retry-After``.
     """
-    quotas = JobQuotas(
-        max_queued=settings.max_queued_jobs_per_project,
-        max_running=settings.max_running_jobs_per_project,
-    )
     try:
-        await anyio.to_thread.run_sync(store.check_quotas, project.id, quotas, idempotency_key)
+        with refusing_ended_keys():
+            project = caller(await reads.submitter(key, idempotency_key, submissions.quotas))
         await validate_spec(spec, project.name, settings, validations, metrics)
-        job, created = await anyio.to_thread.run_sync(
-            partial(
-                store_and_dispatch, store, dispatcher, project.id, spec, idempotency_key, quotas
-            ),
-            limiter=submission_threads,
-        )
+        job, created = await submissions.submit(project.id, NewJob(spec, idempotency_key))
     except ValidationBusy as error:
         raise validation_busy(error) from error
     except IdempotencyConflict as error:
@@ -293,33 +282,6 @@ async def submit_job(
         JobOut.from_record(job),
         status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
     )
-
-
-def store_and_dispatch(
-    store: JobStore,
-    dispatcher: Dispatcher,
-    project_id: str,
-    spec: JobSpec,
-    idempotency_key: str | None,
-    quotas: JobQuotas,
-) -> tuple[JobRecord, bool]:
-    """Store the job (``JobStore.create_job``) and, when it is new, send it to the workers:
-    one thread hop, in the submission threads (``Settings.submission_threads``).
-
-    An unreachable broker does not fail the submission: the job stays QUEUED, an event says
-    so, and the reconciler sends it once the broker is back.
-    """
-    job, created = store.create_job(project_id, spec, idempotency_key, quotas=quotas)
-    if created:
-        try:
-            dispatcher.send_job(job.id)
-        except (BrokerError, OSError):
-            logger.exception("job %s stored but not dispatched; the reconciler will retry", job.id)
-            store.add_event(
-                job.id,
-                "broker unreachable at submission; the job will be dispatched when it is back",
-            )
-    return job, created
 
 
 @router.get("", response_model=JobPage)
