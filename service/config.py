@@ -184,8 +184,17 @@ class Settings(BaseSettings):
     validation_queue_limit: int = Field(
         default=256,
         ge=1,
-        description="Submissions an API process lets wait for a validation process; beyond "
-        "it POST /v1/jobs answers 503 with Retry-After instead of queueing without bound.",
+        description="Submissions an API process lets wait (for their turn, or for a "
+        "validation process); beyond it POST /v1/jobs answers 503 with Retry-After instead "
+        "of queueing without bound.",
+    )
+    submissions_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Submissions an API process works on at once (body, key check, validation, "
+        "storing); more wait for their turn, unread, so that reads need not wait behind a "
+        "whole burst on the event loop. A few times the validation processes keeps them busy.",
     )
     max_request_bytes: int = Field(
         default=1024 * 1024,

@@ -26,6 +26,7 @@ from service.api.routes import api_router
 from service.api.routes.health import router as health_router
 from service.api.routes.metrics import router as metrics_router
 from service.api.schemas import ErrorOut, FieldError, error_responses, validation_error_body
+from service.api.submission_gate import SubmissionGate
 from service.config import Settings, get_settings
 from service.db import (
     AUTOCOMMIT_POOL_SIZE,
@@ -95,6 +96,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestBodyLimit,
         max_bytes=settings.max_request_bytes,
         max_depth=settings.max_json_depth,
+    )
+    # Outside the body limit, so a submission waiting for its turn has not been read yet.
+    app.add_middleware(
+        SubmissionGate,
+        in_flight=settings.submissions_in_flight,
+        queue_limit=settings.validation_queue_limit,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(health_router)
