@@ -35,6 +35,9 @@ class Entry(Generic[T]):
     obj: T
     args: type[BaseModel]
     summary: str
+    family: str | None = None
+    """The family the entry belongs to, whose structure and shared defaults follow it (a
+    detector's: ``retinanet``, ``fcos``, ``two_stage``); None when it has none."""
 
 
 class Registry(Generic[T]):
@@ -45,13 +48,17 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
 
     def register(
-        self, name: str, args: type[BaseModel] = NoArgs, summary: str = ""
+        self,
+        name: str,
+        args: type[BaseModel] = NoArgs,
+        summary: str = "",
+        family: str | None = None,
     ) -> Callable[[T], T]:
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             doc = summary or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
-            self._entries[name] = Entry(name=name, obj=obj, args=args, summary=doc)
+            self._entries[name] = Entry(name=name, obj=obj, args=args, summary=doc, family=family)
             return obj
 
         return add

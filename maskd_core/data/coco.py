@@ -11,11 +11,12 @@ the same categories, so both files number the classes alike.
 Crowd annotations (``iscrowd: 1``, or ``ignore: 1`` as some COCO-style files mark them) are never
 training targets: they mark regions of many objects, not one box to learn, and the paper's
 mmdetection configs do not train on them either. With ``crowd: ignore`` (the default) they are
-kept as ignore regions, which evaluation treats as COCO's own protocol does (a detection on a
-crowd of its class is neither a hit nor a false positive); ``crowd: skip`` drops them. Images
-without annotations are kept as negatives. The whole annotation file is checked when the dataset
-is built, so a broken entry fails the job before training, with the file and the annotation id
-in the error.
+kept as ignore regions: the training loss leaves the anchors on a crowd out (neither object nor
+background, unless matched to a real object), and evaluation treats them as COCO's own protocol
+does (a detection on a crowd of its class is neither a hit nor a false positive). ``crowd: skip``
+drops them, so the anchors on a crowd train as background. Images without annotations are kept
+as negatives. The whole annotation file is checked when the dataset is built, so a broken entry
+fails the job before training, with the file and the annotation id in the error.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ class CocoArgs(BaseModel):
     crowd: Literal["ignore", "skip"] = Field(
         default="ignore",
         description="Crowd annotations (iscrowd: 1 or ignore: 1) are never training targets; "
-        "ignore: evaluation leaves detections on them out, as COCO's protocol does; skip: "
-        "they are dropped.",
+        "ignore: the training loss leaves the anchors on them out (neither object nor "
+        "background) and evaluation the detections on them, as COCO's protocol does; skip: "
+        "they are dropped, and the anchors on them train as background.",
     )
 
 

@@ -10,8 +10,10 @@ detectors; ``num_classes`` of a detection dataset is ``K`` and the detection mod
 ``K + 1`` outputs (see ``maskd_core.models.detection``).
 
 Ignore regions (COCO's ``iscrowd`` annotations, VOC's ``difficult`` objects) travel with a sample
-beside its objects. They are never training targets, and evaluation treats them as COCO treats
-crowds: a detection on one counts neither as a hit nor as a false positive.
+beside its objects, through the augmentation and into the batches. They are never training
+targets: the training loss leaves the anchors on them out, as neither positives nor negatives
+(``maskd_core.models.detection_ignore``), and evaluation treats them as COCO treats crowds: a
+detection on one counts neither as a hit nor as a false positive.
 """
 
 from __future__ import annotations

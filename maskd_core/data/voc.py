@@ -13,9 +13,10 @@ Alive: Tree}``), and maps a name to null to drop its objects.
 
 VOC boxes are 1-based inclusive pixel indices; they become ``(xmin - 1, ymin - 1, xmax, ymax)``
 so a box's width counts its pixels. Objects marked ``difficult`` are never training targets by
-default (mmdetection does not train on them either) but ignore regions, which evaluation leaves
-out as the VOC benchmark does. Every XML file is parsed when the dataset is built, so a broken
-one fails the job before training, with the file and the object in the error.
+default (mmdetection does not train on them either) but ignore regions: the detectors' training
+loss leaves the anchors on them out (``maskd_core.models.detection_ignore``), and evaluation
+leaves them out as the VOC benchmark does. Every XML file is parsed when the dataset is built,
+so a broken one fails the job before training, with the file and the object in the error.
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ class VocArgs(BaseModel):
     )
     difficult: Literal["ignore", "skip", "keep"] = Field(
         default="ignore",
-        description="Objects marked difficult: ignore: not trained on, and left out of "
-        "evaluation as by the VOC benchmark; skip: dropped; keep: targets like the others.",
+        description="Objects marked difficult: ignore: ignore regions, so the anchors on them "
+        "are neither objects nor background in training, and evaluation leaves them out as "
+        "the VOC benchmark does; skip: dropped (their anchors train as background); keep: "
+        "targets like the others.",
     )
 
     @field_validator("classes")

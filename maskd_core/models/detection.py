@@ -25,15 +25,27 @@ category ids up to 90). For FCOS and RetinaNet, whose classifiers are sigmoid pe
 800/1333). A teacher and its student must use the same values, so that their FPN levels have the
 same sizes and cover the same pixels; both run their transform on the same batch images.
 
+**Ignore regions.** Every detector built here leaves the anchors on a target's ignore regions
+(COCO crowds, VOC difficult objects) out of its classification loss, neither positive nor
+negative (``maskd_core.models.detection_ignore``); its weights are torchvision's.
+
 No weights are ever downloaded: ``backbone_weights`` is a local file with the state dict of the
 torchvision classification network (e.g. ``resnet50`` ImageNet weights), loaded safely.
+
+**Families.** Each entry names its detector family in the registry (``MODELS.entry(arch).family``);
+``DETECTOR_FAMILIES`` says what a family's detectors share: which subtrees are the neck and the
+head (what a student inherits from its teacher) and which module regresses the boxes once per
+FPN level (what head-level KD reads). Defaults that follow the family, such as MasKD's loss
+weight, look it up there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
@@ -49,7 +61,9 @@ from torchvision.ops.feature_pyramid_network import (
 
 from maskd_core.errors import SpecError
 from maskd_core.models import MODELS, read_state_dict
+from maskd_core.models.detection_ignore import honour_ignore_regions
 from maskd_core.paths import LocalPath
+from maskd_core.spec import ModelSpec
 
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"
@@ -274,12 +288,66 @@ def _mobilenet_fpn(
     )
 
 
-@MODELS.register("fcos", args=FCOSArgs)
+@dataclass(frozen=True)
+class DetectorFamily:
+    """What the detectors of one family share, named as module paths of the built model."""
+
+    name: str
+    neck: tuple[str, ...]
+    head: tuple[str, ...]
+    box_regression: str | None
+    """The conv a one-stage head runs once per FPN level to regress boxes, [N, A·4, H, W] each;
+    None for two-stage detectors, whose box regression runs on RoIs each model samples itself."""
+
+    @property
+    def inherited(self) -> tuple[str, ...]:
+        """The subtrees a student may take from its teacher: the neck and the head."""
+        return (*self.neck, *self.head)
+
+
+RETINANET = DetectorFamily(
+    "retinanet", ("backbone.fpn",), ("head",), "head.regression_head.bbox_reg"
+)
+FCOS_FAMILY = DetectorFamily("fcos", ("backbone.fpn",), ("head",), "head.regression_head.bbox_reg")
+TWO_STAGE = DetectorFamily("two_stage", ("backbone.fpn",), ("rpn", "roi_heads"), None)
+DETECTOR_FAMILIES = {family.name: family for family in (RETINANET, FCOS_FAMILY, TWO_STAGE)}
+
+
+def detector_family(arch: str, field: str) -> DetectorFamily | None:
+    """The family of registered model ``arch`` (at ``field`` in the spec); None for a model
+    that is no detector."""
+    return DETECTOR_FAMILIES.get(MODELS.entry(arch, field=field).family or "")
+
+
+def state_shapes(spec: ModelSpec, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every state-dict entry of the network ``spec`` builds, without building it.
+
+    Built on the meta device, with neither weights nor backbone weights (which change no
+    shape), so a ResNet-101 detector costs a fraction of a second and no memory.
+    """
+    args = {key: value for key, value in spec.args.items() if key != "backbone_weights"}
+    parsed = MODELS.parse_args(spec.arch, args)
+    with torch.device("meta"):
+        network = MODELS.get(spec.arch)(parsed, num_classes)
+    return {name: tuple(value.shape) for name, value in network.state_dict().items()}
+
+
+def run_through_head(model: nn.Module, images: Sequence[torch.Tensor]) -> None:
+    """A one-stage detector's transform, backbone+FPN and head on ``images``, and no further:
+    anchors, box decoding and NMS produce nothing a tap reads. Run under ``no_grad`` on a
+    teacher; the student's own training forward runs its head anyway."""
+    detector: Any = model  # a torchvision FCOS or RetinaNet: .transform, .backbone, .head
+    transformed, _ = detector.transform(list(images))
+    features = detector.backbone(transformed.tensors)
+    detector.head(list(features.values()))
+
+
+@MODELS.register("fcos", args=FCOSArgs, family=FCOS_FAMILY.name)
 def build_fcos(args: FCOSArgs, num_classes: int) -> FCOS:
     """FCOS (anchor-free, P3-P7); tap 'backbone' for the five FPN levels."""
     backbone = backbone_with_fpn(args, "p3-p7")
     head = FCOSHead(args.fpn_channels, 1, num_classes + 1, num_convs=args.head_convs)
-    return FCOS(
+    detector = FCOS(
         backbone,
         num_classes + 1,
         min_size=args.min_size,
@@ -288,12 +356,13 @@ def build_fcos(args: FCOSArgs, num_classes: int) -> FCOS:
         score_thresh=args.score_thresh,
         detections_per_img=args.detections_per_image,
     )
+    return honour_ignore_regions(detector)
 
 
-@MODELS.register("retinanet", args=RetinaNetArgs)
+@MODELS.register("retinanet", args=RetinaNetArgs, family=RETINANET.name)
 def build_retinanet(args: RetinaNetArgs, num_classes: int) -> RetinaNet:
     """RetinaNet (anchors, focal loss, P3-P7); tap 'backbone' for the five FPN levels."""
-    return RetinaNet(
+    detector = RetinaNet(
         backbone_with_fpn(args, "p3-p7"),
         num_classes + 1,
         min_size=args.min_size,
@@ -301,12 +370,13 @@ def build_retinanet(args: RetinaNetArgs, num_classes: int) -> RetinaNet:
         score_thresh=args.score_thresh,
         detections_per_img=args.detections_per_image,
     )
+    return honour_ignore_regions(detector)
 
 
-@MODELS.register("fasterrcnn", args=FasterRCNNArgs)
+@MODELS.register("fasterrcnn", args=FasterRCNNArgs, family=TWO_STAGE.name)
 def build_fasterrcnn(args: FasterRCNNArgs, num_classes: int) -> FasterRCNN:
     """Faster R-CNN (RPN + RoI head, P2-P6); tap 'backbone' for the five FPN levels."""
-    return FasterRCNN(
+    detector = FasterRCNN(
         backbone_with_fpn(args, "p2-p6"),
         num_classes + 1,
         min_size=args.min_size,
@@ -314,3 +384,4 @@ def build_fasterrcnn(args: FasterRCNNArgs, num_classes: int) -> FasterRCNN:
         box_score_thresh=args.score_thresh,
         box_detections_per_img=args.detections_per_image,
     )
+    return honour_ignore_regions(detector)

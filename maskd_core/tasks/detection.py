@@ -3,7 +3,9 @@
 A batch is a ``DetectionBatch``: a list of ``float32 [3, H, W]`` images in [0, 1] of any sizes and
 a list of targets ``{"boxes": float32 [K, 4] xyxy in pixels, "labels": int64 [K]}``, which is what
 torchvision's FCOS, RetinaNet and Faster R-CNN take. The detector itself resizes, normalises and
-pads (its ``transform``), so nothing is stacked here.
+pads (its ``transform``), so nothing is stacked here. A batch's ignore regions (COCO crowds, VOC
+difficult objects) reach the training loss too, beside the targets, so that the anchors on them
+are neither positives nor negatives (``maskd_core.models.detection_ignore``).
 
 Stage 2 reads the teacher's FPN levels through taps. ``forward`` runs only the teacher's
 ``transform`` and ``backbone``, skipping the heads, anchor matching and box decoding whose
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from maskd_core.data.detection_common import DetectionSample, empty_targets
+from maskd_core.models.detection_ignore import honours_ignore_regions, with_ignore_regions
 from maskd_core.tasks import TASKS, Task
 
 Target = dict[str, torch.Tensor]
@@ -46,9 +49,10 @@ COCO_AREAS = (
 class DetectionBatch(NamedTuple):
     images: list[torch.Tensor]
     targets: list[Target]
-    """What the detector trains on: the objects, never the ignore regions."""
+    """The objects the detector learns to find, never the ignore regions."""
     ignore: list[Target] | None = None
-    """Per image, its ignore regions (``boxes``/``labels``) for evaluation; None: none."""
+    """Per image, its ignore regions (``boxes``/``labels``): the training loss leaves the
+    anchors on them out, evaluation the detections of their class on them; None: none."""
 
 
 @TASKS.register("detection")
@@ -73,7 +77,12 @@ class DetectionTask(Task):
                 {key: value.to(device, non_blocking=True) for key, value in target.items()}
                 for target in batch.targets
             ],
-            ignore=batch.ignore,  # read on the CPU by evaluation only
+            ignore=None
+            if batch.ignore is None
+            else [
+                {key: value.to(device, non_blocking=True) for key, value in regions.items()}
+                for regions in batch.ignore
+            ],
         )
 
     def batch_size(self, batch: DetectionBatch) -> int:
@@ -85,14 +94,24 @@ class DetectionTask(Task):
         """Sum of the detector's losses (classification, box regression, centerness, RPN...).
 
         torchvision detectors return losses only in training mode; in eval mode they return
-        detections and ignore the targets, so the mode is checked rather than trusted.
+        detections and ignore the targets, so the mode is checked rather than trusted. The
+        batch's ignore regions go to the detector with the targets; a detector that would train
+        them as background is refused rather than trained wrong.
         """
         if not model.training:
             raise RuntimeError(
                 "detection training_loss needs the model in train mode (torchvision detectors "
                 "return detections, not losses, in eval mode)"
             )
-        losses = model(batch.images, batch.targets)
+        targets = batch.targets
+        if batch.ignore is not None:
+            if not honours_ignore_regions(model):
+                raise TypeError(
+                    f"this batch has ignore regions, which a {type(model).__name__} would train "
+                    "as background; use a model from the detection registry"
+                )
+            targets = with_ignore_regions(targets, [regions["boxes"] for regions in batch.ignore])
+        losses = model(batch.images, targets)
         if not isinstance(losses, dict) or not losses:
             raise TypeError(
                 f"a detection model must return a dict of losses in train mode, got "
