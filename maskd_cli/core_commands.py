@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 SPEC_ERROR_EXIT = 2
 
 
+FALLBACK_TEACHER_ITERATIONS = 1000
+"""``maskd train-teacher``'s steps for a spec without ``teacher_training``: the command's default
+before teachers had a recipe of their own, kept so such specs train the teacher they always did."""
+
+
 def register(subparsers: Any) -> None:
     run = subparsers.add_parser(
         "run",
@@ -43,11 +48,18 @@ def register(subparsers: Any) -> None:
         "train-teacher",
         help="train the job's teacher architecture on its dataset (no distillation)",
         description="Train JOB.yaml's teacher architecture from scratch on the job's dataset "
-        "with the stage-2 optimiser settings and save a state dict for teacher.weights.",
+        "with its teacher_training recipe (without one: stage2.optimizer for "
+        f"{FALLBACK_TEACHER_ITERATIONS} steps) and save a state dict for teacher.weights.",
     )
     teacher.add_argument("job", type=Path, metavar="JOB.yaml")
     teacher.add_argument("--out", type=Path, required=True, help="state dict file to write")
-    teacher.add_argument("--iterations", type=int, default=1000, help="training steps")
+    teacher.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="training steps (default: teacher_training.iterations, else "
+        f"{FALLBACK_TEACHER_ITERATIONS})",
+    )
     teacher.set_defaults(func=train_teacher_command)
 
 
@@ -137,8 +149,16 @@ def run_command(args: argparse.Namespace) -> int:
         # Read before torch is imported (seconds), so a bad file is refused at once.
         spec = load_spec(args.job)
         from maskd_core.comparison import comparison_markdown
-        from maskd_core.runner import run_job
+        from maskd_core.runner import run_job, run_teacher_job
 
+        if spec.kind == "teacher":
+            if args.baseline:
+                raise SpecError("--baseline is for distillation jobs", field="kind")
+            workdir = args.workdir or Path("runs") / spec.name
+            trained = run_teacher_job(spec, workdir, _progress())
+            print(metrics_table(trained.summary))
+            print(f"outputs in {workdir}: {', '.join(p.name for p in trained.files.values())}")
+            return 0
         if spec.comparison is not None and args.baseline:
             raise SpecError(
                 "--baseline is for single-method jobs; a comparison lists method 'none' "
@@ -163,7 +183,10 @@ def train_teacher_command(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.job)
-        train_teacher(spec, args.out, args.iterations, _progress())  # progress prints metrics
+        iterations = args.iterations
+        if iterations is None and spec.teacher_training is None:
+            iterations = FALLBACK_TEACHER_ITERATIONS
+        train_teacher(spec, args.out, iterations, _progress())  # progress prints metrics
     except SpecError as error:
         return _report_spec_error(error)
     print(f"teacher weights written to {args.out}")

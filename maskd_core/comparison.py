@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from maskd_core.methods import MethodSetup, effective_params
+from maskd_core.methods import effective_params, method_setup
 from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec
 
@@ -71,9 +71,7 @@ def comparison_table(
         rows.append(
             {
                 "method": method.name,
-                "params": effective_params(
-                    MethodSetup(plan.levels, spec.task, method, None, plan.num_classes)
-                ),
+                "params": effective_params(method_setup(spec, plan, method, None)),
                 "seeds": [summary["seed"] for summary in mine],
                 "values": values,
                 "mean": statistics.fmean(values) if values else None,

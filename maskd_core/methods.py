@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from maskd_core.losses import maskd_loss
-from maskd_core.plan import LevelPlan
+from maskd_core.models import MODELS
+from maskd_core.models.detection import FCOS_FAMILY, RETINANET, TWO_STAGE
+from maskd_core.plan import AuxPlan, JobPlan, LevelPlan
 from maskd_core.registry import Registry
 from maskd_core.spec import JobSpec, MaskdParams, MethodSpec
 from maskd_core.tokens import ReceptiveTokens, TokenSet
@@ -45,7 +47,10 @@ class MethodSetup:
     """What a distiller is built from besides its params: the job's levels, task and method.
 
     ``tokens`` are the stage-1 tokens for methods that need them and None for the others;
-    ``num_classes`` tells a method which levels are the class logits (``distils_logits``).
+    ``num_classes`` tells a method which levels are the class logits (``distils_logits``);
+    ``aux`` is the auxiliary heads' pairing when validation planned it (``JobPlan.aux``);
+    ``family`` is the student's model family in the registry (``method_setup`` fills it in),
+    which a default weight may follow.
     """
 
     levels: Sequence[LevelPlan]
@@ -53,6 +58,8 @@ class MethodSetup:
     method: MethodSpec
     tokens: TokenSet | None
     num_classes: int
+    aux: AuxPlan | None = None
+    family: str | None = None
 
 
 class Distiller(nn.Module):
@@ -69,6 +76,9 @@ class Distiller(nn.Module):
     """Multiplies ``loss`` in the student's objective."""
     weight_field: ClassVar[str | None] = None
     """The params field ``weight`` comes from, which the hint of a diverged run names."""
+    aux_layer: str | None = None
+    """The auxiliary head (a module name both models share) this method also distils, or
+    None: stage 2 then taps it on both models and adds ``aux_loss`` of its outputs."""
 
     def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
         super().__init__()
@@ -94,6 +104,11 @@ class Distiller(nn.Module):
         """The unweighted loss summed over levels; ``students`` are already aligned."""
         raise NotImplementedError
 
+    def aux_loss(self, student: torch.Tensor, teacher: torch.Tensor, step: int) -> torch.Tensor:
+        """The loss of the ``aux_layer`` outputs, weighted relative to ``loss`` (to which it
+        adds, under the same ``weight``); called only when ``aux_layer`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} distils no auxiliary head")
+
 
 METHODS: Registry[type[Distiller]] = Registry("distillation method")
 
@@ -108,6 +123,17 @@ def effective_params(setup: MethodSetup) -> dict[str, Any]:
     if build.weight_field is not None:
         spelled[build.weight_field] = build.resolved_weight(params, setup)
     return spelled
+
+
+def method_setup(
+    spec: JobSpec, plan: JobPlan, method: MethodSpec, tokens: TokenSet | None
+) -> MethodSetup:
+    """The setup of ``method`` in job ``spec`` with ``plan``: the student's family comes from
+    its registry entry, the one owner of which family a model is (none for a network built
+    outside the registry, as tests and benches pass to the stages)."""
+    arch = spec.distilled_student.arch
+    family = MODELS.entry(arch).family if arch in MODELS else None
+    return MethodSetup(plan.levels, spec.task, method, tokens, plan.num_classes, plan.aux, family)
 
 
 def build_distiller(setup: MethodSetup) -> Distiller:
@@ -162,6 +188,18 @@ def distill_level(
     return maskd_loss(aligned, teacher, masks, tokens.weights(teacher), eps)
 
 
+MASKD_WEIGHT = 1.0
+"""MasKD's weight when left out for segmentation, and for a detector of no known family."""
+MASKD_WEIGHT_BY_FAMILY = {
+    RETINANET.name: 7.0,
+    FCOS_FAMILY.name: 10.0,
+    "reppoints": 10.0,  # the paper's; no RepPoints detector is registered yet
+    TWO_STAGE.name: 1.0,
+}
+"""MasKD's weight when left out for a detection student of each family: the official configs'
+(mmrazor/configs/distill/maskd: RetinaNet 7, FCOS and RepPoints 10, Faster R-CNN 1)."""
+
+
 @METHODS.register("maskd", args=MaskdParams, summary="MasKD: masked distillation (default)")
 class MaskdDistiller(Distiller):
     """loss_weight · Σ_levels MasKD loss through the frozen stage-1 tokens (docs/method.md)."""
@@ -169,18 +207,31 @@ class MaskdDistiller(Distiller):
     needs_tokens = True
     weight_field = "loss_weight"
 
+    @classmethod
+    def default_weight(cls, setup: MethodSetup) -> float:
+        if setup.task == "detection" and setup.family is not None:
+            return MASKD_WEIGHT_BY_FAMILY.get(setup.family, MASKD_WEIGHT)
+        return MASKD_WEIGHT
+
     def __init__(self, params: MaskdParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
         tokens = setup.tokens
         if tokens is None:
             raise ValueError("MasKD needs the stage-1 tokens")
-        self.weight = params.loss_weight
+        self.weight = self.resolved_weight(params, setup)
         # A submodule so it follows the distiller's device; frozen, so stage 2 neither trains
         # nor checkpoints it.
         self.tokens = tokens
         self.custom_mask = params.custom_mask
         self.custom_mask_warmup = params.custom_mask_warmup
         self.eps = params.mask_eps
+        self.aux_weight = params.aux_weight
+        self.aux_tokens_level = 0
+        if params.aux_weight is not None:
+            if setup.aux is None:
+                raise ValueError("aux_weight needs the auxiliary heads planned (JobPlan.aux)")
+            self.aux_layer = setup.aux.layer
+            self.aux_tokens_level = setup.aux.tokens_level
 
     def loss(
         self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
@@ -193,6 +244,19 @@ class MaskdDistiller(Distiller):
                 for k, (s, t) in enumerate(zip(students, teachers, strict=True))
             ]
         ).sum()
+
+    def aux_loss(self, student: torch.Tensor, teacher: torch.Tensor, step: int) -> torch.Tensor:
+        """aux_weight · the MasKD loss of the aux logits through the main logits' tokens.
+
+        As the official segmentation recipe does: the masks come from the same frozen tokens
+        applied to the teacher's aux logits (stage 1 learns none for the aux head), and the aux
+        heads' logits need no align (validation checked their channels match).
+        """
+        if self.aux_weight is None:
+            raise RuntimeError("aux_loss called without aux_weight")
+        custom = self.custom_mask and step >= self.custom_mask_warmup
+        tokens = self.tokens.level(self.aux_tokens_level)
+        return self.aux_weight * distill_level(tokens, student, teacher, custom, self.eps)
 
 
 @METHODS.register("none", summary="no distillation: the student's task loss alone")

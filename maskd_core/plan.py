@@ -33,14 +33,35 @@ class LevelPlan:
 
 
 @dataclass(frozen=True)
+class AuxPlan:
+    """The auxiliary heads both models tap under ``layer``, distilled beside the levels.
+
+    Their logits go through the tokens of level ``tokens_level`` (the teacher's main logits,
+    which have the aux head's channels): stage 1 learns no tokens of their own.
+    """
+
+    layer: str
+    teacher_shape: Shape
+    student_shape: Shape
+    tokens_level: int
+
+
+@dataclass(frozen=True)
 class JobPlan:
-    """The class count and the distilled levels in order."""
+    """The class count, the distilled levels in order and, when distilled, the aux heads."""
 
     num_classes: int
     levels: list[LevelPlan]
+    aux: AuxPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "levels": [asdict(lv) for lv in self.levels]}
+        described: dict[str, Any] = {
+            "num_classes": self.num_classes,
+            "levels": [asdict(lv) for lv in self.levels],
+        }
+        if self.aux is not None:
+            described["aux"] = asdict(self.aux)
+        return described
 
     def token_levels(self) -> list[dict[str, Any]]:
         """The level description stored in, and checked against, the tokens artifact."""

@@ -16,6 +16,11 @@ trains one student per (method, seed) in ``WorkDir.run(method, seed)``, laid out
 job's directory; the table goes to ``comparison.json`` and ``comparison.md``. Either way the
 result is a ``JobResult`` whose ``runs`` are the students.
 
+A teacher job (``kind: teacher``) is run by ``run_teacher_job`` instead: it trains the teacher
+alone with ``teacher_training`` (``teacher_recipe``, which ``train_teacher`` behind ``maskd
+train-teacher`` shares), resumable the same way, and writes ``teacher.pt`` with its
+``model_spec.json`` and ``summary.json``.
+
 A comparison run that fails on its own (``RunError``: its loss diverged) is recorded in its
 directory's ``failure.json``, reported through ``Callback.on_run_failed`` and listed in the
 table, and the comparison goes on; only when every run failed does the job fail
@@ -62,10 +67,10 @@ from maskd_core.evaluations import evaluation_key, load_evaluation, save_evaluat
 from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
 from maskd_core.loader import Splits, train_batches, train_val_split, val_batches
 from maskd_core.mask_grid import mask_grid
-from maskd_core.methods import job_needs_tokens
+from maskd_core.methods import effective_params, job_needs_tokens, method_setup
 from maskd_core.models import build_model, model_document
 from maskd_core.plan import JobPlan
-from maskd_core.spec import JobSpec, MethodSpec
+from maskd_core.spec import JobSpec, MethodSpec, OptimizerSpec
 from maskd_core.stages import (
     StageResult,
     TrainContext,
@@ -373,7 +378,9 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
 def _save_student(student: nn.Module, spec: JobSpec, plan: JobPlan, rundir: WorkDir) -> None:
     """The state dict, and the document that rebuilds its network without the job spec."""
     atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, rundir.student)
-    atomic_write_json(rundir.model_spec, model_document(spec.student, plan.num_classes, spec.task))
+    atomic_write_json(
+        rundir.model_spec, model_document(spec.distilled_student, plan.num_classes, spec.task)
+    )
 
 
 def _student_run(
@@ -392,7 +399,7 @@ def _student_run(
     # evaluation stays with its own stage, so reporters keep the runs apart.
     report = stage if stage.is_comparison_run else EVAL
     torch.manual_seed(spec.seed)
-    student = build_model(spec.student, shared.plan.num_classes, field="student")
+    student = build_model(spec.distilled_student, shared.plan.num_classes, field="student")
     stage2 = run_stage2(
         ctx, shared.teacher, student, shared.tokens, shared.plan, rundir.checkpoint("stage2"), stage
     )
@@ -403,7 +410,7 @@ def _student_run(
     loops = {"stage1": shared.stage1, "stage2": stage2}
     if baseline:
         torch.manual_seed(spec.seed)
-        plain = build_model(spec.student, shared.plan.num_classes, field="student")
+        plain = build_model(spec.distilled_student, shared.plan.num_classes, field="student")
         plain_result = train_supervised(
             ctx,
             plain,
@@ -449,7 +456,14 @@ def _summary(
     loops: Mapping[str, StageResult | None],
     device: torch.device,
 ) -> dict[str, Any]:
-    """What ``summary.json`` holds for one student (a job's, or one comparison run's)."""
+    """What ``summary.json`` holds for one student (a job's, or one comparison run's).
+
+    ``method_params`` are the method's params as the run used them, defaults spelled out (a
+    weight that followed the task or the student's family included); ``inherited_from_teacher``
+    says what the student took from the teacher (``stage2.inherit_teacher_weights``), or null.
+    """
+    stage2 = loops.get("stage2")
+    inherited = stage2.inherited if stage2 is not None else None
     return {
         "format": "maskd-summary/1",
         "job": spec.name,
@@ -457,6 +471,10 @@ def _summary(
         "primary_metric": shared.task.primary_metric,
         "metrics": dict(metrics),
         "method": spec.stage2.method.name,
+        "method_params": effective_params(
+            method_setup(spec, shared.plan, spec.stage2.method, shared.tokens)
+        ),
+        "inherited_from_teacher": None if inherited is None else inherited.to_dict(),
         "seed": spec.seed,
         "steps": {
             "stage1": spec.stage1.iterations if shared.tokens is not None else 0,
@@ -540,26 +558,139 @@ def run_job(
     )
 
 
-def train_teacher(
-    spec: JobSpec, out_path: str | Path, iterations: int, callbacks: Callbacks = None
-) -> dict[str, float]:
-    """Train ``spec.teacher``'s architecture from scratch on the job's data; save a state dict.
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How a teacher is trained (``teacher_recipe``): supervised, on the task loss alone."""
 
-    Uses the stage-2 optimiser settings (the recipe the job trains its student with) over
-    ``iterations`` steps. Resumable through ``<out_path>.ckpt``, removed once the state dict is
-    written. Returns the trained teacher's validation metrics.
-    """
-    out = Path(out_path)
+    optimizer: OptimizerSpec
+    optimizer_field: str
+    """Where ``optimizer`` sits in the spec: what a diverged run names."""
+    iterations: int
+
+
+def teacher_recipe(spec: JobSpec, iterations: int | None = None) -> TeacherRecipe:
+    """How ``spec``'s teacher is trained: ``teacher_training`` when the spec has it, else stage
+    2's optimiser (the recipe ``maskd train-teacher`` used before teachers had their own);
+    ``iterations`` (the command's ``--iterations``) overrides the step count."""
+    if spec.teacher_training is not None:
+        steps = spec.teacher_training.iterations if iterations is None else iterations
+        return TeacherRecipe(spec.teacher_training.optimizer, "teacher_training.optimizer", steps)
+    steps = spec.stage2.iterations if iterations is None else iterations
+    return TeacherRecipe(spec.stage2.optimizer, "stage2.optimizer", steps)
+
+
+@dataclass
+class TeacherResult:
+    """A finished teacher job: the trained network's files and its validation metrics."""
+
+    spec: JobSpec
+    workdir: WorkDir
+    num_classes: int
+    summary: dict[str, Any]
+    input_example: np.ndarray | None
+    """Two validation images for the registered teacher's signature (as a student's)."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = self.summary["metrics"]
+        return metrics
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {"teacher": self.workdir.teacher, "summary": self.workdir.summary}
+
+
+def _train_teacher_network(
+    spec: JobSpec,
+    out: Path,
+    checkpoint: Path,
+    recipe: TeacherRecipe,
+    callbacks: Callbacks,
+    *,
+    from_weights: bool,
+) -> tuple[nn.Module, TrainContext, StageResult, DenseDataset]:
+    """``spec.teacher`` trained by ``recipe`` on the job's training split and saved to ``out``
+    (a state dict); from its ``weights`` with ``from_weights``, else from scratch."""
     task = build_task(spec)
     dataset = build_dataset(spec)
     splits = train_val_split(spec, dataset)
     ctx = _context(spec, task, splits, _callback(callbacks))
-    torch.manual_seed(spec.seed)
-    untrained = spec.teacher.model_copy(update={"weights": None})
-    model = build_model(untrained, dataset.num_classes, field="teacher")
-    checkpoint = out.with_name(out.name + ".ckpt")
-    train_supervised(ctx, model, spec.stage2.optimizer, iterations, checkpoint, stage=TEACHER)
+    torch.manual_seed(spec.seed)  # the same initialisation on every attempt
+    start = spec.teacher if from_weights else spec.teacher.model_copy(update={"weights": None})
+    model = build_model(start, dataset.num_classes, field="teacher")
+    trained = train_supervised(
+        ctx,
+        model,
+        recipe.optimizer,
+        recipe.iterations,
+        checkpoint,
+        stage=TEACHER,
+        optimizer_field=recipe.optimizer_field,
+    )
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
-    checkpoint.unlink(missing_ok=True)
     ctx.callbacks.on_artifact(TEACHER, "teacher", out)
-    return _evaluate(ctx, model, "teacher", iterations)
+    return model, ctx, trained, dataset
+
+
+def train_teacher(
+    spec: JobSpec,
+    out_path: str | Path,
+    iterations: int | None = None,
+    callbacks: Callbacks = None,
+) -> dict[str, float]:
+    """Train ``spec.teacher``'s architecture from scratch on the job's data; save a state dict.
+
+    The recipe is ``teacher_recipe``'s: ``teacher_training``, else stage 2's optimiser;
+    ``iterations`` overrides its steps. From scratch, since the spec's ``teacher.weights``
+    usually names the file this writes. Resumable through ``<out_path>.ckpt``, removed once the
+    state dict is written. Returns the trained teacher's validation metrics.
+    """
+    out = Path(out_path)
+    recipe = teacher_recipe(spec, iterations)
+    checkpoint = out.with_name(out.name + ".ckpt")
+    model, ctx, trained, _ = _train_teacher_network(
+        spec, out, checkpoint, recipe, callbacks, from_weights=False
+    )
+    checkpoint.unlink(missing_ok=True)
+    return _final_evaluation(ctx, model, "teacher", trained, TEACHER, EVAL)
+
+
+def run_teacher_job(
+    spec: JobSpec, workdir: str | Path, callbacks: Callbacks = None
+) -> TeacherResult:
+    """Run (or resume) the teacher job ``spec`` (``kind: teacher``) in ``workdir``.
+
+    Trains ``teacher.arch`` with ``teacher_training`` (from ``teacher.weights`` when given:
+    a fine-tune), evaluates it on the validation data and writes the state dict, the document
+    that rebuilds its network and a summary, as a job does for its student, so the worker
+    registers it the same way. A finished job (its summary written) is read back.
+    """
+    if spec.kind != "teacher":
+        raise ValueError(f"job {spec.name!r} is a {spec.kind} job; run it with run_job")
+    root = WorkDir(Path(workdir)).create()
+    recipe = teacher_recipe(spec)
+    if root.summary.is_file():
+        summary = json.loads(root.summary.read_text())
+        example = _input_example(spec, build_dataset(spec))
+        return TeacherResult(spec, root, summary["num_classes"], summary, example)
+    model, ctx, trained, dataset = _train_teacher_network(
+        spec, root.teacher, root.checkpoint("teacher"), recipe, callbacks, from_weights=True
+    )
+    atomic_write_json(root.model_spec, model_document(spec.teacher, dataset.num_classes, spec.task))
+    metrics = _final_evaluation(ctx, model, "teacher", trained, TEACHER, EVAL)
+    summary = {
+        "format": "maskd-teacher-summary/1",
+        "job": spec.name,
+        "task": spec.task,
+        "primary_metric": ctx.task.primary_metric,
+        "metrics": dict(metrics),
+        "num_classes": dataset.num_classes,
+        "seed": spec.seed,
+        "steps": {"teacher": recipe.iterations},
+        "seconds_per_step": {"teacher": trained.seconds_per_step},
+        "device": str(ctx.device),
+        "versions": _versions(),
+    }
+    atomic_write_json(root.summary, summary)
+    ctx.callbacks.on_artifact(EVAL, "summary", root.summary)
+    return TeacherResult(spec, root, dataset.num_classes, summary, _input_example(spec, dataset))

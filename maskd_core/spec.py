@@ -8,7 +8,8 @@ before a job is queued.
 Defaults follow the MasKD paper and its official configs (see docs/method.md). Where the
 segmentation and detection recipes differ, the default is chosen by ``task`` when the field is
 left out: tokens (8 vs 6), the mask-weighting branch (off vs on), the custom student mask (off vs
-on) and the optimisers.
+on) and the optimisers. MasKD's ``loss_weight`` left out follows the student's detector family,
+which only the model registry knows, so it stays None here and ``maskd_core.methods`` resolves it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 TaskName = Literal["segmentation", "detection"]
+JobKind = Literal["distill", "teacher"]
 
 INT64_MAX = 2**63 - 1
 """The largest integer a spec may hold anywhere: what PostgreSQL's BIGINT, a torch seed and
@@ -380,6 +382,21 @@ class _NameAccepted:
 MethodChoice = Annotated[MethodSpec, _NameAccepted()]
 
 
+class HeadRegressionSpec(StrictModel):
+    """Head-level regression KD: weight · Σ_levels mean loss(student − teacher) over the box
+    regression head's raw outputs (one [N, A·4, H, W] map per FPN level), beside the method."""
+
+    weight: float = Field(default=1.0, gt=0.0, description="Multiplies the sum over levels.")
+    loss: Literal["l1", "smooth_l1", "mse"] = Field(
+        default="l1",
+        description="Elementwise loss: 'l1' (official RetinaNet-R101 config), 'smooth_l1' "
+        "(RetinaNet-X101 config, beta 1), 'mse'.",
+    )
+    beta: float = Field(
+        default=1.0, gt=0.0, description="smooth_l1 only: where it turns from quadratic to linear."
+    )
+
+
 class Stage2Spec(StrictModel):
     """Distilling the student into the teacher's features with ``method`` (MasKD by default).
 
@@ -395,10 +412,32 @@ class Stage2Spec(StrictModel):
         description="Student→teacher adaptation per level; 'identity' needs equal channels.",
     )
     method: MethodChoice = Field(default_factory=MethodSpec)
+    inherit_teacher_weights: bool = Field(
+        default=False,
+        description="Detection: before stage 2, copy into the student every tensor of the "
+        "teacher's neck (FPN) and head whose name and shape match the student's (the official "
+        "RetinaNet recipe; backbones differ and are never copied). Both models must be of one "
+        "detector family; the count copied is in the run's summary.json. Every method of a "
+        "comparison starts from it.",
+    )
+    head_regression: HeadRegressionSpec | None = Field(
+        default=None,
+        description="Detection, one-stage (RetinaNet, FCOS): also distil the box-regression "
+        "head's outputs, level by level (the official RetinaNet recipe: l1, weight 1). none: off.",
+    )
 
     @classmethod
     def _filled_in(cls) -> frozenset[str]:
         return _filled_by_every_task("stage2")
+
+
+class TeacherTrainingSpec(StrictModel):
+    """The recipe a teacher is trained with from scratch (a teacher job, ``maskd
+    train-teacher``): supervised on the task loss alone, so it has none of stage 2's
+    distillation settings, and its step budget is its own."""
+
+    iterations: int = Field(gt=0, description="Training steps.")
+    optimizer: OptimizerSpec
 
 
 class ComparisonSpec(StrictModel):
@@ -499,13 +538,26 @@ class JobSpec(StrictModel):
     """Everything a MasKD job needs, from models and data to both stages' settings.
 
     With ``comparison`` the job trains one student per (method, seed) listed there instead of
-    one with ``stage2.method``; see ``run_spec``.
+    one with ``stage2.method``; see ``run_spec``. With ``kind: teacher`` it trains the teacher
+    alone, with ``teacher_training``, and has no student (``_fields_of_kind``); ``stage1`` and
+    ``stage2`` are filled in as in every spec and not used.
     """
 
     name: str = Field(default="maskd-job", min_length=1, max_length=128)
+    kind: JobKind = Field(
+        default="distill",
+        description="'distill' (default): distil student from teacher. 'teacher': train "
+        "teacher.arch on dataset with teacher_training (from teacher.weights when given, "
+        "else from scratch) and register it as models:/<project>.<teacher arch>-teacher; "
+        "student and comparison are refused, stage1 and stage2 are not used.",
+    )
     task: TaskName = "segmentation"
     teacher: ModelSpec
-    student: ModelSpec
+    student: ModelSpec | None = Field(
+        default=None,
+        description="The network distilled: required for kind 'distill', refused for kind "
+        "'teacher'.",
+    )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     val_dataset: ValDatasetSpec | None = Field(
         default=None,
@@ -530,6 +582,11 @@ class JobSpec(StrictModel):
         description="Compare stage-2 methods over seeds in one job (stage2.method is then "
         "not used); see docs/methods.md.",
     )
+    teacher_training: TeacherTrainingSpec | None = Field(
+        default=None,
+        description="How the teacher is trained: required for kind 'teacher'; `maskd "
+        "train-teacher` uses it too, and without it falls back to stage2.optimizer.",
+    )
     labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict,
         max_length=MAX_LABELS,
@@ -539,8 +596,19 @@ class JobSpec(StrictModel):
     )
 
     def methods(self) -> list[MethodSpec]:
-        """The stage-2 methods this job runs: the comparison's, or ``stage2.method`` alone."""
+        """The stage-2 methods this job runs: the comparison's, ``stage2.method`` alone, or
+        none for a teacher job (which therefore learns no tokens either)."""
+        if self.kind == "teacher":
+            return []
         return list(self.comparison.methods) if self.comparison else [self.stage2.method]
+
+    @property
+    def distilled_student(self) -> ModelSpec:
+        """The student of a distillation job; ``_fields_of_kind`` guarantees one there, and a
+        teacher job never reaches the code that distils."""
+        if self.student is None:
+            raise ValueError(f"job {self.name!r} is a {self.kind} job and has no student")
+        return self.student
 
     @classmethod
     def _filled_in(cls) -> frozenset[str]:
@@ -583,7 +651,50 @@ class JobSpec(StrictModel):
         return _move_maskd_settings(filled, defaults[MASKD])
 
     @model_validator(mode="after")
+    def _fields_of_kind(self) -> JobSpec:
+        """Each kind's own fields, each refusal naming its field and the fix."""
+        problems: list[InitErrorDetails] = []
+        if self.kind == "distill" and self.student is None:
+            problems.append(
+                _problem(
+                    "missing_student",
+                    "a distillation job needs a student ({arch, layers}); to train the "
+                    "teacher alone, set kind: teacher",
+                    ("student",),
+                    None,
+                )
+            )
+        if self.kind == "teacher":
+            for field in ("student", "comparison"):
+                if getattr(self, field) is not None:
+                    problems.append(
+                        _problem(
+                            "not_for_teacher_job",
+                            f"a teacher job (kind: teacher) trains teacher.arch alone and has "
+                            f"no {field}; remove it, and name the trained teacher in a "
+                            "distillation job once this one has succeeded",
+                            (field,),
+                            "…",
+                        )
+                    )
+            if self.teacher_training is None:
+                problems.append(
+                    _problem(
+                        "missing_teacher_training",
+                        "a teacher job needs its recipe: teacher_training: {iterations: N, "
+                        "optimizer: {name: sgd, lr: 0.02, schedule: poly}}",
+                        ("teacher_training",),
+                        None,
+                    )
+                )
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+    @model_validator(mode="after")
     def _layers_pair_up(self) -> JobSpec:
+        if self.student is None:
+            return self
         if len(self.teacher.layers) != len(self.student.layers):
             raise ValueError(
                 f"teacher.layers has {len(self.teacher.layers)} entries and student.layers has "
@@ -605,11 +716,16 @@ class MaskdParams(StrictModel):
     them from their former place in ``stage2`` (see ``_move_maskd_settings``).
     """
 
-    loss_weight: float = Field(
-        default=1.0,
+    loss_weight: float | None = Field(
+        default=None,
         ge=0.0,
-        description="Multiplies Σ_levels of the MasKD loss, a per-element mean: O(1–10) "
-        "(the paper: 7 for RetinaNet, 10 for FCOS; segmentation logits take less).",
+        description="Multiplies Σ_levels of the MasKD loss, a per-element mean: O(1–10). "
+        "none: for detection the paper's weight for the student's detector family (RetinaNet "
+        "7, FCOS and RepPoints 10, two-stage 1), for segmentation 1; the value used is in the "
+        "run's summary.json (method_params). Segmentation: the official code's loss carries a "
+        "factor 0.5 (0.5 · mean over n, t, c) under its λ = 1, which is loss_weight 0.5 here; "
+        "our loss is the same plain mean in both tasks, so 1 is twice the official scale "
+        "(logits often take less still: the quickstart uses 0.1).",
     )
     custom_mask: bool = Field(
         default=False,
@@ -622,6 +738,23 @@ class MaskdParams(StrictModel):
     mask_eps: float = Field(
         default=1e-6, gt=0.0, description="Added to each mask's area in the normalisation."
     )
+    aux_weight: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Segmentation: also distil the auxiliary head's logits (module "
+        "'aux_classifier', e.g. torchvision's with args aux_loss: true on both models) "
+        "through the tokens learned on the main logits, weighted by this relative to the main "
+        "levels (the official recipe: 0.4, the aux head's share of the task loss). none: off.",
+    )
+
+
+STORED_MASKD_DEFAULTS = {"loss_weight": 1.0}
+"""Defaults a stored spec may spell out that are no longer the field's: ``loss_weight`` was 1
+before it followed the detector family (None now), and specs stored then carry 1 beside other
+methods."""
+
+STAGE2_MASKD_FIELDS = ("loss_weight", "custom_mask", "custom_mask_warmup", "mask_eps")
+"""MasKD's settings that were once fields of ``stage2``; later ones were only ever params."""
 
 
 def _move_maskd_settings(data: dict[str, Any], task_defaults: dict[str, Any]) -> dict[str, Any]:
@@ -636,7 +769,7 @@ def _move_maskd_settings(data: dict[str, Any], task_defaults: dict[str, Any]) ->
     if not isinstance(stage2, dict):
         return data
     stage2 = dict(stage2)
-    legacy = {key: stage2.pop(key) for key in MaskdParams.model_fields if key in stage2}
+    legacy = {key: stage2.pop(key) for key in STAGE2_MASKD_FIELDS if key in stage2}
     entries: list[tuple[str, Any]] = [("stage2.method", stage2.get("method", MASKD))]
     comparison = data.get("comparison")
     comparison = comparison if isinstance(comparison, dict) else {}
@@ -666,7 +799,7 @@ def _move_maskd_settings(data: dict[str, Any], task_defaults: dict[str, Any]) ->
         fields = MaskdParams.model_fields
         defaults = {**{key: field.default for key, field in fields.items()}, **task_defaults}
         for key, value in legacy.items():
-            if value != defaults[key]:
+            if value != defaults[key] and value != STORED_MASKD_DEFAULTS.get(key):
                 raise ValueError(
                     f"stage2.{key} is a MasKD setting and this job runs no MasKD; remove it and "
                     "set the method's own settings in its params (loss scales differ by orders "

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,10 @@ from torch import nn
 
 from maskd_core.callbacks import STAGE1, STAGE2, Callback, Stage
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
+from maskd_core.detection_recipe import Inherited, detection_recipe
 from maskd_core.errors import JobCancelled, Setting, SpecError, TrainingDiverged
 from maskd_core.losses import dice_diversity
-from maskd_core.methods import Distiller, MethodSetup, build_distiller
+from maskd_core.methods import Distiller, build_distiller, method_setup
 from maskd_core.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, OptimizerSpec
@@ -145,6 +146,9 @@ class StageResult:
     final_evaluation: dict[str, float] | None = None
     """The evaluation at the last step when the loop made one (``eval_every`` set and the last
     step run here), so the caller reports it as the final value instead of evaluating again."""
+    inherited: Inherited | None = None
+    """What a stage-2 student took from its teacher before training
+    (``stage2.inherit_teacher_weights``); None when it took nothing."""
 
 
 class NonFiniteStreak:
@@ -387,7 +391,8 @@ def run_stage2(
     Trains the student, the per-level aligns and the method's own modules on task loss +
     weight · the method's loss over levels; the teacher runs in eval mode under no_grad, and the
     ``tokens`` (MasKD's; None for methods without stage 1) are frozen. ``stage`` is the name
-    callbacks see (one per run in a comparison job).
+    callbacks see (one per run in a comparison job). A detection student may first inherit the
+    teacher's neck and head, and add head-level regression KD (``maskd_core.detection_recipe``).
     """
     spec = ctx.spec.stage2
     freeze(teacher)
@@ -395,32 +400,54 @@ def run_stage2(
         freeze(tokens)
     torch.manual_seed(ctx.spec.seed)
     aligns = build_aligns(plan, spec.align)
-    distiller = build_distiller(
-        MethodSetup(plan.levels, ctx.spec.task, spec.method, tokens, plan.num_classes)
-    )
+    distiller = build_distiller(method_setup(ctx.spec, plan, spec.method, tokens))
+    inherited, head = detection_recipe(ctx.spec, teacher, student)
+    uses_teacher = distiller.uses_teacher or head is not None
     for module in (teacher, student, aligns, distiller):
         module.to(ctx.device)
 
     teacher_taps = Taps(teacher, ctx.spec.teacher.layers, field="teacher.layers")
-    student_taps = Taps(student, ctx.spec.student.layers, field="student.layers")
+    student_taps = Taps(student, ctx.spec.distilled_student.layers, field="student.layers")
+    # The auxiliary heads a method distils besides the levels, tapped on both models alike.
+    aux_taps = [
+        Taps(model, [distiller.aux_layer], field=f"{role}.layers")
+        for model, role in ((teacher, "teacher"), (student, "student"))
+        if distiller.aux_layer is not None and distiller.uses_teacher
+    ]
 
     def set_modes() -> None:
         teacher.eval()
         student.train()
 
     def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not distiller.uses_teacher:
+        if not uses_teacher:
             task_loss, _ = ctx.task.training_loss(student, batch)
             return task_loss, {"task_loss": task_loss.detach(), "kd_loss": task_loss.new_zeros(())}
         with torch.no_grad():
-            ctx.task.forward(teacher, batch)
+            if head is None:
+                ctx.task.forward(teacher, batch)
+            else:  # through the teacher's head too, which head KD reads
+                head.teacher_forward(teacher, batch)
         task_loss, _ = ctx.task.training_loss(student, batch)
+        parts = {"task_loss": task_loss.detach()}
+        head_term = task_loss.new_zeros(())
+        if head is not None:
+            head_kd = head.loss()
+            head_term = head.weight * head_kd
+            parts["head_kd_loss"] = head_kd.detach()
+        if not distiller.uses_teacher:
+            return task_loss + head_term, {**parts, "kd_loss": task_loss.new_zeros(())}
         aligned = [align(s) for align, s in zip(aligns, student_taps.levels(), strict=True)]
         kd = distiller.loss(aligned, teacher_taps.levels(), step)
-        teacher_taps.clear()
-        student_taps.clear()
-        loss = task_loss + distiller.weight * kd
-        return loss, {"task_loss": task_loss.detach(), "kd_loss": kd.detach()}
+        if aux_taps:
+            teacher_aux, student_aux = (tap.layer_levels(0)[0] for tap in aux_taps)
+            kd_aux = distiller.aux_loss(student_aux, teacher_aux, step)
+            kd = kd + kd_aux
+            parts["kd_aux_loss"] = kd_aux.detach()
+        for tap in (teacher_taps, student_taps, *aux_taps):
+            tap.clear()
+        loss = task_loss + distiller.weight * kd + head_term
+        return loss, {**parts, "kd_loss": kd.detach()}
 
     # Methods without trainable modules of their own (MasKD: frozen tokens) add nothing to the
     # optimiser or the checkpoint, so checkpoints written before methods existed still resume.
@@ -429,9 +456,11 @@ def run_stage2(
         trainable["method"] = distiller
     with ExitStack() as taps:
         if distiller.uses_teacher:
-            taps.enter_context(teacher_taps)
-            taps.enter_context(student_taps)
-        return _train(
+            for tap in (teacher_taps, student_taps, *aux_taps):
+                taps.enter_context(tap)
+        for tap in head.taps if head is not None else ():
+            taps.enter_context(tap)
+        result = _train(
             ctx,
             stage=stage,
             step_fn=step_fn,
@@ -444,6 +473,7 @@ def run_stage2(
             set_modes=set_modes,
             evaluate=lambda: ctx.evaluate(student, "student"),
         )
+    return replace(result, inherited=inherited)
 
 
 def _method_weight(distiller: Distiller, stage: Stage) -> Setting | None:
@@ -466,10 +496,13 @@ def train_supervised(
     iterations: int,
     checkpoint: Path | None,
     stage: Stage,
+    optimizer_field: str = "stage2.optimizer",
 ) -> StageResult:
-    """Plain task-loss training: teachers for the examples and the no-KD student baseline.
+    """Plain task-loss training: teachers and the no-KD student baseline.
 
-    Both train with the stage-2 recipe (``stage2.optimizer``, the field a diverged run names).
+    ``optimizer_field`` is where ``optimizer_spec`` sits in the spec, the field a diverged run
+    names: ``stage2.optimizer`` for the baseline, ``teacher_training.optimizer`` for a teacher
+    trained with a recipe of its own.
     """
     model.to(ctx.device)
 
@@ -483,7 +516,7 @@ def train_supervised(
         step_fn=step_fn,
         trainable={"model": model},
         optimizer_spec=optimizer_spec,
-        optimizer_field="stage2.optimizer",
+        optimizer_field=optimizer_field,
         loss_weight=None,
         iterations=iterations,
         checkpoint=checkpoint,

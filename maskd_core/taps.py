@@ -8,6 +8,10 @@ rebuilds the original structure, so the model's own head consumes the masked fea
 
 Names are resolved against ``model.named_modules()`` when a ``Taps`` is created, so a typo is a
 ``UnknownNameError`` before any training, with the close matches in its message.
+
+A module a head shares across the FPN levels runs once per level in one forward (RetinaNet's
+box-regression conv, say): tapped with ``per_call``, each of its calls adds its levels, so the
+head's outputs come out one level per call, in the order the head ran them.
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ class Taps:
     Inside the ``with`` block every forward records each tapped layer's levels (``levels``); with
     ``replace`` the module's output is swapped for ``replace(layer, level, tensor)`` of each
     level. Leaving the block removes the hooks, so a model is never left modified.
+
+    A module called several times keeps its latest call's levels, unless ``per_call``: then
+    every call appends its levels (numbered on from the earlier calls' for ``replace``) until
+    ``clear``, which the caller runs before each forward.
     """
 
     def __init__(
@@ -83,10 +91,13 @@ class Taps:
         names: Sequence[str],
         replace: Replace | None = None,
         field: str = "layers",
+        *,
+        per_call: bool = False,
     ) -> None:
         self.names = list(names)
         self.modules = resolve_modules(model, self.names, field)
         self.replace = replace
+        self.per_call = per_call
         self._captured: list[list[torch.Tensor] | None] = [None] * len(self.modules)
         self._handles: list[RemovableHandle] = []
 
@@ -109,16 +120,19 @@ class Taps:
     def _hook(self, layer: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             levels = flatten_levels(output)
-            self._captured[layer] = levels
+            earlier = self._captured[layer] if self.per_call else None
+            first = 0 if earlier is None else len(earlier)
+            self._captured[layer] = levels if earlier is None else [*earlier, *levels]
             if self.replace is None:
                 return None
-            replaced = [self.replace(layer, j, level) for j, level in enumerate(levels)]
+            replaced = [self.replace(layer, first + j, level) for j, level in enumerate(levels)]
             return rebuild_levels(output, replaced)
 
         return hook
 
     def layer_levels(self, layer: int) -> list[torch.Tensor]:
-        """The levels tapped layer ``layer`` output in the latest forward (before replacement)."""
+        """The levels tapped layer ``layer`` output in the latest forward (before replacement);
+        with ``per_call``, those of every call since ``clear``."""
         captured = self._captured[layer]
         if captured is None:
             raise RuntimeError(

@@ -14,14 +14,16 @@ from typing import Any
 from torch import nn
 
 from maskd_core.data import DATASETS, DenseDataset, build_dataset, build_val_dataset
-from maskd_core.errors import DataError, SpecError
+from maskd_core.detection_recipe import check_detection_recipe
+from maskd_core.errors import DataError, SpecError, UnknownNameError
 from maskd_core.methods import METHODS
 from maskd_core.model_probe import level_shapes, probed_level_shapes
 from maskd_core.models import MODELS
+from maskd_core.models.segmentation import AUX_CLASSIFIER
 from maskd_core.paths import InputPath, args_input_paths, check_plain_path, resolve_path
-from maskd_core.plan import JobPlan, LevelPlan
+from maskd_core.plan import AuxPlan, JobPlan, LevelPlan, Shape
 from maskd_core.spec import DataSourceSpec, JobSpec, ModelSpec
-from maskd_core.tasks import build_task
+from maskd_core.tasks import Task, build_task
 
 
 def _check_mixed_precision(spec: JobSpec) -> None:
@@ -128,17 +130,23 @@ def validate_job(
     own_dataset = dataset is None
     dataset = build_dataset(spec) if dataset is None else dataset
     MODELS.entry(spec.teacher.arch, field="teacher.arch")  # before build_model blames the args
-    MODELS.entry(spec.student.arch, field="student.arch")
+    if spec.student is not None:
+        MODELS.entry(spec.student.arch, field="student.arch")
     sample = _first_sample(dataset, "dataset", submission=own_dataset)
     if own_dataset and spec.val_dataset is not None:
         _first_sample(build_val_dataset(spec, dataset), "val_dataset", submission=True)
     batch = task.collate([sample])
     num_classes = dataset.num_classes
-    if teacher is None:
-        teacher_shapes = probed_level_shapes(spec.teacher, "teacher", task, batch, num_classes)
-    else:
-        teacher_shapes = level_shapes(task, teacher, batch, spec.teacher.layers, "teacher.layers")
-    student_shapes = probed_level_shapes(spec.student, "student", task, batch, num_classes)
+    aux_fields = _aux_fields(spec)
+    teacher_shapes, teacher_aux = _shapes_with_aux(
+        spec.teacher, "teacher", task, batch, num_classes, teacher, aux_fields
+    )
+    if spec.student is None:  # a teacher job: nothing is distilled, so no level is planned
+        return JobPlan(num_classes=num_classes, levels=[])
+    student_shapes, student_aux = _shapes_with_aux(
+        spec.student, "student", task, batch, num_classes, None, aux_fields
+    )
+    check_detection_recipe(spec, num_classes)
     levels = []
     for pair, (t_name, s_name) in enumerate(
         zip(spec.teacher.layers, spec.student.layers, strict=True)
@@ -160,4 +168,85 @@ def validate_job(
                     field="stage2.align",
                 )
             levels.append(LevelPlan(pair, t_name, s_name, level, t_shape, s_shape))
-    return JobPlan(num_classes=dataset.num_classes, levels=levels)
+    aux = None
+    if teacher_aux is not None and student_aux is not None:
+        aux = _aux_plan(levels, teacher_aux, student_aux, aux_fields[0])
+    return JobPlan(num_classes=dataset.num_classes, levels=levels, aux=aux)
+
+
+def _aux_fields(spec: JobSpec) -> list[str]:
+    """Where the job's methods ask for the auxiliary heads' distillation (``aux_weight``)."""
+    if spec.student is None:
+        return []
+    entries = [("stage2.method", spec.stage2.method)]
+    if spec.comparison is not None:
+        entries = [(f"comparison.methods[{i}]", m) for i, m in enumerate(spec.comparison.methods)]
+    fields = []
+    for where, method in entries:
+        params = METHODS.parse_args(method.name, method.params, field=f"{where}.params")
+        if getattr(params, "aux_weight", None) is not None:
+            fields.append(f"{where}.params.aux_weight")
+    return fields
+
+
+def _shapes_with_aux(
+    model: ModelSpec,
+    where: str,
+    task: Task,
+    batch: Any,
+    num_classes: int,
+    built: nn.Module | None,
+    aux_fields: list[str],
+) -> tuple[list[list[Shape]], list[Shape] | None]:
+    """The level shapes of ``model``'s layers and, when ``aux_fields`` ask for it, of its
+    auxiliary head, from one forward (of ``built`` when given, else of a probe)."""
+    layers = [*model.layers, *([AUX_CLASSIFIER] if aux_fields else [])]
+    try:
+        if built is None:
+            tapped = model.model_copy(update={"layers": layers})
+            shapes = probed_level_shapes(tapped, where, task, batch, num_classes)
+        else:
+            shapes = level_shapes(task, built, batch, layers, f"{where}.layers")
+    except SpecError as exc:
+        if aux_fields and exc.field == f"{where}.layers[{len(model.layers)}]":
+            problem = "has no such module" if isinstance(exc, UnknownNameError) else str(exc)
+            raise SpecError(
+                f"aux_weight distils the auxiliary heads (module {AUX_CLASSIFIER!r}), and the "
+                f"{where} ({model.arch} with these args) {problem}; build both models with one "
+                "(torchvision's segmentation models and deeplabv3_resnet18: args aux_loss: "
+                "true) or remove aux_weight",
+                field=aux_fields[0],
+            ) from None
+        raise
+    if not aux_fields:
+        return shapes, None
+    return shapes[:-1], shapes[-1]
+
+
+def _aux_plan(
+    levels: list[LevelPlan], teacher: list[Shape], student: list[Shape], field: str
+) -> AuxPlan:
+    """The aux heads' pairing: one logits tensor each, with equal channels, and the level
+    whose tokens they reuse (the first teacher level with as many channels: the main logits)."""
+    if len(teacher) != 1 or len(student) != 1:
+        raise SpecError(
+            f"aux_weight distils one logits tensor per model, but the teacher's "
+            f"{AUX_CLASSIFIER!r} outputs {len(teacher)} and the student's {len(student)}",
+            field=field,
+        )
+    (t_shape,), (s_shape,) = teacher, student
+    if t_shape[0] != s_shape[0]:
+        raise SpecError(
+            f"the auxiliary heads cannot be compared: the teacher's has {t_shape[0]} channels "
+            f"and the student's {s_shape[0]}; both must output the class logits",
+            field=field,
+        )
+    for index, level in enumerate(levels):
+        if level.teacher_channels == t_shape[0]:
+            return AuxPlan(AUX_CLASSIFIER, t_shape, s_shape, tokens_level=index)
+    raise SpecError(
+        f"aux_weight reuses the tokens learned on the teacher's main logits, but no distilled "
+        f"level has the auxiliary head's {t_shape[0]} channels; tap the teacher's classifier "
+        "(the logits, e.g. 'classifier') in teacher.layers",
+        field=field,
+    )

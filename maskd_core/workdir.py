@@ -13,6 +13,8 @@ Layout of a job's directory::
     stage2/checkpoint.pt    stage 2 in progress
     baseline/checkpoint.pt  the no-KD student of ``maskd run --baseline``
     student.pt              the distilled student's state dict
+    teacher.pt              a teacher job's trained teacher (its model_spec.json and summary.json
+                            beside it, as a student's)
     model_spec.json         how to rebuild the student's network (``maskd_core.models``)
     summary.json            metrics, speeds, plan and versions
     comparison.json         a comparison job's table (and comparison.md, the same as markdown)
@@ -30,6 +32,7 @@ from pathlib import Path
 
 TOKENS_FILE = "tokens.pt"
 STUDENT_FILE = "student.pt"
+TEACHER_FILE = "teacher.pt"
 MODEL_SPEC_FILE = "model_spec.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -49,6 +52,11 @@ class WorkDir:
     @property
     def student(self) -> Path:
         return self.root / STUDENT_FILE
+
+    @property
+    def teacher(self) -> Path:
+        """A teacher job's trained network."""
+        return self.root / TEACHER_FILE
 
     @property
     def model_spec(self) -> Path:
@@ -76,7 +84,8 @@ class WorkDir:
         return self.root / "evaluations" / f"{name}.json"
 
     def checkpoint(self, loop: str) -> Path:
-        """The resumable state of one training loop: "stage1", "stage2" or "baseline"."""
+        """The resumable state of one training loop: "stage1", "stage2", "baseline" or
+        "teacher"."""
         return self.root / loop / CHECKPOINT_FILE
 
     def run(self, method: str, seed: int) -> WorkDir:

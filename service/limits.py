@@ -46,10 +46,10 @@ def _exceeded(spec: JobSpec, settings: Settings) -> Iterator[LimitExceeded]:
             f"{limit} (the operator can raise it with MASKD_{setting.upper()})",
         )
 
-    for stage, iterations in (
-        ("stage1", spec.stage1.iterations),
-        ("stage2", spec.stage2.iterations),
-    ):
+    steps = [("stage1", spec.stage1.iterations), ("stage2", spec.stage2.iterations)]
+    if spec.teacher_training is not None:
+        steps.append(("teacher_training", spec.teacher_training.iterations))
+    for stage, iterations in steps:
         if iterations > settings.max_iterations:
             yield over((stage, "iterations"), iterations, settings.max_iterations, "max_iterations")
     if spec.batch_size > settings.max_batch_size:
@@ -65,11 +65,9 @@ def _exceeded(spec: JobSpec, settings: Settings) -> Iterator[LimitExceeded]:
                 f"limit of {settings.max_comparison_runs}; compare fewer methods or seeds (the "
                 "operator can raise it with MASKD_MAX_COMPARISON_RUNS)",
             )
-    sections = (
-        (("teacher", "args"), spec.teacher.args),
-        (("student", "args"), spec.student.args),
-        (("dataset", "args"), spec.dataset.args),
-    )
+    sections = [(("teacher", "args"), spec.teacher.args), (("dataset", "args"), spec.dataset.args)]
+    if spec.student is not None:
+        sections.append((("student", "args"), spec.student.args))
     for where, args in sections:
         for name in IMAGE_SIZE_ARGS:
             for loc, side in _sides((*where, name), args.get(name)):

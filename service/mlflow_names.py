@@ -8,15 +8,17 @@ each lives here once. Torch-free and MLflow-free: importing it costs nothing.
 Runs: one parent run per job, tagged ``job_id``, ``stage`` = ``job`` and the project, and one
 nested run per stage (``stage`` = ``stage1``, ``stage2``, ``baseline`` or a comparison run's
 ``stage2/<method>/seed<n>``). Registered models: ``<project>.<job name>-student``, tagged with
-the project, one version per student with lineage tags, and ``<project>.<teacher>-tokens``, one
-version per stage-1 result learned on that teacher architecture.
+the project, one version per student with lineage tags, ``<project>.<teacher>-tokens``, one
+version per stage-1 result learned on that teacher architecture, and
+``<project>.<teacher>-teacher``, one version per teacher job (``kind: teacher``) training that
+architecture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
+from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
 
 # -- tenancy ----------------------------------------------------------------------------------
 
@@ -73,6 +75,14 @@ def tokens_model_name(project: str, teacher_arch: str) -> str:
     return f"{project}.{_name_part(teacher_arch, 'teacher')}-tokens"
 
 
+def teacher_model_name(project: str, teacher_arch: str) -> str:
+    """``<project>.<teacher arch>-teacher``: every teacher a teacher job of the project trained
+    on that architecture, so a distillation job names the newest as
+    ``models:/<project>.<arch>-teacher@candidate``. The suffix keeps it apart from the same
+    architecture's tokens and from any job's students (``-student``)."""
+    return f"{project}.{_name_part(teacher_arch, 'teacher')}-teacher"
+
+
 def has_project_prefix(project: str, name: str) -> bool:
     return name.startswith(f"{project}.")
 
@@ -83,9 +93,10 @@ def quoted(value: str) -> str:
 
 
 MODEL_KIND_TAG = "maskd.kind"
-"""On registered models: what their versions hold, ``student`` or ``tokens``. Student models
-registered before the tag existed have none and are students."""
+"""On registered models: what their versions hold, ``student``, ``teacher`` or ``tokens``.
+Student models registered before the tag existed have none and are students."""
 STUDENT_KIND = "student"
+TEACHER_KIND = "teacher"
 TOKENS_KIND = "tokens"
 
 
@@ -159,6 +170,17 @@ VERSION_ARCH_TAG = "maskd.arch"
 VERSION_TEACHER_ARCH_TAG = "maskd.teacher.arch"
 VERSION_TEACHER_WEIGHTS_TAG = "maskd.teacher.weights"
 VERSION_TEACHER_SHA256_TAG = "maskd.teacher.weights_sha256"
+
+# -- registered teachers ----------------------------------------------------------------------
+
+TEACHER_MODEL_NAME = "teacher"
+"""Name of the logged model (and its artifact folder) on a teacher job's run; its versions carry
+the students' lineage tags that apply (job, task, seed, arch, weights checksum, and
+``VERSION_TEACHER_WEIGHTS_TAG`` for the weights it was fine-tuned from, ``none`` from scratch)
+plus ``DATA_FINGERPRINT_TAG``."""
+TEACHER_MODEL_TYPE = "maskd-teacher"
+MODEL_TEACHER_WEIGHTS_ARTIFACT = f"artifacts/{TEACHER_FILE}"
+"""The state dict inside a logged teacher model's folder."""
 
 # -- job labels -------------------------------------------------------------------------------
 

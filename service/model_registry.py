@@ -6,9 +6,10 @@ the registered model carries the project tag. The tag is the authority: a model 
 another project (or none) is answered exactly like a model that does not exist, so a caller
 cannot even learn that another tenant's name is taken (404, never 403).
 
-Two kinds of models live here (``MODEL_KIND_TAG``): distilled students, and the stage-1 tokens
-learned on a teacher (``<project>.<teacher>-tokens``); both are listed, and a version's file is
-downloaded by the same method whatever it holds.
+Three kinds of models live here (``MODEL_KIND_TAG``): distilled students, teachers trained by
+teacher jobs (``<project>.<teacher>-teacher``), and the stage-1 tokens learned on a teacher
+(``<project>.<teacher>-tokens``); all are listed, and a version's file is downloaded by the same
+method whatever it holds.
 
 Methods return MLflow's own entities; the API turns them into its schemas. Every method blocks
 on MLflow (SQL or HTTP); the API runs them in a thread. Workers use the same class to resolve
@@ -31,12 +32,14 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from maskd_core.files import file_sha256
-from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
+from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
 from service.mlflow_names import (
     MODEL_KIND_TAG,
+    MODEL_TEACHER_WEIGHTS_ARTIFACT,
     MODEL_TOKENS_ARTIFACT,
     MODEL_WEIGHTS_ARTIFACT,
     PROJECT_TAG,
+    TEACHER_KIND,
     TOKENS_KIND,
     TOKENS_SHA256_TAG,
     WEIGHTS_SHA256_TAG,
@@ -176,8 +179,8 @@ class ModelRegistry:
         return self.version(project, name, str(found.version))
 
     def download_weights(self, project: str, name: str, version: str, cache_dir: Path) -> Path:
-        """The version's file, downloaded once into ``cache_dir`` and verified: a student's
-        state dict, or a tokens model's tokens artifact (``maskd_core.tokens``).
+        """The version's file, downloaded once into ``cache_dir`` and verified: a student's or
+        a teacher's state dict, or a tokens model's tokens artifact (``maskd_core.tokens``).
 
         Versions are immutable, so a cached file is keyed by (name, version) and reused; it is
         written under a temporary name and renamed, so a crash never leaves half a file that a
@@ -185,8 +188,12 @@ class ModelRegistry:
         """
         model = self.owned_model(project, name)
         found = self.version(project, name, version)
-        if model.tags.get(MODEL_KIND_TAG) == TOKENS_KIND:
+        kind = model.tags.get(MODEL_KIND_TAG)
+        if kind == TOKENS_KIND:
             artifact, file_name, checksum = MODEL_TOKENS_ARTIFACT, TOKENS_FILE, TOKENS_SHA256_TAG
+        elif kind == TEACHER_KIND:
+            artifact, file_name = MODEL_TEACHER_WEIGHTS_ARTIFACT, TEACHER_FILE
+            checksum = WEIGHTS_SHA256_TAG
         else:
             artifact, file_name, checksum = MODEL_WEIGHTS_ARTIFACT, STUDENT_FILE, WEIGHTS_SHA256_TAG
         target = cache_dir / name / str(found.version) / file_name

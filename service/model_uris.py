@@ -1,11 +1,12 @@
 """Weights from the Model Registry: ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``.
 
-A job spec may name a registered model (typically an earlier job's student) instead of a local
-file. The stored spec keeps the URI, so the job's record says what the user asked for; the API
-resolves it to check it early (422 naming the field), and the worker resolves it again right
-before running, because an alias may have moved in between. Resolution downloads the weights
-into a cache under the data directory and returns a copy of the spec with the local path, the
-only form ``maskd_core`` understands (the core never talks to MLflow).
+A job spec may name a registered model (an earlier job's student, or the teacher a teacher job
+trained: ``models:/<project>.<arch>-teacher@candidate``) instead of a local file. The stored
+spec keeps the URI, so the job's record says what the user asked for; the API resolves it to
+check it early (422 naming the field), and the worker resolves it again right before running,
+because an alias may have moved in between. Resolution downloads the weights into a cache under
+the data directory and returns a copy of the spec with the local path, the only form
+``maskd_core`` understands (the core never talks to MLflow).
 
 ``stage1.from_model`` names a registered *tokens* version the same way. It is checked here
 against the job from the version's tags (kind, teacher architecture, layers, token count, mask
@@ -25,6 +26,8 @@ from maskd_core.errors import SpecError
 from maskd_core.spec import JobSpec, ModelSpec
 from service.mlflow_names import (
     MODEL_KIND_TAG,
+    STUDENT_KIND,
+    TEACHER_KIND,
     TOKENS_COUNT_TAG,
     TOKENS_KIND,
     TOKENS_MASK_WEIGHTING_TAG,
@@ -95,7 +98,9 @@ def _resolve_weights(spec: JobSpec, project: str, tracking_uri: str, cache_dir: 
     updates: dict[str, ModelSpec] = {}
     registry: ModelRegistry | None = None
     for role in ("teacher", "student"):
-        model_spec: ModelSpec = getattr(spec, role)
+        model_spec: ModelSpec | None = getattr(spec, role)
+        if model_spec is None:  # a teacher job has no student
+            continue
         field = f"{role}.weights"
         reference = parse_model_uri(model_spec.weights, field) if model_spec.weights else None
         if reference is None:
@@ -109,7 +114,7 @@ def _resolve_weights(spec: JobSpec, project: str, tracking_uri: str, cache_dir: 
             if holds_tokens:
                 raise SpecError(
                     f"{model_spec.weights!r} holds stage-1 tokens, not network weights; name a "
-                    f"student model here, and tokens as stage1.from_model",
+                    "student or teacher model here, and tokens as stage1.from_model",
                     field=field,
                 )
             version = registry.version(project, reference.name, reference.selector)
@@ -163,9 +168,11 @@ def registered_tokens(
             f"{tokens_model_name(project, spec.teacher.arch)!r})",
             field=TOKENS_FIELD,
         ) from None
-    if model.tags.get(MODEL_KIND_TAG) != TOKENS_KIND:
+    kind = model.tags.get(MODEL_KIND_TAG, STUDENT_KIND)
+    if kind != TOKENS_KIND:
+        holds = "trained teachers" if kind == TEACHER_KIND else "distilled students"
         raise SpecError(
-            f"{uri!r} is a model of distilled students, not of stage-1 tokens; name a version of "
+            f"{uri!r} is a model of {holds}, not of stage-1 tokens; name a version of "
             f"{tokens_model_name(project, spec.teacher.arch)!r}",
             field=TOKENS_FIELD,
         )

@@ -38,7 +38,7 @@ from mlflow.utils.validation import (
 from maskd_core.callbacks import STAGE1, Callback, Stage
 from maskd_core.files import file_sha256
 from maskd_core.spec import JobSpec
-from maskd_core.workdir import STUDENT_FILE, TOKENS_FILE
+from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
 from service.mlflow_names import (
     EXPERIMENT_KIND_TAG,
     FAILURE_TAG,
@@ -266,7 +266,7 @@ class MlflowTracker(Callback):
             RUN_PROJECT_TAG: self.project,
             PROJECT_TAG: self.project,
             TEACHER_TAG: self.spec.teacher.arch,
-            STUDENT_TAG: self.spec.student.arch,
+            **({STUDENT_TAG: self.spec.student.arch} if self.spec.student is not None else {}),
             TASK_TAG: self.spec.task,
             STAGE_TAG: stage,
             **label_tags(self.spec.labels),
@@ -347,8 +347,9 @@ class MlflowTracker(Callback):
 
     @_best_effort
     def on_artifact(self, stage: Stage, name: str, path: Path) -> None:
-        """Files go on their stage's run; the student's weights travel in the model instead."""
-        if path.name == STUDENT_FILE or not path.is_file():
+        """Files go on their stage's run; a student's or a teacher job's weights travel in the
+        registered model instead."""
+        if path.name in (STUDENT_FILE, TEACHER_FILE) or not path.is_file():
             return
         if path.name == TOKENS_FILE:
             self._log_tokens(path)

@@ -1,4 +1,5 @@
-"""The REGISTERING step: every student of a finished job into the MLflow Model Registry.
+"""The REGISTERING step: every student of a finished job (or the teacher of a teacher job)
+into the MLflow Model Registry.
 
 Each student is logged as a pyfunc model ("models from code": ``workers/student_model.py``,
 its state dict and the ``model_spec.json`` the core wrote beside it) and registered as a version
@@ -14,6 +15,13 @@ lives in the same file) as a version of ``<project>.<teacher arch>-tokens``, log
 stage-1 run with its mask images and lineage tags (teacher weights, stage-1 and data
 fingerprints), so a later job can name them (``stage1.from_model``) and a person can browse them.
 The newest such version carries the ``candidate`` alias.
+
+A teacher job (``kind: teacher``) registers its teacher as a version of
+``<project>.<teacher arch>-teacher`` (``register_teacher``), logged like a student (the same
+"models from code" file rebuilds any network from its document and weights), with lineage tags
+(job, task, seed, arch, the weights it started from, data fingerprint, checksum) and its metrics
+as model metrics; the newest carries ``candidate``, so a distillation job names it as
+``models:/<project>.<arch>-teacher@candidate``.
 
 A student's evaluation metrics are metrics of its logged model (MLflow 3 links them to the
 model version), not tags; its lineage stays in tags. Its pyfunc carries its own code and
@@ -62,6 +70,9 @@ from service.mlflow_names import (
     STUDENT_KIND,
     STUDENT_MODEL_NAME,
     STUDENT_MODEL_TYPE,
+    TEACHER_KIND,
+    TEACHER_MODEL_NAME,
+    TEACHER_MODEL_TYPE,
     TOKENS_COUNT_TAG,
     TOKENS_FROM_MODEL_TAG,
     TOKENS_JOB_ID_TAG,
@@ -82,13 +93,14 @@ from service.mlflow_names import (
     WEIGHTS_SHA256_TAG,
     quoted,
     registered_model_name,
+    teacher_model_name,
     tokens_model_name,
 )
 from service.model_registry import use_process_tracking_uri
 from workers.token_reuse import data_fingerprint, stage1_fingerprint
 
 if TYPE_CHECKING:
-    from maskd_core.runner import JobResult, StudentRun
+    from maskd_core.runner import JobResult, StudentRun, TeacherResult
     from workers.mlflow_tracker import MlflowTracker
 
 STUDENT_MODEL_CODE = "student_model.py"
@@ -142,6 +154,82 @@ def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dic
     else:
         links["model"] = models[0]
     return links
+
+
+TEACHER_IDENTITY_TAGS = (VERSION_JOB_ID_TAG,)
+"""A teacher job trains one teacher: one version per job."""
+
+
+def publish_teacher(
+    result: TeacherResult, tracker: MlflowTracker, tracking_uri: str
+) -> dict[str, Any]:
+    """Registers a teacher job's teacher (``register_teacher``); the links for its outputs, in
+    the shape a distillation job's single student has (``model``)."""
+    version = register_teacher(tracking_uri, tracker, result)
+    return {
+        "mlflow": {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id},
+        "model": version.link(),
+    }
+
+
+def register_teacher(
+    tracking_uri: str, tracker: MlflowTracker, result: TeacherResult
+) -> RegisteredVersion:
+    """The version of ``<project>.<teacher arch>-teacher`` holding the teacher this job trained,
+    logged on the job's run as a pyfunc (the students' "models from code"), with lineage tags,
+    its validation metrics as model metrics and the ``candidate`` alias when it is the newest.
+
+    Idempotent per job, as a student's registration is: a retry after a crash finds the version
+    the dead attempt made. ``result.spec`` is the resolved spec (local paths); the weights a
+    fine-tune started from are recorded as the user wrote them (the run's ``teacher.weights``
+    parameter).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    use_process_tracking_uri(tracking_uri)
+    spec = result.spec
+    name = teacher_model_name(tracker.project, spec.teacher.arch)
+    _get_or_create_registered_model(
+        client,
+        name,
+        tracker.project,
+        TEACHER_KIND,
+        f"{spec.teacher.arch} teachers trained by project {tracker.project}'s teacher jobs; "
+        "name one in a distillation job as teacher.weights.",
+    )
+    started_from = "none"  # trained from scratch
+    if spec.teacher.weights is not None:
+        as_written = client.get_run(tracker.run_id).data.params.get("teacher.weights")
+        started_from = as_written or spec.teacher.weights
+    lineage = {
+        VERSION_JOB_ID_TAG: tracker.job_id,
+        PROJECT_TAG: tracker.project,
+        VERSION_TASK_TAG: spec.task,
+        VERSION_SEED_TAG: str(spec.seed),
+        VERSION_ARCH_TAG: spec.teacher.arch,
+        VERSION_TEACHER_WEIGHTS_TAG: started_from,
+        DATA_FINGERPRINT_TAG: data_fingerprint(spec),
+        WEIGHTS_SHA256_TAG: file_sha256(result.workdir.teacher),
+    }
+    network = TrainedNetwork(
+        TEACHER_MODEL_NAME,
+        TEACHER_MODEL_TYPE,
+        result.workdir.teacher,
+        result.workdir.model_spec,
+        spec.task,
+        result.num_classes,
+        result.metrics,
+    )
+    version = _find_or_create_version(
+        client,
+        name,
+        lineage,
+        lambda: _log_network_model(
+            client, tracker.experiment_id, tracker.run_id, network, result.input_example
+        ),
+        identity=TEACHER_IDENTITY_TAGS,
+    )
+    _move_alias_to_newest(client, name, CANDIDATE_ALIAS, str(version.version))
+    return RegisteredVersion.of(name, version)
 
 
 def student_pip_requirements() -> list[str]:
@@ -431,20 +519,57 @@ def log_student_model(
     Finding it again (``_log_model_once``) spares uploading the weights twice after a crash
     between logging and registering.
     """
-    weights_sha256 = file_sha256(student.workdir.student)
+    return _log_network_model(
+        client,
+        experiment_id,
+        run_id,
+        TrainedNetwork(
+            STUDENT_MODEL_NAME,
+            STUDENT_MODEL_TYPE,
+            student.workdir.student,
+            student.workdir.model_spec,
+            student.spec.task,
+            num_classes,
+            student.metrics,
+        ),
+        example,
+    )
+
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """A trained network's files as a pyfunc is logged from them: a student, or the teacher of
+    a teacher job, which the same "models from code" file rebuilds."""
+
+    name: str
+    """The logged model's name (and artifact folder) on its run."""
+    model_type: str
+    weights: Path
+    model_spec: Path
+    """The document that rebuilds the network (``maskd_core.models.model_document``)."""
+    task: str
+    num_classes: int
+    metrics: Mapping[str, float]
+
+
+def _log_network_model(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    network: TrainedNetwork,
+    example: np.ndarray | None,
+) -> LoggedModel:
+    """``network`` as a pyfunc model on run ``run_id`` (``log_student_model``)."""
 
     def write_files(logged: LoggedModel) -> LoggedModel:
-        with tempfile.TemporaryDirectory(prefix="maskd-student-code-") as code_dir:
+        with tempfile.TemporaryDirectory(prefix="maskd-model-code-") as code_dir:
             mlflow.pyfunc.log_model(
-                name=STUDENT_MODEL_NAME,
+                name=network.name,
                 python_model=str(files("workers") / STUDENT_MODEL_CODE),
-                artifacts={
-                    "weights": str(student.workdir.student),
-                    "model_spec": str(student.workdir.model_spec),
-                },
+                artifacts={"weights": str(network.weights), "model_spec": str(network.model_spec)},
                 code_paths=[str(_stage_core_source(Path(code_dir)))],
                 pip_requirements=student_pip_requirements(),
-                signature=_signature(student.spec.task, num_classes),
+                signature=_signature(network.task, network.num_classes),
                 input_example=example,
                 model_id=logged.model_id,
             )
@@ -454,11 +579,11 @@ def log_student_model(
         client,
         experiment_id,
         run_id,
-        name=STUDENT_MODEL_NAME,
-        model_type=STUDENT_MODEL_TYPE,
+        name=network.name,
+        model_type=network.model_type,
         checksum_tag=WEIGHTS_SHA256_TAG,
-        checksum=weights_sha256,
-        metrics=student.metrics,
+        checksum=file_sha256(network.weights),
+        metrics=network.metrics,
         write_files=write_files,
     )
 
@@ -532,7 +657,7 @@ def _lineage(
         VERSION_METHOD_TAG: spec.stage2.method.name,
         VERSION_SEED_TAG: str(spec.seed),
         VERSION_TASK_TAG: spec.task,
-        VERSION_ARCH_TAG: spec.student.arch,
+        VERSION_ARCH_TAG: spec.distilled_student.arch,
         VERSION_TEACHER_ARCH_TAG: spec.teacher.arch,
         VERSION_TEACHER_WEIGHTS_TAG: run_params.get("teacher.weights", str(teacher_weights)),
         VERSION_TEACHER_SHA256_TAG: file_sha256(teacher_weights) if teacher_weights else "none",

@@ -1,5 +1,8 @@
 """The distilled student as an MLflow pyfunc model, logged as "models from code".
 
+The teacher a teacher job trained is logged through this file too: nothing here is particular
+to students, since the network is rebuilt from its own document.
+
 MLflow stores this file's *source* with the model and runs it at load time, instead of
 unpickling a Python object: loading a registered student therefore executes only code we wrote
 and reviewed, never code carried inside an artifact. The network itself is rebuilt by name from

@@ -167,11 +167,18 @@ def _run_claimed(
     ``claimed_at`` (``time.monotonic``) is when the claim was won, for ``FirstStepLatency``.
     """
     # Imported here, in the child process: see the module docstring.
-    from maskd_core.callbacks import STAGE2
+    from maskd_core.callbacks import STAGE2, TEACHER
     from maskd_core.errors import JobCancelled
-    from maskd_core.runner import first_stage, run_job
+    from maskd_core.runner import (
+        JobResult,
+        TeacherResult,
+        first_stage,
+        run_job,
+        run_teacher_job,
+        teacher_recipe,
+    )
     from workers.metrics import FirstStepLatency, StepMetrics
-    from workers.publishing import publish
+    from workers.publishing import publish, publish_teacher
     from workers.tracking import tracked_attempt
 
     apply_torch_threads()
@@ -190,24 +197,40 @@ def _run_claimed(
         resolved,
     ):
         callbacks = [reporter, tracker, StepMetrics(), FirstStepLatency(job_id, claimed_at)]
-        result = run_job(resolved, workdir.root, callbacks=callbacks)
+        # A teacher job trains its teacher in STAGE2, the training state (it has no stage 1).
+        result: JobResult | TeacherResult
+        if resolved.kind == "teacher":
+            result = run_teacher_job(resolved, workdir.root, callbacks=callbacks)
+            last_stage, last_step = TEACHER, teacher_recipe(resolved).iterations
+        else:
+            result = run_job(resolved, workdir.root, callbacks=callbacks)
+            last_stage, last_step = STAGE2, resolved.stage2.iterations
         if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
-            # Cancelled (or taken over) after the last step: a stop at the end of stage 2,
+            # Cancelled (or taken over) after the last step: a stop at the end of training,
             # which ends the job CANCELLED now rather than when the reconciler finds it.
-            raise JobCancelled(str(STAGE2), record.spec.stage2.iterations)
+            raise JobCancelled(str(last_stage), last_step)
         set_job_stage("registering")
-        store.record_outputs(job_id, publish(result, tracker, settings.mlflow_tracking_uri))
+        uri = settings.mlflow_tracking_uri
+        if isinstance(result, TeacherResult):
+            links = publish_teacher(result, tracker, uri)
+        else:
+            links = publish(result, tracker, uri)
+        store.record_outputs(job_id, links)
     outputs: dict[str, Any] = {
         "files": {name: str(path) for name, path in result.files.items()},
         "metrics": {name: float(value) for name, value in result.metrics.items()},
     }
-    if result.comparison is not None:
-        outputs["comparison"] = result.comparison
+    failed: list[dict[str, Any]] = []
+    students = 1
+    if isinstance(result, JobResult):
+        if result.comparison is not None:
+            outputs["comparison"] = result.comparison
+        failed, students = result.failed, len(result.runs)
     store.record_outputs(job_id, outputs)
     store.transition(
         job_id,
         JobState.SUCCEEDED,
         worker_id=worker_id,
-        message=success_message(outputs["metrics"], result.failed, len(result.runs)),
+        message=success_message(outputs["metrics"], failed, students),
     )
     return JobState.SUCCEEDED.value

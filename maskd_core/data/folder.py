@@ -26,7 +26,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from maskd_core.data import DATASETS, DEFAULT_PREFIX
 from maskd_core.data.base import DenseDataset
@@ -97,6 +97,12 @@ class ImageFolderArgs(BaseModel):
         default=(0.5, 2.0), description="Random rescale factors of the training augmentation."
     )
     hflip: bool = Field(default=True, description="Random horizontal flips when augmenting.")
+    crop_size: tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None,
+        description="[height, width] of the random crop every augmented (training) sample is "
+        "cut to after the random rescale, padded with ignore where smaller (Cityscapes: "
+        "[512, 1024]); validation samples stay whole. none: the sample's own size.",
+    )
 
     @model_validator(mode="after")
     def _ignore_is_not_a_class(self) -> ImageFolderArgs:
@@ -282,7 +288,13 @@ class ImageFolder(DenseDataset):
         return sample if size is None else resize_sample(sample, size)
 
     def augment(self, sample: SegmentationSample, generator: torch.Generator) -> SegmentationSample:
-        return random_scale_crop_flip(sample, generator, self.args.scale_range, self.args.hflip)
+        return random_scale_crop_flip(
+            sample,
+            generator,
+            self.args.scale_range,
+            self.args.hflip,
+            crop_size=self.args.crop_size,
+        )
 
 
 @DATASETS.register("image_folder", args=ImageFolderArgs)

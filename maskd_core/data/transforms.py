@@ -62,17 +62,21 @@ def random_scale_crop_flip(
     scale_range: tuple[float, float],
     hflip: bool = True,
     ignore_index: int = IGNORE_INDEX,
+    crop_size: tuple[int, int] | None = None,
 ) -> SegmentationSample:
-    """Rescale by a random factor, crop or pad back to the input size, then maybe flip.
+    """Rescale by a random factor, crop or pad to ``crop_size`` (H, W), then maybe flip.
 
-    The output keeps the input's size, so augmented and plain samples batch together. Padding
-    fills the image with 0 (the mean colour after normalisation) and the mask with
-    ``ignore_index``, so padded pixels never count as background.
+    Without ``crop_size`` the output keeps the input's size, so augmented and plain samples
+    batch together; with it every augmented sample has that size (Cityscapes' 512×1024 crops of
+    1024×2048 images) whatever the image's. Padding fills the image with 0 (the mean colour
+    after normalisation) and the mask with ``ignore_index``, so padded pixels never count as
+    background.
     """
     image, mask = sample
-    height, width = image.shape[-2:]
+    input_height, input_width = image.shape[-2:]
+    height, width = (input_height, input_width) if crop_size is None else crop_size
     scale = _uniform(generator, *scale_range)
-    scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    scaled_size = (max(1, round(input_height * scale)), max(1, round(input_width * scale)))
     image, mask = resize_sample((image, mask), scaled_size)
 
     # A shrunk sample lands at a random place on the padded canvas, not always top-left.

@@ -1,4 +1,5 @@
-"""Segmentation networks by name: two tiny built-ins and the torchvision family.
+"""Segmentation networks by name: two tiny built-ins, the torchvision family and a ResNet-18
+DeepLabV3 assembled from torchvision parts (the paper's Cityscapes student).
 
 The built-ins exist so that a whole MasKD job (teacher, stage 1, stage 2) trains in minutes on a
 CPU. They follow the layout the official segmentation variant distils: a stride-8 ``backbone``
@@ -7,7 +8,9 @@ method §1.4/§2.3), upsampled to the input size only in ``forward``. Both retur
 ``{"out": logits}`` like torchvision's segmentation models, so the task treats them alike.
 
 The torchvision models are built with ``weights=None, weights_backbone=None``: nothing is ever
-downloaded, and a user who wants pretrained weights passes a local state dict instead.
+downloaded, and a user who wants pretrained weights passes a local state dict instead. Those with
+``aux_loss`` (and ``deeplabv3_resnet18``) have an auxiliary head, ``AUX_CLASSIFIER``, which the
+task trains and MasKD's ``aux_weight`` distils.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models import resnet18
 from torchvision.models import segmentation as tv_segmentation
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.fcn import FCNHead
 
-from maskd_core.models import MODELS
+from maskd_core.errors import SpecError
+from maskd_core.models import MODELS, read_state_dict
+from maskd_core.paths import LocalPath
 
 NormName = Literal["batchnorm", "groupnorm"]
 
@@ -212,5 +221,113 @@ for _name, _taps in (
 def build_lraspp_mobilenet_v3_large(args: NoTorchvisionArgs, num_classes: int) -> nn.Module:
     model: nn.Module = tv_segmentation.lraspp_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=num_classes
+    )
+    return model
+
+
+AUX_CLASSIFIER = "aux_classifier"
+"""The module name of a segmentation model's auxiliary head (torchvision's, and ours): its
+output is the ``"aux"`` logits the task trains with weight 0.4, and the tap MasKD's
+``aux_weight`` distils."""
+
+RESNET18_STAGE_CHANNELS = {"layer3": 256, "layer4": 512}
+
+
+def _dilate_stage(stage: nn.Sequential, previous: int, dilation: int) -> None:
+    """Make a stride-2 ResNet stage of ``BasicBlock``s keep its input's resolution.
+
+    torchvision's ``replace_stride_with_dilation`` refuses ``BasicBlock`` (ResNet-18/34), so the
+    stride of the stage's first block (its first 3×3 conv and its 1×1 shortcut) becomes 1 and
+    the 3×3 convolutions dilate instead, as torchvision does for bottleneck ResNets: the first
+    convolution keeps the previous stage's dilation, every later one takes the stage's.
+    """
+    for index, block in enumerate(stage):
+        assert isinstance(block, BasicBlock)
+        for position, conv in enumerate((block.conv1, block.conv2)):
+            rate = previous if index == 0 and position == 0 else dilation
+            conv.stride = (1, 1)
+            conv.dilation = (rate, rate)
+            conv.padding = (rate, rate)
+        if isinstance(block.downsample, nn.Sequential):
+            shortcut = block.downsample[0]
+            assert isinstance(shortcut, nn.Conv2d)
+            shortcut.stride = (1, 1)
+
+
+class DilatedResNetFeatures(nn.Module):
+    """A ResNet at output stride 8 returning ``{"out": layer4, "aux": layer3}`` (both stride 8).
+
+    The module names are torchvision's (``layer1`` … ``layer4``), so taps read as on its
+    DeepLabV3 models (``backbone.layer4``).
+    """
+
+    def __init__(self, resnet: ResNet) -> None:
+        super().__init__()
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        _dilate_stage(self.layer3, previous=1, dilation=2)
+        _dilate_stage(self.layer4, previous=2, dilation=4)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        stage3 = self.layer3(self.layer2(self.layer1(x)))
+        return {"out": self.layer4(stage3), "aux": stage3}
+
+
+class DeepLabV3ResNet18Args(TorchvisionAuxArgs):
+    """Arguments of ``deeplabv3_resnet18``."""
+
+    backbone_weights: LocalPath | None = Field(
+        default=None,
+        description="Local state-dict file of torchvision's resnet18 classification network "
+        "(ImageNet, as the paper's student starts from); none: random initialisation.",
+    )
+
+
+def _load_resnet_weights(resnet: nn.Module, path: str) -> None:
+    """The classification network's state dict, whole: a partial match is a wrong file.
+
+    BatchNorm's step counters are not weights, and the files torchvision publishes lack them.
+    """
+    state = read_state_dict(path, field="args.backbone_weights")
+    own = resnet.state_dict()
+    counter = "num_batches_tracked"
+    missing = [key for key in own if key not in state and not key.endswith(counter)]
+    unexpected = [key for key in state if key not in own]
+    wrong_shape = [key for key in state if key in own and state[key].shape != own[key].shape]
+    if missing or unexpected or wrong_shape:
+        raise SpecError(
+            f"backbone_weights {path!r} are not torchvision's resnet18: {len(missing)} missing "
+            f"keys ({', '.join(missing[:3])}), {len(unexpected)} unexpected keys "
+            f"({', '.join(unexpected[:3])}), {len(wrong_shape)} of the wrong shape "
+            f"({', '.join(wrong_shape[:3])}); save torchvision.models.resnet18's state dict",
+            field="args.backbone_weights",
+        )
+    resnet.load_state_dict(state, strict=False)
+
+
+@MODELS.register(
+    "deeplabv3_resnet18",
+    args=DeepLabV3ResNet18Args,
+    summary="DeepLabV3 on a dilated ResNet-18 (output stride 8, the paper's Cityscapes student), "
+    "from torchvision parts, random init unless backbone_weights; taps: backbone.layer4 "
+    "(512 ch, stride 8), classifier (logits, stride 8), aux_classifier (FCN head on layer3, "
+    "256 ch, with aux_loss)",
+)
+def build_deeplabv3_resnet18(args: DeepLabV3ResNet18Args, num_classes: int) -> nn.Module:
+    resnet = resnet18(weights=None)
+    if args.backbone_weights is not None:
+        _load_resnet_weights(resnet, args.backbone_weights)
+    aux_head = FCNHead(RESNET18_STAGE_CHANNELS["layer3"], num_classes) if args.aux_loss else None
+    model: nn.Module = DeepLabV3(
+        DilatedResNetFeatures(resnet),
+        DeepLabHead(RESNET18_STAGE_CHANNELS["layer4"], num_classes),
+        aux_head,
     )
     return model

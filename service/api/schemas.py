@@ -117,18 +117,22 @@ class JobOutputs(WorkerWritten):
     """What a finished job left: files, final metrics, its MLflow run and registered students.
 
     Empty until the job registers its students; a single job has ``model``, a comparison
-    ``models`` and ``comparison``.
+    ``models`` and ``comparison``, a teacher job ``model`` (its registered teacher).
     """
 
     files: dict[str, str] = Field(
-        default_factory=dict, description="Path on the workers per file: student, summary, ..."
+        default_factory=dict,
+        description="Path on the workers per file: student (teacher for a teacher job), "
+        "summary, ...",
     )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Final metrics: teacher and student mIoU or mAP, ..."
     )
     mlflow: MlflowRunLink | None = None
     model: RegisteredModelLink | None = Field(
-        default=None, description="The registered student of a single job."
+        default=None,
+        description="The registered student of a single job, or the registered teacher of a "
+        "teacher job.",
     )
     models: list[ComparisonModelLink] | None = Field(
         default=None, description="The registered students of a comparison, one per run."

@@ -105,7 +105,7 @@ def submission(name: str, tmp_path: Path) -> dict[str, Any]:
     """The shipped example ``name`` on stand-in data, with ``SMALL_IMAGES`` for detectors."""
     document = stand_in_document(example_document(name), tmp_path)
     for role in ("teacher", "student"):
-        args = document[role].get("args", {})
+        args = document.get(role, {}).get("args", {})  # a teacher job has no student
         if "min_size" in args:
             args.update(SMALL_IMAGES)
     return document

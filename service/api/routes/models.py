@@ -1,8 +1,8 @@
-"""``/v1/models``: the project's registered students and stage-1 tokens, their lineage, files
-and aliases.
+"""``/v1/models``: the project's registered students, teachers and stage-1 tokens, their
+lineage, files and aliases.
 
-Both kinds are listed together (the ``maskd.kind`` tag tells them apart); a version's ``weights``
-route serves its file, a student's state dict or a tokens version's ``tokens.pt``.
+All kinds are listed together (the ``maskd.kind`` tag tells them apart); a version's ``weights``
+route serves its file, a student's or teacher's state dict or a tokens version's ``tokens.pt``.
 
 Registration happens in the workers; these routes only read and move aliases (users promote a
 version by pointing ``champion`` at it). A model of another project answers 404 like a missing
