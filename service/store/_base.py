@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.lifecycle import TERMINAL, FailureKind, JobState
 from service.models import Job, JobEvent
-from service.store._outbox import enqueue_state_change
+from service.store._outbox import StateChange, enqueue_state_change
 from service.store._records import (
     EVENT_INFO,
     EVENT_TRANSITION,
@@ -113,9 +113,7 @@ class StoreBase:
             to_state=target,
             at=now,
         )
-        enqueue_state_change(
-            session,
-            project_id=job.project_id,
+        change = StateChange(
             job_id=job.id,
             job_name=job.name,
             labels=job.spec.get("labels", {}),
@@ -126,6 +124,7 @@ class StoreBase:
             message=message,
             at=now,
         )
+        enqueue_state_change(session, job.project_id, change)
 
     def _add_event(
         self,

@@ -20,7 +20,12 @@ from maskd_core.spec import JobSpec
 from service.lifecycle import RUNNING, TERMINAL, JobState
 from service.models import Job, JobEvent, JobLabel, Project
 from service.store._base import StoreBase
-from service.store._outbox import insert_deliveries, project_endpoints, state_change_deliveries
+from service.store._outbox import (
+    StateChange,
+    insert_deliveries,
+    project_endpoints,
+    state_change_deliveries,
+)
 from service.store._reads import (
     JOB_WITH_TRANSITIONS,
     QUOTA_COUNTS,
@@ -114,6 +119,21 @@ class _NewRow:
             "message": SUBMITTED,
             "created_at": now,
         }
+
+    def submitted_change(self, event_id: int, now: datetime) -> StateChange:
+        """The submission as a state change, for the project's webhooks."""
+        spec = self.new_job.spec
+        return StateChange(
+            job_id=self.job_id,
+            job_name=spec.name,
+            labels=spec.labels,
+            event_id=event_id,
+            from_state=None,
+            to_state=JobState.QUEUED,
+            failure_kind=None,
+            message=SUBMITTED,
+            at=now,
+        )
 
     def record(self, project_id: str, now: datetime) -> JobRecord:
         """The stored job as a read would return it."""
@@ -271,18 +291,7 @@ class JobsApiMixin(StoreBase):
         deliveries = []
         for row, event_id in zip(batch, event_ids, strict=True):
             row.event_id = event_id
-            deliveries += state_change_deliveries(
-                endpoints,
-                job_id=row.job_id,
-                job_name=row.new_job.spec.name,
-                labels=row.new_job.spec.labels,
-                event_id=event_id,
-                from_state=None,
-                to_state=JobState.QUEUED,
-                failure_kind=None,
-                message=SUBMITTED,
-                at=now,
-            )
+            deliveries += state_change_deliveries(endpoints, row.submitted_change(event_id, now))
         insert_deliveries(session, deliveries)
 
     def get_job(self, project_id: str, job_id: str) -> JobRecord | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
@@ -40,35 +41,27 @@ def project_endpoints(session: Session, project_id: str) -> list[tuple[str, list
     return [(endpoint_id, states) for endpoint_id, states in rows]
 
 
-def enqueue_state_change(
-    session: Session,
-    *,
-    project_id: str,
-    job_id: str,
-    job_name: str,
-    labels: Mapping[str, str],
-    event_id: int,
-    from_state: JobState | None,
-    to_state: JobState,
-    failure_kind: str | None,
-    message: str | None,
-    at: datetime,
-) -> None:
+@dataclass(frozen=True)
+class StateChange:
+    """A job's transition as its webhook deliveries describe it."""
+
+    job_id: str
+    job_name: str
+    labels: Mapping[str, str]
+    event_id: int
+    from_state: JobState | None
+    to_state: JobState
+    failure_kind: str | None
+    message: str | None
+    at: datetime
+
+
+def enqueue_state_change(session: Session, project_id: str, change: StateChange) -> None:
     """Queue a ``job.state_changed`` delivery for each of the project's endpoints that wants
-    ``to_state``: one read of the endpoints, and one insert when any matches."""
-    rows = state_change_deliveries(
-        project_endpoints(session, project_id),
-        job_id=job_id,
-        job_name=job_name,
-        labels=labels,
-        event_id=event_id,
-        from_state=from_state,
-        to_state=to_state,
-        failure_kind=failure_kind,
-        message=message,
-        at=at,
+    ``change.to_state``: one read of the endpoints, and one insert when any matches."""
+    insert_deliveries(
+        session, state_change_deliveries(project_endpoints(session, project_id), change)
     )
-    insert_deliveries(session, rows)
 
 
 def insert_deliveries(session: Session, rows: list[dict[str, object]]) -> None:
@@ -78,39 +71,29 @@ def insert_deliveries(session: Session, rows: list[dict[str, object]]) -> None:
 
 
 def state_change_deliveries(
-    endpoints: Sequence[tuple[str, Sequence[str] | None]],
-    *,
-    job_id: str,
-    job_name: str,
-    labels: Mapping[str, str],
-    event_id: int,
-    from_state: JobState | None,
-    to_state: JobState,
-    failure_kind: str | None,
-    message: str | None,
-    at: datetime,
+    endpoints: Sequence[tuple[str, Sequence[str] | None]], change: StateChange
 ) -> list[dict[str, object]]:
     """The delivery rows of one state change: one per endpoint (of ``project_endpoints``) that
-    wants ``to_state``."""
+    wants its ``to_state``."""
     wanted = [
         endpoint_id
         for endpoint_id, states in endpoints
-        if states is None or to_state.value in states
+        if states is None or change.to_state.value in states
     ]
     if not wanted:
         return []
     # The body receivers get, fixed when the transition commits: every retry sends the same
     # bytes. ``event_id`` orders one job's events (retries can reorder deliveries).
     data = {
-        "job_id": job_id,
-        "job_name": job_name,
-        "event_id": event_id,
-        "from_state": None if from_state is None else from_state.value,
-        "to_state": to_state.value,
-        "failure_kind": failure_kind,
-        "message": message,
-        "labels": dict(labels),
-        "links": {"job": f"/v1/jobs/{job_id}"},
+        "job_id": change.job_id,
+        "job_name": change.job_name,
+        "event_id": change.event_id,
+        "from_state": None if change.from_state is None else change.from_state.value,
+        "to_state": change.to_state.value,
+        "failure_kind": change.failure_kind,
+        "message": change.message,
+        "labels": dict(change.labels),
+        "links": {"job": f"/v1/jobs/{change.job_id}"},
     }
     rows: list[dict[str, object]] = []
     for endpoint_id in wanted:
@@ -118,23 +101,23 @@ def state_change_deliveries(
         payload = {
             "id": delivery_id,
             "type": EVENT_STATE_CHANGED,
-            "created_at": at.isoformat(),
+            "created_at": change.at.isoformat(),
             "data": data,
         }
         rows.append(
             {
                 "id": delivery_id,
                 "endpoint_id": endpoint_id,
-                "job_id": job_id,
+                "job_id": change.job_id,
                 "event": EVENT_STATE_CHANGED,
                 "payload": payload,
                 "status": DELIVERY_PENDING,
                 "attempts": 0,
                 "last_status_code": None,
                 "last_error": None,
-                "next_attempt_at": at,
+                "next_attempt_at": change.at,
                 "delivered_at": None,
-                "created_at": at,
+                "created_at": change.at,
             }
         )
     return rows
