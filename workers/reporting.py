@@ -83,6 +83,8 @@ class StoreReporter(Callback):
         self._clock = clock
         self.state = state
         self._totals: dict[str, int] = {}
+        self._current: str | None = None
+        """The stage started last: what an evaluation between stages belongs to."""
         self._steps: dict[str, int] = {}
         self._last_progress_at = float("-inf")
         self._transition_refused = False
@@ -91,6 +93,7 @@ class StoreReporter(Callback):
         self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
     ) -> None:
         self._totals[str(stage)] = total_steps
+        self._current = str(stage)
         set_job_stage(str(stage))
         # A comparison's runs ("stage2/mgd/seed1") all belong to STAGE2; progress stays keyed
         # by the full name, so each run has its own row.
@@ -114,9 +117,12 @@ class StoreReporter(Callback):
             self._write_progress(str(stage), step, metrics)
 
     def on_eval(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
-        # Evaluations between stages ("eval") belong to the stage the job is in.
+        # Evaluations between stages ("eval") belong to the stage that ran last (a teacher
+        # job's "teacher" too), or, before any, to the one the job's state names.
         name = str(stage)
-        owner = name if name in self._totals else _STAGE_NAMES.get(self.state, name)
+        owner = (
+            name if name in self._totals else self._current or _STAGE_NAMES.get(self.state, name)
+        )
         self._write_progress(owner, self._steps.get(owner, step), metrics)
         self._note(f"{stage} evaluation at step {step}: {format_metrics(metrics)}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from worker_testkit import an_hour_ago, store_on_clock, tiny_spec, wait_for
 
-from maskd_core.callbacks import Stage
+from maskd_core.callbacks import TEACHER, Stage
 from maskd_core.spec import JobSpec
 from service.db import make_engine, make_sessionmaker
 from service.lifecycle import JobState
@@ -159,6 +159,20 @@ def reporter_parts(job_store: JobStore) -> tuple[JobRecord, StoreReporter, Manua
     lease = keeper(job_store, job.id)  # never started: only its stop flag is read
     reporter = StoreReporter(job_store, job.id, "w1", lease, state=JobState.STAGE1, clock=clock)
     return job, reporter, clock
+
+
+def test_an_evaluation_after_a_teacher_job_s_training_belongs_to_its_teacher_stage(
+    job_store: JobStore, reporter_parts: tuple[JobRecord, StoreReporter, ManualClock]
+) -> None:
+    job, reporter, _ = reporter_parts
+
+    reporter.on_stage_start(TEACHER, 0, 20, SPEC)
+    reporter.on_stage_end(TEACHER, 20, {"loss": 0.5})
+    reporter.on_eval(Stage("eval"), 20, {"teacher_miou": 0.5})
+
+    record = current(job_store, job.id)
+    assert record.progress == {"teacher": {"step": 20, "total": 20}}
+    assert record.metrics["teacher_miou"] == 0.5
 
 
 def test_reporter_turns_stages_into_transitions_and_events(
