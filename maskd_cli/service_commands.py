@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,8 @@ from maskd_cli.processes import (
 )
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from service.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -145,6 +148,10 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -156,6 +163,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     _configure_logging(settings)
+    # uvicorn stops gracefully on SIGTERM and then raises it again, and its default action ends
+    # the process on the spot, before the `finally` below stops the embedded worker: a process
+    # manager's stop left the worker running. As KeyboardInterrupt it unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.embedded:
         upgrade_to_head(settings.database_url)
     engine, store = open_store(settings)
@@ -180,6 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
             Multiprocess(config, sockets=[_tcp_listener(config.host, config.port)]).run()
         else:
             uvicorn.run("service.main:create_app", **options)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM: a normal stop
     finally:
         if stop_reconciler is not None:
             stop_reconciler.set()

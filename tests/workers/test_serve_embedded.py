@@ -117,6 +117,19 @@ def test_serve_embedded_runs_a_job_and_stops_its_worker_on_ctrl_c(
     assert not pid_alive(worker_pid), "the embedded worker outlived `maskd serve`"
 
 
+@pytest.mark.slow
+def test_sigterm_stops_serve_embedded_and_its_worker(served: Served, api_key: str) -> None:
+    """A process manager (docker stop, systemd) stops the service with SIGTERM, to it alone."""
+    with MaskdClient.connect(served.base_url, api_key) as client:
+        wait_for(lambda: _healthy(client), 60, "the API to answer")
+    wait_for(lambda: bool(served.worker_pids()), 60, "the worker to start")
+
+    served.process.send_signal(signal.SIGTERM)
+    served.process.wait(timeout=60)
+    (worker_pid,) = served.worker_pids()
+    wait_for(lambda: not pid_alive(worker_pid), 60, "the embedded worker to stop")
+
+
 def _healthy(client: MaskdClient) -> bool:
     try:
         client.healthz()
