@@ -3,7 +3,7 @@
 Each command imports the service, Celery and uvicorn inside its function, so ``maskd --help``
 stays instant and ``maskd run`` never loads the service stack. ``serve --embedded`` is the whole
 stack in one command (API, reconciler and a worker subprocess on SQLite and the filesystem
-broker); in production each piece runs on its own (``serve``, ``worker`` per GPU). ``serve``,
+broker); in production each piece runs on its own (``serve``, ``worker`` per GPU host). ``serve``,
 ``worker`` and ``reconcile`` log through ``service.logs.configure_logging`` (JSON lines by
 default, ``MASKD_LOG_FORMAT=text`` for readable ones).
 """
@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +61,22 @@ def register(subparsers: Any) -> None:
 
     worker = subparsers.add_parser("worker", help="run a Celery worker that trains jobs")
     worker.add_argument(
-        "--concurrency", type=int, default=1, help="jobs at once; keep 1 per GPU (default 1)"
+        "--gpus",
+        type=_gpu_count,
+        help="GPUs this worker hands out, one job per GPU at a time (shared with the host's "
+        "other workers through MASKD_GPU_SLOT_DIR); it takes jobs of up to this many GPUs "
+        "(queues gpu, gpu2, ..., gpuN). Default: CUDA_VISIBLE_DEVICES's count when set, "
+        "else the GPUs `nvidia-smi -L` lists, else 0 (a CPU host: queue gpu only)",
     )
-    worker.add_argument("--queues", default="gpu", help="comma-separated queues (default gpu)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        help="jobs at once (default: one per GPU, at least 1); a multi-GPU job counts as one",
+    )
+    worker.add_argument(
+        "--queues",
+        help="comma-separated queues, replacing those --gpus implies (gpu, gpu2, ..., gpuN)",
+    )
     worker.set_defaults(func=_worker)
 
     reconcile = subparsers.add_parser("reconcile", help="re-dispatch lost or orphaned jobs")
@@ -202,15 +216,72 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_count(text: str) -> int:
+    from maskd_core.spec import MAX_WORLD_SIZE
+
+    if not text.isdigit() or int(text) > MAX_WORLD_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a GPU count: give a whole number from 0 to {MAX_WORLD_SIZE}"
+        )
+    return int(text)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What ``maskd worker`` runs with, from its flags and the host."""
+
+    gpus: int
+    concurrency: int
+    queues: str
+
+
+def worker_plan(args: argparse.Namespace) -> WorkerPlan:
+    """``--gpus`` (else the GPUs found), and the concurrency and queues it implies unless
+    ``--concurrency`` or ``--queues`` say otherwise. Raises ``ValueError`` for more GPUs than
+    ``CUDA_VISIBLE_DEVICES`` shows, which the slots could never hand out."""
+    from service.dispatch import job_queues
+    from workers.gpu_slots import detect_gpus, visible_devices
+
+    gpus: int = detect_gpus() if args.gpus is None else args.gpus
+    visible = visible_devices()
+    if visible is not None and gpus > len(visible):
+        raise ValueError(
+            f"--gpus {gpus} but CUDA_VISIBLE_DEVICES shows {len(visible)} GPU(s); give "
+            f"--gpus {len(visible)} or make more GPUs visible"
+        )
+    return WorkerPlan(
+        gpus=gpus,
+        concurrency=args.concurrency or max(1, gpus),
+        queues=args.queues or ",".join(job_queues(gpus)),
+    )
+
+
 def _worker(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        plan = worker_plan(args)
+    except ValueError as error:
+        print(f"maskd worker: {error}", file=sys.stderr)
+        return 2
+    # The pool processes Celery forks read it through their settings (workers.gpu_slots), so
+    # it is in the environment before the settings are first read.
+    os.environ["MASKD_WORKER_GPUS"] = str(plan.gpus)
     from service.config import get_settings
 
+    get_settings.cache_clear()
     # The worker configures it again from Celery's setup_logging signal (workers.observability),
     # which also covers workers started as `celery -A workers.app worker`.
     _configure_logging(get_settings())
+    logger.info(
+        "worker with %d GPU(s), %d job(s) at once, queues %s",
+        plan.gpus,
+        plan.concurrency,
+        plan.queues,
+    )
     from workers.app import app
 
-    app.worker_main(argv=worker_argv(args.concurrency, args.queues))
+    app.worker_main(argv=worker_argv(plan.concurrency, plan.queues))
     return 0
 
 

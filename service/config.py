@@ -15,7 +15,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from maskd_core.spec import MAX_NESTING
+from maskd_core.spec import MAX_NESTING, MAX_WORLD_SIZE
 from maskd_core.workdir import WorkDir
 
 EMBEDDED_BROKER_URL = "filesystem://"
@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         le=60,
         description="How often a running job reads whether it was cancelled, between "
         "heartbeats: a cancel stops training within this plus one training step.",
+    )
+    distributed_timeout_seconds: int = Field(
+        default=1800,
+        gt=0,
+        description="How long a multi-process job's collective waits for its other "
+        "processes before the attempt fails and the job resumes from its checkpoint: above "
+        "the longest evaluation, which rank 0 runs while the others wait.",
     )
     redispatch_after_seconds: int = Field(
         default=300,
@@ -157,6 +164,23 @@ class Settings(BaseSettings):
         "sets it, else the CPUs this worker may use (its CPU affinity) divided by its "
         "concurrency, at least 1, so concurrent jobs do not oversubscribe the cores. On a "
         "host busy with other work, fewer threads are faster: set it lower.",
+    )
+    worker_gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_WORLD_SIZE,
+        description="GPUs this worker hands out to its jobs, one job per GPU at a time "
+        "(workers.gpu_slots); `maskd worker --gpus` sets it for its processes, the first GPUs "
+        "of CUDA_VISIBLE_DEVICES when that is set. Unset (workers started otherwise, e.g. "
+        "the embedded one): no GPU slots, a job uses the default device as it always did.",
+    )
+    gpu_slot_dir: Path | None = Field(
+        default=None,
+        description="Folder of the lock files through which every worker on a host shares "
+        "its GPUs (one file per GPU). It must be on the host's local disk (never a network "
+        "share, whose hosts have GPUs of the same numbers) and the same for every worker "
+        "of the host, containers included. Unset: maskd-gpu-slots in the system's "
+        "temporary folder.",
     )
     worker_max_memory_per_child_mib: int = Field(
         default=16384,
@@ -236,6 +260,22 @@ class Settings(BaseSettings):
         ge=1,
         description="Submission limit: the most students one comparison job may train "
         "(methods × seeds).",
+    )
+    max_job_gpus: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="Submission limit: the most GPUs one job may ask for (resources.gpus). Set "
+        "it to the GPU count of the largest worker host (`maskd worker --gpus`): a job of N "
+        "GPUs waits in queue gpuN for a host with at least N, and one asking for more than any "
+        "host has would wait forever. The default, 1, suits hosts of one GPU or none.",
+    )
+    max_cpu_processes: int = Field(
+        default=4,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="Submission limit: the most CPU training processes (resources.processes, "
+        "gloo) one job may ask for; each takes a share of the worker host's cores.",
     )
     max_queued_jobs_per_project: int = Field(
         default=1000,

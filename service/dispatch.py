@@ -1,27 +1,55 @@
 """Handing jobs to the GPU workers through Celery, by task name only.
 
-The API never imports ``workers``: it sends ``maskd.run_job`` by name to the ``gpu`` queue, and
-``celery_config`` is the one place both sides take their Celery settings from, so producer and
-consumer cannot disagree about the broker, queues or time limits. Delivery is at-least-once; the
-store's lease makes a duplicate harmless, and the reconciler re-sends what was lost.
+The API never imports ``workers``: it sends ``maskd.run_job`` by name to the queue its spec
+routes it to (``queue_for``), and ``celery_config`` is the one place both sides take their
+Celery settings from, so producer and consumer cannot disagree about the broker, queues or time
+limits. Delivery is at-least-once; the store's lease makes a duplicate harmless, and the
+reconciler re-sends what was lost.
+
+Routing is a function of the spec alone: a job of N GPUs goes to the queue ``gpuN`` (one for
+every N), everything else (one process, or CPU processes) to ``gpu``. A worker on a host with G
+GPUs consumes ``gpu`` and ``gpu2`` to ``gpuG`` (``job_queues``), so a job reaches exactly the
+hosts that can hold it. Exactly N rather than "the smallest configured queue that holds N" keeps
+the API and the workers free of a queue table that both would have to agree on: no setting can
+strand a job in a queue no worker reads, and the only setting left is the API's limit
+(``Settings.max_job_gpus``). A CPU host has no GPUs to oversubscribe, so CPU processes
+(``resources.processes``) go to ``gpu``, which every worker consumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 
+from maskd_core.spec import MAX_WORLD_SIZE, JobSpec
 from service.broker_queue import JOB_ID_HEADER, waiting_job_ids
 from service.config import Settings
-from service.store import JobStore
+from service.store import JobRecord, JobStore
 
 RUN_JOB_TASK = "maskd.run_job"
 GPU_QUEUE = "gpu"
+"""The queue of one-process jobs and of CPU processes; every worker consumes it."""
 BROKER_CHECK_TIMEOUT_SECONDS = 3.0
+
+
+def queue_for(spec: JobSpec) -> str:
+    """The queue a job is sent to: ``gpuN`` for a job of N > 1 GPUs, else ``gpu``."""
+    gpus = spec.resources.gpus
+    return GPU_QUEUE if gpus is None or gpus == 1 else f"{GPU_QUEUE}{gpus}"
+
+
+def job_queues(gpus: int = MAX_WORLD_SIZE) -> tuple[str, ...]:
+    """The queues holding jobs that fit on ``gpus`` GPUs: ``gpu``, then ``gpu2`` to
+    ``gpu<gpus>``; a worker with that many GPUs consumes them."""
+    return (GPU_QUEUE, *(f"{GPU_QUEUE}{count}" for count in range(2, gpus + 1)))
+
+
+ALL_JOB_QUEUES = job_queues()
+"""Every queue a job can be sent to, which the reconciler reads before re-sending."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -128,34 +156,39 @@ class Dispatcher:
         self._celery = celery_app
         self._store = store
 
-    def send_job(self, job_id: str) -> None:
+    def send_job(self, job: JobRecord) -> None:
         """Publish one ``maskd.run_job`` message. Raises the broker's error when it is down;
         the job then stays QUEUED and undispatched, and the reconciler sends it later."""
         try:
-            self.send_jobs([job_id])
+            self.send_jobs([job])
         except NotDispatched as error:
             raise error.cause from error
 
-    def send_jobs(self, job_ids: Sequence[str]) -> None:
-        """Publish a message per job, then stamp those sent in one statement. Raises
+    def send_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """Publish a message per job to its queue (``queue_for`` its spec: the record, not an
+        id, so that routing costs no read), then stamp those sent in one statement. Raises
         ``NotDispatched`` naming the jobs left unsent when the broker refuses one (the rest
         are not tried: a broker that is down stays down for the next)."""
         sent: list[str] = []
         try:
-            for job_id in job_ids:
+            for job in jobs:
                 self._celery.send_task(
-                    RUN_JOB_TASK, args=[job_id], queue=GPU_QUEUE, headers={JOB_ID_HEADER: job_id}
+                    RUN_JOB_TASK,
+                    args=[job.id],
+                    queue=queue_for(job.spec),
+                    headers={JOB_ID_HEADER: job.id},
                 )
-                sent.append(job_id)
+                sent.append(job.id)
         except (BrokerError, OSError) as error:
-            raise NotDispatched(list(job_ids[len(sent) :]), error) from error
+            raise NotDispatched([job.id for job in jobs[len(sent) :]], error) from error
         finally:
             self._store.mark_dispatched(sent)
 
-    def waiting_job_ids(self) -> frozenset[str] | None:
-        """Jobs whose message the broker still holds (see ``service.broker_queue``)."""
+    def waiting_job_ids(self, queues: Collection[str] = ALL_JOB_QUEUES) -> frozenset[str] | None:
+        """Jobs whose message the broker still holds in ``queues`` (by default every queue a
+        job can be sent to) or that a worker reserved (see ``service.broker_queue``)."""
         conf = self._celery.conf
-        return waiting_job_ids(conf.broker_url, conf.broker_transport_options or {}, GPU_QUEUE)
+        return waiting_job_ids(conf.broker_url, conf.broker_transport_options or {}, queues)
 
     def check_broker(self) -> None:
         """Raise when the broker cannot be reached (for readiness checks)."""

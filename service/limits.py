@@ -65,6 +65,19 @@ def _exceeded(spec: JobSpec, settings: Settings) -> Iterator[LimitExceeded]:
                 f"limit of {settings.max_comparison_runs}; compare fewer methods or seeds (the "
                 "operator can raise it with MASKD_MAX_COMPARISON_RUNS)",
             )
+    gpus, processes = spec.resources.gpus, spec.resources.processes
+    if gpus is not None and gpus > settings.max_job_gpus:
+        yield LimitExceeded(
+            ("resources", "gpus"),
+            f"resources.gpus is {gpus}, above the {settings.max_job_gpus} GPU(s) of the largest "
+            f"worker host this service offers; ask for at most {settings.max_job_gpus} (the "
+            "operator raises it with MASKD_MAX_JOB_GPUS once a host with more GPUs runs "
+            "`maskd worker --gpus N`)",
+        )
+    if processes is not None and processes > settings.max_cpu_processes:
+        yield over(
+            ("resources", "processes"), processes, settings.max_cpu_processes, "max_cpu_processes"
+        )
     sections = [(("teacher", "args"), spec.teacher.args), (("dataset", "args"), spec.dataset.args)]
     if spec.student is not None:
         sections.append((("student", "args"), spec.student.args))

@@ -96,7 +96,7 @@ class SubmissionWriter:
             stored = self._store.create_jobs(project_id, new_jobs, quotas=self._quotas)
             outcomes.update(zip(indexes, stored, strict=True))
         created = [
-            outcome[0].id
+            outcome[0]
             for outcome in outcomes.values()
             if not isinstance(outcome, Exception) and outcome[1]
         ]

@@ -3,11 +3,12 @@
 The broker can lose a job two ways: a worker dies mid-run (its lease stops being renewed), or a
 message vanishes before any worker took it (Redis restarted without persistence, a filesystem
 message read by a worker killed before claiming). The database still knows both, so a periodic
-pass over it re-dispatches them. A QUEUED job that only waits its turn behind a long queue looks
-the same to the database, so the broker is asked first (``service.broker_queue``) and a job whose
-message it still holds is not sent twice. It is safe to run in several processes and next to live
-workers: every worker claims a job by compare-and-set, so a superfluous message is dropped.
-What it logs about a job carries the job's id, attempt and stage (``service.logs``).
+pass over it re-dispatches them, each to the queue its spec routes it to (``gpu`` or ``gpuN``,
+``service.dispatch``). A QUEUED job that only waits its turn behind a long queue looks the same to
+the database, so the broker is asked first (``service.broker_queue``, every job queue at once)
+and a job whose message it still holds is not sent twice. It is safe to run in several processes
+and next to live workers: every worker claims a job by compare-and-set, so a superfluous message is
+dropped. What it logs about a job carries the job's id, attempt and stage (``service.logs``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def reconcile_once(
                         continue
                     report.requeued.append(job_id)
                     logger.info("reconciler: job %s lost its worker; re-queued", job_id)
-                dispatcher.send_job(job_id)
+                dispatcher.send_job(job)  # to the queue its spec routes it to, as before
             except Exception:
                 # One broken job (or a broker blip) must not stop the others from recovering.
                 logger.exception("reconciler: could not re-dispatch job %s", job_id)

@@ -40,9 +40,9 @@ def test_the_broker_names_the_jobs_it_holds(
     second, _ = clocked_store.create_job(project.id, make_spec("second"))
     assert dispatcher.waiting_job_ids() == frozenset()
 
-    dispatcher.send_job(first.id)
-    dispatcher.send_job(second.id)
-    dispatcher.send_job(second.id)
+    dispatcher.send_job(first)
+    dispatcher.send_job(second)
+    dispatcher.send_job(second)
     assert dispatcher.waiting_job_ids() == {first.id, second.id}
 
     for path in messages(service_settings)[:1]:  # a worker took the oldest
@@ -51,12 +51,12 @@ def test_the_broker_names_the_jobs_it_holds(
 
 
 def test_a_broker_that_cannot_be_read_is_unknown_not_empty(tmp_path: Path) -> None:
-    assert waiting_job_ids("amqp://guest@localhost//", {}, GPU_QUEUE) is None
-    assert waiting_job_ids("redis://127.0.0.1:9/0", {}, GPU_QUEUE) is None
-    assert waiting_job_ids("filesystem://", {}, GPU_QUEUE) is None
+    assert waiting_job_ids("amqp://guest@localhost//", {}, [GPU_QUEUE]) is None
+    assert waiting_job_ids("redis://127.0.0.1:9/0", {}, [GPU_QUEUE]) is None
+    assert waiting_job_ids("filesystem://", {}, [GPU_QUEUE]) is None
     garbage = tmp_path / f"1_x.{GPU_QUEUE}.msg"
     garbage.write_bytes(b"\x00not json")
-    assert waiting_job_ids("filesystem://", {"data_folder_in": str(tmp_path)}, GPU_QUEUE) == (
+    assert waiting_job_ids("filesystem://", {"data_folder_in": str(tmp_path)}, [GPU_QUEUE]) == (
         frozenset()
     )
 
@@ -69,7 +69,7 @@ def test_the_reconciler_resends_a_waiting_job_only_once_its_message_is_gone(
 ) -> None:
     project = clocked_store.create_project("acme")
     job, _ = clocked_store.create_job(project.id, make_spec())
-    dispatcher.send_job(job.id)
+    dispatcher.send_job(job)
     clock.advance(service_settings.redispatch_after_seconds + 1)  # a long queue ahead of it
 
     report = reconcile_once(clocked_store, dispatcher, service_settings, clock.now)

@@ -87,7 +87,9 @@ def test_duplicate_delivery_during_a_run_does_not_start_a_second_run(stack: Stac
     job_id = stack.client.submit_job(tiny_spec(stage2_iterations=600)).id
     wait_for(lambda: stack.job(job_id)["state"] in {"STAGE1", "STAGE2"}, 120, "the job to run")
 
-    stack.dispatcher.send_job(job_id)  # the same message again, e.g. a redelivery
+    running = stack.store.get_job_unscoped(job_id)
+    assert running is not None
+    stack.dispatcher.send_job(running)  # the same message again, e.g. a redelivery
     wait_for(
         lambda: DROPPED.search(worker.log()),
         60,
@@ -134,8 +136,10 @@ def test_stale_deliveries_are_dropped_in_the_parent_without_using_a_pool_process
     each in milliseconds, keeps its pool process, and then runs a real job as usual."""
     cancelled = stack.client.submit_job(tiny_spec()).id
     assert stack.client.cancel_job(cancelled).state == "CANCELLED"
+    record = stack.store.get_job_unscoped(cancelled)
+    assert record is not None
     for _ in range(STALE_DELIVERIES - 1):
-        stack.dispatcher.send_job(cancelled)
+        stack.dispatcher.send_job(record)
     broker = redis.Redis.from_url(stack.settings.broker_url)
     assert broker.llen(GPU_QUEUE) == STALE_DELIVERIES
 
