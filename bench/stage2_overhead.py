@@ -11,6 +11,7 @@ the same with the weighting branch (detection-style), which adds a C→C 3x3 con
 teacher level: method compute, large next to these tiny models, small next to an FPN detector.
 
     .venv/bin/python bench/stage2_overhead.py [--rounds 5 --steps 20 --device cpu]
+    .venv/bin/python bench/stage2_overhead.py --device cuda --mixed-precision bf16
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -78,6 +80,7 @@ def measure(args: argparse.Namespace, setting: Mapping[str, Any]) -> tuple[float
             },
             "device": args.device,
             "batch_size": args.batch_size,
+            "mixed_precision": args.mixed_precision,
         }
     )
     plan = validate_job(spec)
@@ -101,6 +104,13 @@ def measure(args: argparse.Namespace, setting: Mapping[str, Any]) -> tuple[float
     def cycle(start: int) -> Iterator[Any]:
         return itertools.cycle(batches)
 
+    def autocast() -> AbstractContextManager[object]:
+        """The reference step under the same autocast as ``run_stage2``'s."""
+        if args.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+        return torch.autocast(device.type, dtype=dtype)
+
     def maskd_steps() -> list[float]:
         clock = StepClock()
         ctx = TrainContext(spec, task, cycle, lambda: batches[:1], device, clock)
@@ -110,14 +120,22 @@ def measure(args: argparse.Namespace, setting: Mapping[str, Any]) -> tuple[float
     def reference_steps() -> list[float]:
         student = build("seg_tiny_student").train()
         optimizer = build_optimizer(student.parameters(), spec.stage2.optimizer)
+        fp16 = args.mixed_precision == "fp16"
+        scaler = torch.amp.GradScaler("cuda") if fp16 else None
         times = []
         for batch in itertools.islice(itertools.cycle(batches), args.steps + 1):
-            with torch.no_grad():
-                task.forward(teacher, batch)
-            loss, _ = task.training_loss(student, batch)
+            with autocast():
+                with torch.no_grad():
+                    task.forward(teacher, batch)
+                loss, _ = task.training_loss(student, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             loss.item()  # the one synchronisation a loop needs to report its loss
             times.append(time.perf_counter())
         return [b - a for a, b in itertools.pairwise(times)]
@@ -138,11 +156,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="CUDA only"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"seg_tiny_teacher → seg_tiny_student, batch {args.batch_size} at {args.image_size}px, "
-        f"{args.device}, {args.rounds}×{args.steps} steps of each"
+        f"{args.device}, mixed precision {args.mixed_precision}, "
+        f"{args.rounds}×{args.steps} steps of each"
     )
     for name, setting in SETTINGS.items():
         ours, reference = measure(args, setting)

@@ -149,13 +149,14 @@ def run_command(args: argparse.Namespace) -> int:
         # Read before torch is imported (seconds), so a bad file is refused at once.
         spec = load_spec(args.job)
         from maskd_core.comparison import comparison_markdown
+        from maskd_core.distributed import run_in_processes
         from maskd_core.runner import run_job, run_teacher_job
 
         if spec.kind == "teacher":
             if args.baseline:
                 raise SpecError("--baseline is for distillation jobs", field="kind")
             workdir = args.workdir or Path("runs") / spec.name
-            trained = run_teacher_job(spec, workdir, _progress())
+            trained = run_in_processes(run_teacher_job, spec, workdir, _progress())
             print(metrics_table(trained.summary))
             print(f"outputs in {workdir}: {', '.join(p.name for p in trained.files.values())}")
             return 0
@@ -165,8 +166,17 @@ def run_command(args: argparse.Namespace) -> int:
                 "instead, trained on the same seeds",
                 field="comparison.methods",
             )
+        if args.baseline and spec.resources.world_size > 1:
+            raise SpecError(
+                "--baseline trains its second student in one process; run it without "
+                "resources, or drop --baseline",
+                field="resources",
+            )
         workdir = args.workdir or Path("runs") / spec.name
-        result = run_job(spec, workdir, _progress(), baseline=args.baseline)
+        if args.baseline:
+            result = run_job(spec, workdir, _progress(), baseline=True)
+        else:
+            result = run_in_processes(run_job, spec, workdir, _progress())
     except SpecError as error:
         return _report_spec_error(error)
     if result.comparison is not None:

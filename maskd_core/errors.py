@@ -5,7 +5,8 @@ The service maps each class onto a job failure kind, so the split matters:
 training and is still the user's (FAILED, kind ``user``), a ``RunError`` such as
 ``TrainingDiverged`` is one student run whose own settings blew the loss up (FAILED, kind
 ``training``; in a comparison only that run fails, and ``ComparisonFailed`` once every run has),
-and ``JobCancelled`` is the cooperative stop a user asked for. Anything else escaping the core is
+``JobCancelled`` is the cooperative stop a user asked for, and ``RankLost`` a multi-process job's
+process gone, which sends the job back to the queue to resume. Anything else escaping the core is
 treated as an infrastructure failure.
 """
 
@@ -150,3 +151,21 @@ class JobCancelled(MaskdError):  # noqa: N818 - it is a signal, not a failure
         super().__init__(f"cancelled during {stage} at step {step}")
         self.stage = stage
         self.step = step
+
+
+class RankLost(MaskdError):  # noqa: N818 - reads as the condition it reports
+    """A helper rank exited before the job ended (killed, out of memory, crashed).
+
+    Not the spec's fault nor the data's: the attempt ends and the job goes back to the queue,
+    to resume from its last checkpoint at whatever number of processes the next worker has."""
+
+    def __init__(self, rank: int, exitcode: int | None) -> None:
+        how = (
+            f"exit code {exitcode}" if exitcode is None or exitcode >= 0 else f"signal {-exitcode}"
+        )
+        super().__init__(
+            f"training process rank {rank} exited during the job ({how}); the job resumes "
+            "from its last checkpoint"
+        )
+        self.rank = rank
+        self.exitcode = exitcode

@@ -13,6 +13,12 @@ The batch of global step ``k`` depends only on ``(seed, k)``:
 
 So a run resumed at step ``k`` sees exactly the batches ``k, k+1, ...`` of an uninterrupted run,
 with any number of loader workers, and no sampler or RNG state has to be checkpointed.
+
+A job on N processes (``maskd_core.distributed``) draws the same global batches: rank ``r``
+takes samples ``j`` with ``r * B/N <= j < (r+1) * B/N`` of each. This does what
+``DistributedSampler`` does (disjoint shards, an order reseeded every epoch) while keeping the
+global batch of a step independent of N, so a checkpoint written at N processes resumes at M
+on the very batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -108,13 +114,17 @@ def split_dataset(
 
 
 class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Infinite batches of ``(dataset index, augmentation seed)`` from ``start_step`` on."""
+    """Infinite batches of ``(dataset index, augmentation seed)`` from ``start_step`` on: the
+    share ``positions`` of each global batch of ``batch_size`` samples."""
 
-    def __init__(self, length: int, batch_size: int, seed: int, start_step: int) -> None:
+    def __init__(
+        self, length: int, batch_size: int, seed: int, start_step: int, positions: range
+    ) -> None:
         self.length = length
         self.batch_size = batch_size
         self.seed = seed
         self.start_step = start_step
+        self.positions = positions
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
@@ -122,7 +132,7 @@ class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
         order_epoch = 0
         while True:
             batch = []
-            for position in range(self.batch_size):
+            for position in self.positions:
                 epoch, offset = divmod(step * self.batch_size + position, self.length)
                 if order is None or epoch != order_epoch:
                     order = SeededPermutation(self.length, _EPOCH_STREAM, self.seed, epoch)
@@ -177,16 +187,22 @@ def train_batches(
     start_step: int = 0,
     num_workers: int = 0,
     augment: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Batch]:
-    """Endless training batches for steps ``start_step, start_step + 1, ...`` (see module doc).
+    """Endless training batches for steps ``start_step, start_step + 1, ...`` (see module doc):
+    rank ``rank``'s share of each global batch of ``batch_size`` when ``world_size`` processes
+    train (``batch_size`` divides by it; the spec checks).
 
     Stop iterating (or ``close()`` the iterator) to shut the loader workers down.
     """
     if len(dataset) == 0:
         raise SpecError("the training split is empty", field="dataset")
+    share = batch_size // world_size
+    positions = range(rank * share, (rank + 1) * share)
     loader: DataLoader[Any] = DataLoader(
         _AugmentedView(dataset, augment),
-        batch_sampler=_StepBatchSampler(len(dataset), batch_size, seed, start_step),
+        batch_sampler=_StepBatchSampler(len(dataset), batch_size, seed, start_step, positions),
         num_workers=num_workers,
         collate_fn=task.collate,
         generator=_private_generator(),

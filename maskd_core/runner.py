@@ -62,13 +62,14 @@ from maskd_core.comparison import (
     failure_record,
 )
 from maskd_core.data import DenseDataset, build_dataset
+from maskd_core.distributed import agree, ranks
 from maskd_core.errors import ComparisonFailed, RunError
 from maskd_core.evaluations import evaluation_key, load_evaluation, save_evaluation
 from maskd_core.files import atomic_write_json, atomic_write_text, file_sha256
 from maskd_core.loader import Splits, train_batches, train_val_split, val_batches
 from maskd_core.mask_grid import mask_grid
 from maskd_core.methods import effective_params, job_needs_tokens, method_setup
-from maskd_core.models import build_model, model_document
+from maskd_core.models import build_model, model_document, with_default_layers
 from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, MethodSpec, OptimizerSpec
 from maskd_core.stages import (
@@ -181,6 +182,7 @@ def _context(spec: JobSpec, task: Task, splits: Splits, callbacks: Callback) -> 
     seeds still train and evaluate on the same samples.
     """
     train_data, val_data = splits
+    group = ranks()
     return TrainContext(
         spec=spec,
         task=task,
@@ -192,6 +194,8 @@ def _context(spec: JobSpec, task: Task, splits: Splits, callbacks: Callback) -> 
             start_step=start,
             num_workers=spec.num_workers,
             augment=spec.dataset.augment,
+            rank=group.rank,
+            world_size=group.world_size,
         ),
         val_batches=lambda: val_batches(val_data, task, spec.batch_size, spec.num_workers),
         device=resolve_device(spec),
@@ -229,7 +233,7 @@ def _mask_grids(
     check = _masked_teacher_check(metrics, ctx.task.primary_metric)
     grids = {}
     teacher.eval()
-    with Taps(teacher, ctx.spec.teacher.layers) as taps, torch.no_grad():
+    with Taps(teacher, ctx.spec.teacher.tapped_layers) as taps, torch.no_grad():
         ctx.task.forward(teacher, batch)
         for k, feature in enumerate(taps.levels()):
             masks = tokens.level(k).masks(feature[:1])
@@ -269,7 +273,7 @@ def _stage1(
     """Learned tokens: from the tokens file when present (finished or reused), else stage 1."""
     spec = ctx.spec
     identity = teacher_identity(spec)
-    if workdir.tokens.is_file():
+    if agree(workdir.tokens.is_file()):
         tokens = load_tokens(
             workdir.tokens,
             plan.token_levels(),
@@ -283,8 +287,9 @@ def _stage1(
         [lv.teacher_channels for lv in plan.levels], spec.stage1.tokens, spec.stage1.mask_weighting
     )
     result = run_stage1(ctx, teacher, tokens, plan, workdir.checkpoint("stage1"))
-    save_tokens(workdir.tokens, tokens, plan.token_levels(), identity)
-    ctx.callbacks.on_artifact(STAGE1, "tokens", workdir.tokens)
+    if ranks().is_main:
+        save_tokens(workdir.tokens, tokens, plan.token_levels(), identity)
+        ctx.callbacks.on_artifact(STAGE1, "tokens", workdir.tokens)
     return tokens, result
 
 
@@ -305,7 +310,9 @@ def _stored_evaluation(
     """The frozen teacher's evaluation ``name``: read back when an earlier attempt of the job
     stored it under the same key, else computed by ``evaluate`` and stored
     (``maskd_core.evaluations``). A resumed attempt thus reaches its first step without a pass
-    over the validation data."""
+    over the validation data. Only rank 0 evaluates (``TrainContext.evaluate``)."""
+    if not ranks().is_main:
+        return {}
     key = evaluation_key(ctx.spec, device=str(ctx.device), versions=_versions(), tokens=tokens)
     path = workdir.evaluation(name)
     metrics = load_evaluation(path, key)
@@ -340,8 +347,10 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
     torch.manual_seed(spec.seed)  # a teacher without weights is the same on every attempt
     teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
     plan = validate_job(spec, dataset=dataset, teacher=teacher)
+    spec = with_default_layers(spec)  # after validate_job, which refuses defaults that don't pair
     splits = train_val_split(spec, dataset)
     ctx = _context(spec, task, splits, _callback(callbacks))
+    ctx.callbacks.on_plan(plan)  # the pairing is shown from here on, not only once registered
     teacher.to(ctx.device)
     metrics = _stored_evaluation(ctx, workdir, "teacher", partial(ctx.evaluate, teacher, "teacher"))
     ctx.callbacks.on_eval(EVAL, 0, metrics)
@@ -359,7 +368,7 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
         )
         ctx.callbacks.on_eval(STAGE1, spec.stage1.iterations, masked)
         metrics.update(masked)
-        if stage1 is not None:
+        if stage1 is not None and ranks().is_main:
             grids = _mask_grids(ctx, teacher, tokens, metrics)
             ctx.callbacks.on_masks(STAGE1, stage1.step, grids)
     return _Shared(
@@ -376,7 +385,10 @@ def _prepare(spec: JobSpec, workdir: WorkDir, callbacks: Callbacks) -> _Shared:
 
 
 def _save_student(student: nn.Module, spec: JobSpec, plan: JobPlan, rundir: WorkDir) -> None:
-    """The state dict, and the document that rebuilds its network without the job spec."""
+    """The state dict, and the document that rebuilds its network without the job spec
+    (rank 0's to write)."""
+    if not ranks().is_main:
+        return
     atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, rundir.student)
     atomic_write_json(
         rundir.model_spec, model_document(spec.distilled_student, plan.num_classes, spec.task)
@@ -391,7 +403,7 @@ def _student_run(
     With ``baseline`` a second student, initialised identically, is trained on the task loss
     alone for the same steps, so the summary shows what distillation added.
     """
-    if rundir.summary.is_file():
+    if agree(rundir.summary.is_file()):
         return StudentRun(spec, stage, rundir, json.loads(rundir.summary.read_text()))
     rundir.create()
     ctx = _context(spec, shared.task, shared.splits, shared.callbacks)
@@ -422,8 +434,9 @@ def _student_run(
         loops["baseline"] = plain_result
         metrics.update(_final_evaluation(ctx, plain, "baseline", plain_result, BASELINE, EVAL))
     summary = _summary(spec, shared, metrics, loops, ctx.device)
-    atomic_write_json(rundir.summary, summary)
-    ctx.callbacks.on_artifact(report, "summary", rundir.summary)
+    if ranks().is_main:
+        atomic_write_json(rundir.summary, summary)
+        ctx.callbacks.on_artifact(report, "summary", rundir.summary)
     return StudentRun(spec, stage, rundir, summary)
 
 
@@ -486,6 +499,7 @@ def _summary(
         },
         "plan": shared.plan.to_dict(),
         "device": str(device),
+        "processes": ranks().world_size,
         "versions": _versions(),
     }
 
@@ -502,11 +516,13 @@ def _comparison_run(
         run = _student_run(spec.run_spec(method, seed), stage, rundir, shared)
     except RunError as error:
         failure = failure_record(method.name, seed, str(stage), error)
-        atomic_write_json(rundir.create().failure, failure)
+        if ranks().is_main:
+            atomic_write_json(rundir.create().failure, failure)
         shared.callbacks.on_run_failed(stage, str(error))
         return failure
     # A retried run that finished is no longer a failed one.
-    rundir.failure.unlink(missing_ok=True)
+    if ranks().is_main:
+        rundir.failure.unlink(missing_ok=True)
     return run
 
 
@@ -526,6 +542,7 @@ def run_job(
         raise ValueError("a comparison compares against method 'none', not a baseline")
     root = WorkDir(Path(workdir)).create()
     shared = _prepare(spec, root, callbacks)
+    spec = with_default_layers(spec)  # the layers _prepare's plan pairs, for every run
     if spec.comparison is None:
         runs = [_student_run(spec, STAGE2, root, shared, baseline=baseline)]
         table = None
@@ -546,10 +563,11 @@ def run_job(
             [run.summary for run in runs],
             failed,
         )
-        atomic_write_json(root.comparison_table, table)
-        atomic_write_text(root.comparison_markdown, comparison_markdown(table))
-        for path in (root.comparison_table, root.comparison_markdown):
-            shared.callbacks.on_artifact(EVAL, "comparison", path)
+        if ranks().is_main:
+            atomic_write_json(root.comparison_table, table)
+            atomic_write_text(root.comparison_markdown, comparison_markdown(table))
+            for path in (root.comparison_table, root.comparison_markdown):
+                shared.callbacks.on_artifact(EVAL, "comparison", path)
         if not runs:
             raise ComparisonFailed([(failure["stage"], failure["reason"]) for failure in failed])
     tokens_path = root.tokens if shared.tokens is not None else None
@@ -627,8 +645,9 @@ def _train_teacher_network(
         stage=TEACHER,
         optimizer_field=recipe.optimizer_field,
     )
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
-    ctx.callbacks.on_artifact(TEACHER, "teacher", out)
+    if ranks().is_main:
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+        ctx.callbacks.on_artifact(TEACHER, "teacher", out)
     return model, ctx, trained, dataset
 
 
@@ -669,14 +688,13 @@ def run_teacher_job(
         raise ValueError(f"job {spec.name!r} is a {spec.kind} job; run it with run_job")
     root = WorkDir(Path(workdir)).create()
     recipe = teacher_recipe(spec)
-    if root.summary.is_file():
+    if agree(root.summary.is_file()):
         summary = json.loads(root.summary.read_text())
         example = _input_example(spec, build_dataset(spec))
         return TeacherResult(spec, root, summary["num_classes"], summary, example)
     model, ctx, trained, dataset = _train_teacher_network(
         spec, root.teacher, root.checkpoint("teacher"), recipe, callbacks, from_weights=True
     )
-    atomic_write_json(root.model_spec, model_document(spec.teacher, dataset.num_classes, spec.task))
     metrics = _final_evaluation(ctx, model, "teacher", trained, TEACHER, EVAL)
     summary = {
         "format": "maskd-teacher-summary/1",
@@ -689,8 +707,13 @@ def run_teacher_job(
         "steps": {"teacher": recipe.iterations},
         "seconds_per_step": {"teacher": trained.seconds_per_step},
         "device": str(ctx.device),
+        "processes": ranks().world_size,
         "versions": _versions(),
     }
-    atomic_write_json(root.summary, summary)
-    ctx.callbacks.on_artifact(EVAL, "summary", root.summary)
+    if ranks().is_main:
+        atomic_write_json(
+            root.model_spec, model_document(spec.teacher, dataset.num_classes, spec.task)
+        )
+        atomic_write_json(root.summary, summary)
+        ctx.callbacks.on_artifact(EVAL, "summary", root.summary)
     return TeacherResult(spec, root, dataset.num_classes, summary, _input_example(spec, dataset))

@@ -29,6 +29,7 @@ from pydantic import (
     JsonValue,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -201,12 +202,24 @@ class ModelSpec(StrictModel):
         description="A local state-dict file (loaded with weights_only=True), or none for "
         "random initialisation.",
     )
-    layers: list[Annotated[str, Field(max_length=LAYER_NAME_LENGTH)]] = Field(
-        min_length=1,
+    layers: (
+        Annotated[list[Annotated[str, Field(max_length=LAYER_NAME_LENGTH)]], Field(min_length=1)]
+        | None
+    ) = Field(
+        default=None,
         description="Module names whose outputs are distilled, paired by position between "
         "teacher and student. A module returning a tuple or dict (FPN) yields one level per "
-        "tensor.",
+        "tensor. Left out: the architecture's default taps (a detector's FPN levels, a "
+        "segmentation model's logits); the pairing chosen is reported in the job's outputs.",
     )
+
+    @property
+    def tapped_layers(self) -> list[str]:
+        """``layers`` once resolved (``maskd_core.models.with_default_layers`` fills in the
+        registry's defaults before anything taps); the registry is not visible here."""
+        if self.layers is None:
+            raise ValueError(f"the layers of {self.arch!r} are not resolved yet")
+        return self.layers
 
 
 class DataSourceSpec(StrictModel):
@@ -346,7 +359,8 @@ class MethodSpec(StrictModel):
     name: str = Field(
         default="maskd",
         max_length=NAME_LENGTH,
-        description="'maskd' (default), 'none', 'fitnet', 'mgd' or 'amd'; see docs/methods.md.",
+        description="'maskd' (default), 'none', 'fitnet', 'mgd', 'amd', 'dfmsd', 'samkd' or "
+        "'pcd'; see docs/methods.md.",
     )
     params: dict[str, JsonValue] = Field(
         default_factory=dict,
@@ -438,6 +452,49 @@ class TeacherTrainingSpec(StrictModel):
 
     iterations: int = Field(gt=0, description="Training steps.")
     optimizer: OptimizerSpec
+
+
+MAX_WORLD_SIZE = 64
+"""The most processes one job may train with: eight hosts' worth of eight GPUs, far more than
+one worker host offers (a job runs on one host's GPUs; ``MASKD_MAX_JOB_GPUS`` caps it)."""
+
+
+class ResourcesSpec(StrictModel):
+    """How many processes one job trains with: torch.distributed data parallelism, one process
+    per GPU (NCCL), or CPU processes (gloo) for CPU hosts and tests. Left out: one process.
+
+    The global batch stays ``batch_size``: each of the N processes takes ``batch_size / N`` of
+    every step's samples, so the step, its loss and a checkpoint mean the same at any N, and a
+    job checkpointed at N processes resumes at M."""
+
+    gpus: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="GPUs, one training process each (NCCL). The job goes to a worker queue "
+        "that offers this many GPUs on one host.",
+    )
+    processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="CPU training processes (gloo), for hosts without GPUs and for tests; "
+        "needs device cpu or auto on a CPU worker.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ResourcesSpec:
+        if self.gpus is not None and self.processes is not None:
+            raise ValueError(
+                "resources sets both gpus and processes; give gpus for GPU processes (NCCL) "
+                "or processes for CPU processes (gloo), not both"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The number of training processes."""
+        return self.gpus or self.processes or 1
 
 
 class ComparisonSpec(StrictModel):
@@ -534,6 +591,51 @@ LabelValue = Annotated[
 ]
 
 
+ExportFormat = Literal["onnx", "torch_export"]
+
+
+class ExportSpec(StrictModel):
+    """The deployable copies of each distilled student (``maskd_core.export``): exported after
+    training, checked against the PyTorch student on validation batches, and published beside
+    it. A copy whose outputs or metric drift past the tolerances is refused, not published; the
+    job still succeeds with its PyTorch student and says why the copy was refused."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["onnx"]),
+        max_length=2,
+        description="'onnx' (checked with onnxruntime) and/or 'torch_export' (a torch.export "
+        ".pt2 program); [] exports nothing.",
+    )
+    tolerance: float = Field(
+        default=1e-3,
+        ge=0.0,
+        description="Largest absolute difference allowed between the exported and the PyTorch "
+        "student's outputs on the validation batches.",
+    )
+    metric_tolerance: float = Field(
+        default=0.005,
+        ge=0.0,
+        description="Largest absolute change of the task's primary metric (miou, map) allowed "
+        "between the exported and the PyTorch student on the same batches.",
+    )
+    batches: int = Field(
+        default=4, gt=0, le=1000, description="Validation batches the parity check runs on."
+    )
+    latency_runs: int = Field(
+        default=20,
+        gt=0,
+        le=1000,
+        description="Timed batch-1 runs (after warm-up) whose median is each model's latency.",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct(cls, formats: list[ExportFormat]) -> list[ExportFormat]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"formats {formats} names a format twice; list each once")
+        return formats
+
+
 class JobSpec(StrictModel):
     """Everything a MasKD job needs, from models and data to both stages' settings.
 
@@ -577,10 +679,20 @@ class JobSpec(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at the end).")
     checkpoint_every: int = Field(default=200, gt=0)
     max_eval_batches: int | None = Field(default=None, gt=0)
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="Processes the job trains with, e.g. {gpus: 4} or {processes: 2}; the "
+        "default is one. batch_size is the global batch and must divide by their number.",
+    )
     comparison: ComparisonSpec | None = Field(
         default=None,
         description="Compare stage-2 methods over seeds in one job (stage2.method is then "
         "not used); see docs/methods.md.",
+    )
+    export: ExportSpec = Field(
+        default_factory=ExportSpec,
+        description="Deployable copies of the student (ONNX by default), checked for parity "
+        "with it; see docs/tracking.md.",
     )
     teacher_training: TeacherTrainingSpec | None = Field(
         default=None,
@@ -692,8 +804,50 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _resources_fit(self) -> JobSpec:
+        """The global batch splits evenly over the processes, and GPUs need a GPU device."""
+        resources = self.resources
+        problems: list[InitErrorDetails] = []
+        if self.batch_size % resources.world_size:
+            problems.append(
+                _problem(
+                    "batch_not_divisible",
+                    f"batch_size {self.batch_size} does not divide over "
+                    f"{resources.world_size} processes; batch_size is the global batch, so "
+                    f"make it a multiple of {resources.world_size} (e.g. "
+                    f"{resources.world_size * max(1, self.batch_size // resources.world_size)})",
+                    ("batch_size",),
+                    self.batch_size,
+                )
+            )
+        if resources.gpus is not None and self.device == "cpu":
+            problems.append(
+                _problem(
+                    "gpus_on_cpu",
+                    "resources.gpus asks for GPU processes but device is 'cpu'; use device "
+                    "auto or cuda, or resources.processes for CPU processes",
+                    ("resources", "gpus"),
+                    resources.gpus,
+                )
+            )
+        if resources.processes is not None and self.device == "cuda":
+            problems.append(
+                _problem(
+                    "processes_on_cuda",
+                    "resources.processes runs CPU processes but device is 'cuda'; use "
+                    "resources.gpus for GPU processes",
+                    ("resources", "processes"),
+                    resources.processes,
+                )
+            )
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+    @model_validator(mode="after")
     def _layers_pair_up(self) -> JobSpec:
-        if self.student is None:
+        # Layers left out are the registry's defaults, paired by maskd_core.validate.
+        if self.student is None or self.teacher.layers is None or self.student.layers is None:
             return self
         if len(self.teacher.layers) != len(self.student.layers):
             raise ValueError(

@@ -31,6 +31,13 @@ from torch import nn
 from maskd_core.callbacks import STAGE1, STAGE2, Callback, Stage
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
 from maskd_core.detection_recipe import Inherited, detection_recipe
+from maskd_core.distributed import (
+    any_rank,
+    mean_over_ranks,
+    ranks,
+    sync_batchnorm,
+    wrap_for_training,
+)
 from maskd_core.errors import JobCancelled, Setting, SpecError, TrainingDiverged
 from maskd_core.losses import dice_diversity
 from maskd_core.methods import Distiller, build_distiller, method_setup
@@ -75,11 +82,18 @@ row are weights that overflow on any data, and going on would only burn the job'
 
 
 def resolve_device(spec: JobSpec) -> torch.device:
-    """``auto`` is CUDA when present; mixed precision without CUDA is refused, not ignored."""
-    if spec.device == "auto":
+    """``auto`` is CUDA when present; mixed precision without CUDA is refused, not ignored.
+
+    CPU processes (``resources.processes``) train on the CPU; a GPU process trains on the
+    device its launcher set (``maskd_core.distributed``)."""
+    if spec.resources.processes is not None:
+        device = torch.device("cpu")
+    elif spec.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(spec.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if spec.mixed_precision != "no" and device.type != "cuda":
         raise SpecError(
             f"mixed_precision {spec.mixed_precision!r} needs a CUDA device and this worker has "
@@ -125,9 +139,12 @@ class TrainContext:
         """The task's metrics for ``model`` on (at most max_eval_batches of) the validation data.
 
         Leaves ``model`` in eval mode. Metric names are prefixed by ``name`` (``student_miou``),
-        so reports from different models of one job never collide.
+        so reports from different models of one job never collide. Only rank 0 of a
+        multi-process job evaluates (its metrics are the job's); the others get no metrics.
         """
         model.eval()
+        if not ranks().is_main:
+            return {}
         batches: Iterable[Batch] = self.val_batches()
         if self.spec.max_eval_batches is not None:
             batches = itertools.islice(batches, self.spec.max_eval_batches)
@@ -190,6 +207,7 @@ def _train(
     """
     params = [p for module in trainable.values() for p in module.parameters()]
     optimizer = build_optimizer(params, optimizer_spec)
+    main, world_size = ranks().is_main, ranks().world_size
     scaler = torch.amp.GradScaler("cuda") if ctx.spec.mixed_precision == "fp16" else None
     nonfinite = NonFiniteStreak(1 if scaler is None else FP16_NONFINITE_STEPS)
     seed_everything(ctx.spec.seed)
@@ -198,7 +216,7 @@ def _train(
         start = load_checkpoint(checkpoint, modules=trainable, optimizer=optimizer, scaler=scaler)
 
     def write_checkpoint(step: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             save_checkpoint(
                 checkpoint, step=step, modules=trainable, optimizer=optimizer, scaler=scaler
             )
@@ -209,10 +227,13 @@ def _train(
     final_evaluation: dict[str, float] | None = None
     started = time.perf_counter()
     batches = ctx.train_batches(start)
+    # After the checkpoint is loaded: DDP starts every rank from rank 0's weights.
+    train_step = _StepModule(step_fn, trainable)
+    run_step = wrap_for_training(train_step, ctx.device)
     set_modes()
     try:
         for step in range(start, iterations):
-            if ctx.callbacks.should_stop():
+            if any_rank(ctx.callbacks.should_stop()):
                 write_checkpoint(step)
                 raise JobCancelled(str(stage), step)
             tic = time.perf_counter()
@@ -226,8 +247,9 @@ def _train(
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
             with ctx.autocast():
-                loss, parts = step_fn(batch, step)
-            values = torch.stack([t.detach().float() for t in (loss, *parts.values())]).tolist()
+                loss, parts = run_step(batch, step)
+            stacked = torch.stack([t.detach().float() for t in (loss, *parts.values())])
+            values = mean_over_ranks(stacked).tolist()
             scalars = dict(zip(["loss", *parts], values, strict=True))
             if nonfinite.diverged(scalars["loss"]):
                 raise TrainingDiverged(
@@ -245,7 +267,7 @@ def _train(
             metrics = {
                 **scalars,
                 "lr": lr,
-                "images_per_sec": ctx.task.batch_size(batch) / max(seconds, 1e-9),
+                "images_per_sec": ctx.task.batch_size(batch) * world_size / max(seconds, 1e-9),
             }
             ctx.callbacks.on_step(stage, done, metrics)
             if done % ctx.spec.checkpoint_every == 0 or done == iterations:
@@ -263,6 +285,21 @@ def _train(
     seconds_per_step = (time.perf_counter() - started) / steps_run if steps_run else None
     ctx.callbacks.on_stage_end(stage, iterations, metrics)
     return StageResult(iterations, seconds_per_step, metrics, final_evaluation)
+
+
+class _StepModule(nn.Module):
+    """One training step as a module over the trainable ones, the shape
+    ``DistributedDataParallel`` wraps: its forward computes the step's loss, and DDP averages
+    the trainable modules' gradients over the ranks in backward. The frozen models the step
+    runs (the teacher) are not its submodules, so DDP neither syncs nor checks them."""
+
+    def __init__(self, step_fn: StepFn, trainable: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.step_fn = step_fn
+        self.trainable = nn.ModuleDict(trainable)
+
+    def forward(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.step_fn(batch, step)
 
 
 def _optimise(
@@ -319,7 +356,7 @@ def run_stage1(
         loss = task_loss + spec.dice_weight * dice
         return loss, {"task_loss": task_loss.detach(), "dice": dice.detach()}
 
-    with masking(teacher, ctx.spec.teacher.layers, tokens, plan, record=step_masks):
+    with masking(teacher, ctx.spec.teacher.tapped_layers, tokens, plan, record=step_masks):
         return _train(
             ctx,
             stage=STAGE1,
@@ -363,7 +400,7 @@ def evaluate_masked_teacher(
 ) -> dict[str, float]:
     """The teacher's metrics when its head sees only masked features (the stage-1 check)."""
     tokens.to(ctx.device)
-    with masking(teacher, ctx.spec.teacher.layers, tokens, plan), torch.no_grad():
+    with masking(teacher, ctx.spec.teacher.tapped_layers, tokens, plan), torch.no_grad():
         return ctx.evaluate(teacher, "masked_teacher")
 
 
@@ -402,12 +439,13 @@ def run_stage2(
     aligns = build_aligns(plan, spec.align)
     distiller = build_distiller(method_setup(ctx.spec, plan, spec.method, tokens))
     inherited, head = detection_recipe(ctx.spec, teacher, student)
+    student = sync_batchnorm(student, ctx.device)
     uses_teacher = distiller.uses_teacher or head is not None
     for module in (teacher, student, aligns, distiller):
         module.to(ctx.device)
 
-    teacher_taps = Taps(teacher, ctx.spec.teacher.layers, field="teacher.layers")
-    student_taps = Taps(student, ctx.spec.distilled_student.layers, field="student.layers")
+    teacher_taps = Taps(teacher, ctx.spec.teacher.tapped_layers, field="teacher.layers")
+    student_taps = Taps(student, ctx.spec.distilled_student.tapped_layers, field="student.layers")
     # The auxiliary heads a method distils besides the levels, tapped on both models alike.
     aux_taps = [
         Taps(model, [distiller.aux_layer], field=f"{role}.layers")
@@ -505,6 +543,7 @@ def train_supervised(
     trained with a recipe of its own.
     """
     model.to(ctx.device)
+    model = sync_batchnorm(model, ctx.device)
 
     def step_fn(batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         task_loss, _ = ctx.task.training_loss(model, batch)

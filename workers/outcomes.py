@@ -15,7 +15,14 @@ import traceback
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from maskd_core.errors import ComparisonFailed, DataError, JobCancelled, RunError, SpecError
+from maskd_core.errors import (
+    ComparisonFailed,
+    DataError,
+    JobCancelled,
+    RankLost,
+    RunError,
+    SpecError,
+)
 from service.config import Settings
 from service.lifecycle import FailureKind, JobState
 from service.store import JobStore
@@ -30,6 +37,11 @@ forever; a worker lost now and then is well within it."""
 
 LEASE_LOST = "lease_lost"
 """What the task reports when another worker owns the job now: it records nothing."""
+
+RANK_LOST = "rank_lost"
+"""What the task reports when one of a multi-process job's processes died: the job keeps its
+state, the lease is released, and the reconciler re-queues it to resume from its checkpoint
+(the path a lost worker takes)."""
 
 
 def time_limit_message(settings: Settings) -> str:
@@ -70,6 +82,10 @@ class AttemptEnd:
         """The state the job is left in after ``error`` ended the attempt."""
         if isinstance(error, JobCancelled):
             return self._stopped(error, stop_reason)
+        if isinstance(error, RankLost):
+            logger.warning("job %s: %s", self.job_id, error)
+            self.store.add_event(self.job_id, str(error))
+            return RANK_LOST
         if isinstance(error, SpecError):
             where = f" (field {error.field})" if error.field else ""
             return self.fail(FailureKind.VALIDATION, f"{error}{where}")

@@ -26,7 +26,9 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
@@ -36,6 +38,7 @@ from service.lifecycle import FailureKind, JobState, can_transition
 from service.logs import job_log_context, set_job_stage
 from service.store import JobRecord, JobStore
 from workers.app import app
+from workers.gpu_slots import SlotWaitStopped, gpu_slots, gpus_needed
 from workers.lease import LeaseKeeper
 from workers.observability import apply_torch_threads
 from workers.outcomes import (
@@ -44,6 +47,11 @@ from workers.outcomes import (
     attempts_exhausted_message,
 )
 from workers.reporting import StoreReporter, success_message
+
+if TYPE_CHECKING:
+    from maskd_core.callbacks import Callback, Stage
+    from maskd_core.runner import JobResult, TeacherResult
+    from maskd_core.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +108,34 @@ def execute_job(store: JobStore, settings: Settings, job_id: str, *, delivery: s
         finally:
             metrics.JOBS_FINISHED.labels(outcome.lower()).inc()
             _release_memory_between_jobs()
+
+
+def _train(
+    spec: JobSpec,
+    workdir: Path,
+    callbacks: list[Callback],
+    devices: list[int] | None,
+    settings: Settings,
+) -> tuple[JobResult | TeacherResult, Stage, int]:
+    """The job's training on its processes: one, or rank 0 of several with the others
+    started beside it (``maskd_core.distributed``); the callbacks stay in this process.
+    Returns the result and the stage and step training ended at. In the child: imports torch.
+    """
+    from maskd_core.callbacks import STAGE2, TEACHER
+    from maskd_core.distributed import run_in_processes
+    from maskd_core.runner import run_job, run_teacher_job, teacher_recipe
+
+    timeout = settings.distributed_timeout_seconds
+    if spec.kind == "teacher":
+        # A teacher job trains its teacher in STAGE2, the training state (it has no stage 1).
+        trained = run_in_processes(
+            run_teacher_job, spec, workdir, callbacks, devices=devices, timeout_seconds=timeout
+        )
+        return trained, TEACHER, teacher_recipe(spec).iterations
+    result = run_in_processes(
+        run_job, spec, workdir, callbacks, devices=devices, timeout_seconds=timeout
+    )
+    return result, STAGE2, spec.stage2.iterations
 
 
 def _release_memory_between_jobs() -> None:
@@ -167,16 +203,8 @@ def _run_claimed(
     ``claimed_at`` (``time.monotonic``) is when the claim was won, for ``FirstStepLatency``.
     """
     # Imported here, in the child process: see the module docstring.
-    from maskd_core.callbacks import STAGE2, TEACHER
     from maskd_core.errors import JobCancelled
-    from maskd_core.runner import (
-        JobResult,
-        TeacherResult,
-        first_stage,
-        run_job,
-        run_teacher_job,
-        teacher_recipe,
-    )
+    from maskd_core.runner import JobResult, TeacherResult, first_stage
     from workers.metrics import FirstStepLatency, StepMetrics
     from workers.publishing import publish, publish_teacher
     from workers.tracking import tracked_attempt
@@ -197,24 +225,30 @@ def _run_claimed(
         resolved,
     ):
         callbacks = [reporter, tracker, StepMetrics(), FirstStepLatency(job_id, claimed_at)]
-        # A teacher job trains its teacher in STAGE2, the training state (it has no stage 1).
-        result: JobResult | TeacherResult
-        if resolved.kind == "teacher":
-            result = run_teacher_job(resolved, workdir.root, callbacks=callbacks)
-            last_stage, last_step = TEACHER, teacher_recipe(resolved).iterations
-        else:
-            result = run_job(resolved, workdir.root, callbacks=callbacks)
-            last_stage, last_step = STAGE2, resolved.stage2.iterations
-        if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
-            # Cancelled (or taken over) after the last step: a stop at the end of training,
-            # which ends the job CANCELLED now rather than when the reconciler finds it.
-            raise JobCancelled(str(last_stage), last_step)
-        set_job_stage("registering")
-        uri = settings.mlflow_tracking_uri
-        if isinstance(result, TeacherResult):
-            links = publish_teacher(result, tracker, uri)
-        else:
-            links = publish(result, tracker, uri)
+        # The job's GPUs, host-wide, until it is published (its latency is measured on them).
+        try:
+            with gpu_slots(
+                settings,
+                gpus_needed(resolved, settings),
+                on_wait=partial(store.add_event, job_id),
+                should_stop=lease.should_stop,
+            ) as devices:
+                result, last_stage, last_step = _train(
+                    resolved, workdir.root, callbacks, devices, settings
+                )
+                if not store.transition(job_id, JobState.REGISTERING, worker_id=worker_id):
+                    # Cancelled (or taken over) after the last step: a stop at the end of
+                    # training, which ends the job CANCELLED now rather than when the
+                    # reconciler finds it.
+                    raise JobCancelled(str(last_stage), last_step)
+                set_job_stage("registering")
+                uri = settings.mlflow_tracking_uri
+                if isinstance(result, TeacherResult):
+                    links = publish_teacher(result, tracker, uri)
+                else:
+                    links = publish(result, tracker, uri)
+        except SlotWaitStopped as stopped:
+            raise JobCancelled("the wait for GPUs", 0) from stopped
         store.record_outputs(job_id, links)
     outputs: dict[str, Any] = {
         "files": {name: str(path) for name, path in result.files.items()},

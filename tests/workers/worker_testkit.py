@@ -134,7 +134,7 @@ class Worker:
 
     def pool_pids(self) -> set[int]:
         """The pids of the worker's pool processes (children of Celery's parent process)."""
-        return _children(self.process.pid)
+        return child_pids(self.process.pid)
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once: no cleanup, no acks."""
@@ -143,7 +143,7 @@ class Worker:
         self.process.wait(timeout=30)
 
 
-def _children(pid: int) -> set[int]:
+def child_pids(pid: int) -> set[int]:
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
