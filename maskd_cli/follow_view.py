@@ -136,7 +136,8 @@ def follow_job(client: MaskdClient, job_id: str, output: str) -> Job:
 
 
 def print_summary(client: MaskdClient, job: Job) -> None:
-    """The end of a followed job: state, metrics, comparison table, model and MLflow run."""
+    """The end of a followed job: state, metrics, comparison table, pairing, model and MLflow
+    run."""
     print(f"job {job.id} ({job.name}) {job.state}")
     if job.state != "SUCCEEDED":
         reason = " ".join(part for part in (job.failure_kind, job.message) if part)
@@ -150,6 +151,10 @@ def print_summary(client: MaskdClient, job: Job) -> None:
     comparison = job.outputs.get("comparison")
     if comparison:
         for line in comparison_lines(comparison):
+            print(f"  {line}")
+    pairing = job.outputs.get("pairing")
+    if pairing:
+        for line in pairing_lines(pairing):
             print(f"  {line}")
     single = job.outputs.get("model")
     models = job.outputs.get("models") or ([single] if single else [])
@@ -189,6 +194,52 @@ def comparison_lines(table: Mapping[str, Any]) -> list[str]:
             f"{_number(row.get('seconds_per_step')):>8}  {failed or '-'}"
         )
     return lines
+
+
+def pairing_lines(pairing: Mapping[str, Any]) -> list[str]:
+    """A job's ``outputs.pairing`` as aligned text: where each side's layers came from, then per
+    level the teacher's layer and the student's distilled against it (channels, size, stride
+    when known), the align and any resize; the aux heads last."""
+    sources = ", ".join(f"{role} {source}" for role, source in pairing["layers_from"].items())
+    rows = [("level", "teacher", "student", "align", "resize")]
+    for level in pairing["levels"]:
+        rows.append(
+            (
+                str(level["level"]),
+                _tap(level["teacher_layer"], level["teacher"]),
+                _tap(level["student_layer"], level["student"]),
+                level["align"],
+                level.get("resize") or "-",
+            )
+        )
+    aux = pairing.get("aux")
+    if aux:
+        rows.append(
+            (
+                "aux",
+                _tap(aux["layer"], aux["teacher"]),
+                _tap(aux["layer"], aux["student"]),
+                "-",
+                "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [f"pairing (layers: {sources}):"]
+    for index, (level, teacher, student, align, resize) in enumerate(rows):
+        arrow = "  " if index == 0 else "->"
+        lines.append(
+            f"  {level:<{widths[0]}}  {teacher:<{widths[1]}} {arrow} {student:<{widths[2]}}  "
+            f"{align:<{widths[3]}}  {resize}"
+        )
+    return lines
+
+
+def _tap(layer: str, side: Mapping[str, Any]) -> str:
+    """One side of a level: ``backbone 64ch 8x8 stride 8`` (no stride for a layer the spec
+    named, whose stride only its size tells)."""
+    height, width = side["size"]
+    stride = f" stride {side['stride']}" if side.get("stride") is not None else ""
+    return f"{layer} {side['channels']}ch {height}x{width}{stride}"
 
 
 def _number(value: Any) -> str:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec
 
 StageKind = Literal["teacher", "stage1", "stage2", "baseline", "eval"]
@@ -59,6 +60,12 @@ EVAL = Stage("eval")
 
 class Callback:
     """Base class with no-op methods; override what you need."""
+
+    def on_plan(self, plan: JobPlan) -> None:
+        """The job's plan, once per attempt, as soon as validation made it (before the
+        teacher's evaluation and any stage): what is distilled against what
+        (``JobPlan.pairing``), for the user to see while the job runs rather than once it is
+        registered. Not called for a teacher job, which plans no levels."""
 
     def on_stage_start(
         self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
@@ -102,6 +109,10 @@ class CallbackList(Callback):
 
     def __init__(self, callbacks: Sequence[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
+
+    def on_plan(self, plan: JobPlan) -> None:
+        for cb in self.callbacks:
+            cb.on_plan(plan)
 
     def on_stage_start(
         self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec

@@ -83,7 +83,7 @@ def probed_level_shapes(
     shapes = _probed.get(key)
     if shapes is None:
         built = build_model(model, num_classes, field=where)
-        shapes = level_shapes(task, built, batch, model.layers, f"{where}.layers")
+        shapes = level_shapes(task, built, batch, model.tapped_layers, f"{where}.layers")
         if len(_probed) >= PROBE_CACHE_SIZE:
             _probed.clear()
         _probed[key] = shapes

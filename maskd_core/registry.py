@@ -30,6 +30,37 @@ class NoArgs(BaseModel):
 
 
 @dataclass(frozen=True)
+class DefaultTaps:
+    """Where a model is distilled when a spec names no ``layers``: what its family's MasKD
+    recipe taps (a detector's FPN levels, a segmentation model's logits).
+
+    The strides are declared beside the layers because pairing a teacher and a student on their
+    defaults is only sound when their levels sit at the same strides, and a refusal must say
+    which; ``tests/maskd_core/models/test_default_taps.py`` checks them against a forward.
+    """
+
+    layers: tuple[str, ...]
+    strides: tuple[tuple[int, ...], ...]
+    """Per layer, the stride of each level it gives, relative to the image the network sees
+    (after a detector's own resize)."""
+    aux: str | None = None
+    """The module of the auxiliary head's logits when the model can have one (built with
+    ``aux_loss``): what MasKD's ``aux_weight`` distils beside the layers."""
+
+    def __post_init__(self) -> None:
+        if not self.layers or len(self.strides) != len(self.layers):
+            raise ValueError("default taps need one tuple of level strides per layer")
+
+    def stride_of(self, layer: str, level: int) -> int | None:
+        """The declared stride of level ``level`` of ``layer``; None for a layer not tapped by
+        default (a spec's own choice, whose stride only its sizes tell)."""
+        if layer not in self.layers:
+            return None
+        strides = self.strides[self.layers.index(layer)]
+        return strides[level] if level < len(strides) else None
+
+
+@dataclass(frozen=True)
 class Entry(Generic[T]):
     name: str
     obj: T
@@ -38,6 +69,8 @@ class Entry(Generic[T]):
     family: str | None = None
     """The family the entry belongs to, whose structure and shared defaults follow it (a
     detector's: ``retinanet``, ``fcos``, ``two_stage``); None when it has none."""
+    taps: DefaultTaps | None = None
+    """A model's default taps (``ModelSpec.layers`` left out); None for other kinds."""
 
 
 class Registry(Generic[T]):
@@ -53,12 +86,15 @@ class Registry(Generic[T]):
         args: type[BaseModel] = NoArgs,
         summary: str = "",
         family: str | None = None,
+        taps: DefaultTaps | None = None,
     ) -> Callable[[T], T]:
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             doc = summary or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
-            self._entries[name] = Entry(name=name, obj=obj, args=args, summary=doc, family=family)
+            self._entries[name] = Entry(
+                name=name, obj=obj, args=args, summary=doc, family=family, taps=taps
+            )
             return obj
 
         return add

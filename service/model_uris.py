@@ -191,12 +191,14 @@ def _check_tokens_fit(uri: str, version: ModelVersion, spec: JobSpec) -> None:
     }
     wanted = {
         "teacher.arch": spec.teacher.arch,
-        "teacher.layers": list(spec.teacher.layers),
+        "teacher.layers": spec.teacher.layers,
         "stage1.tokens": spec.stage1.tokens,
         "stage1.mask_weighting": spec.stage1.mask_weighting,
     }
     for field, value in wanted.items():
-        if learned[field] != value:
+        # Layers left out are the registry's defaults: the worker, which can read the
+        # registry, resolves them and runs this check again before it reuses the tokens.
+        if value is not None and learned[field] != value:
             raise SpecError(
                 f"{uri!r} ({version.name} version {version.version}) was learned with {field} = "
                 f"{json.dumps(learned[field])}, but this job has {json.dumps(value)}; set "

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Any, TypeVar
 
 import anyio
 
@@ -60,6 +62,18 @@ class SpecProblem:
     field: str | None
 
 
+@dataclass(frozen=True)
+class Validated:
+    """A valid spec, with what its dry run learned that the job shows from submission on: its
+    pairing (``JobPlan.pairing``), None for a teacher job, which pairs no levels. The plan is
+    made anyway, so this costs its serialising alone."""
+
+    pairing: dict[str, Any] | None
+
+
+_Answer = TypeVar("_Answer")
+
+
 def _import_validation() -> None:
     """Each pool process's initializer: torch and the registries, before any spec arrives."""
     import maskd_core.validate  # noqa: F401
@@ -71,18 +85,34 @@ def _ready() -> None:
 
 def _validate(
     spec: JobSpec, resolved: JobSpec, project: str, settings: Settings
-) -> SpecProblem | None:
+) -> Validated | SpecProblem:
     """In a pool process: the input policy on the submitted spec, then the dry run of the one
-    whose ``models:/`` weights are local files. None when the spec is valid."""
+    whose ``models:/`` weights are local files."""
     from maskd_core.validate import validate_job
     from service.inputs import check_input_paths
 
     try:
         check_input_paths(spec, project, settings)
-        validate_job(resolved)
+        plan = validate_job(resolved)
     except SpecError as error:
         return SpecProblem(str(error), error.field)
-    return None
+    return Validated(plan.pairing() if plan.levels else None)
+
+
+def _estimate(
+    spec: JobSpec, resolved: JobSpec, project: str, settings: Settings
+) -> dict[str, Any] | SpecProblem:
+    """In a pool process: the input policy, then ``maskd_core.estimate.estimate_job`` (which
+    validates as ``_validate`` does before it measures, and times its default, capped, number
+    of steps). The estimate as its dict, or the spec's problem."""
+    from maskd_core.estimate import estimate_job
+    from service.inputs import check_input_paths
+
+    try:
+        check_input_paths(spec, project, settings)
+        return estimate_job(resolved).to_dict()
+    except SpecError as error:
+        return SpecProblem(str(error), error.field)
 
 
 class ValidationPool:
@@ -107,9 +137,19 @@ class ValidationPool:
 
     async def validate(
         self, spec: JobSpec, resolved: JobSpec, project: str, settings: Settings
-    ) -> SpecProblem | None:
+    ) -> Validated | SpecProblem:
         """Validate in a pool process; raises ``ValidationBusy`` when the queue is full or the
         process holding this submission died."""
+        return await self._run(_validate, spec, resolved, project, settings)
+
+    async def estimate(
+        self, spec: JobSpec, resolved: JobSpec, project: str, settings: Settings
+    ) -> dict[str, Any] | SpecProblem:
+        """Validate and estimate (``maskd_core.estimate``) in a pool process, within the same
+        queue limit as validations: an estimate is a dry run with a few steps more."""
+        return await self._run(_estimate, spec, resolved, project, settings)
+
+    async def _run(self, work: Callable[..., _Answer], *args: Any) -> _Answer:
         with self._lock:
             if self._waiting >= self._queue_limit:
                 raise ValidationBusy(
@@ -121,8 +161,8 @@ class ValidationPool:
             executor = self._executor
         try:
             if executor is None:
-                return await anyio.to_thread.run_sync(_validate, spec, resolved, project, settings)
-            future = executor.submit(_validate, spec, resolved, project, settings)
+                return await anyio.to_thread.run_sync(work, *args)
+            future = executor.submit(work, *args)
             return await asyncio.wrap_future(future)
         except BrokenProcessPool as error:
             assert executor is not None

@@ -37,6 +37,7 @@ from mlflow.utils.validation import (
 
 from maskd_core.callbacks import STAGE1, Callback, Stage
 from maskd_core.files import file_sha256
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
 from service.mlflow_names import (
@@ -45,6 +46,8 @@ from service.mlflow_names import (
     FINGERPRINT_TAG,
     JOB_ID_TAG,
     METHOD_TAG,
+    PAIRING_ARTIFACT,
+    PAIRING_TAG,
     PARENT_RUN_TAG,
     PARENT_STAGE,
     PROJECT_TAG,
@@ -398,6 +401,14 @@ class MlflowTracker(Callback):
         rows = [Metric(_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
         for chunk in _chunks(rows, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
+
+    def on_plan(self, plan: JobPlan) -> None:
+        """What the job distils against what, on its run as soon as the attempt planned it (a
+        running or cancelled job shows it too): the one-line tag to filter and read in the runs
+        table, and ``pairing.json`` (``JobPlan.pairing``) with every level. A resumed attempt
+        writes the same again."""
+        self.client.set_tag(self.run_id, PAIRING_TAG, plan.pairing_line()[:MAX_TAG_VAL_LENGTH])
+        self.client.log_text(self.run_id, json.dumps(plan.pairing(), indent=2), PAIRING_ARTIFACT)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the job's runs: FINISHED, FAILED or KILLED (cancelled). Safe to call twice."""

@@ -73,7 +73,7 @@ def stage1_fingerprint(spec: JobSpec) -> str:
         "teacher": {
             "arch": teacher.arch,
             "args": teacher.args,
-            "layers": teacher.layers,
+            "layers": teacher.tapped_layers,
             "weights_sha256": file_sha256(teacher.weights) if teacher.weights else None,
         },
         "stage1": spec.stage1.model_dump(mode="json", exclude={"reuse", "from_model"}),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from maskd_core.errors import JobCancelled
+from maskd_core.models import with_default_layers
 from maskd_core.spec import JobSpec
 from maskd_core.workdir import WorkDir
 from service.config import Settings
@@ -47,16 +48,22 @@ def tracked_attempt(
     spec: JobSpec,
     workdir: WorkDir,
 ) -> Iterator[tuple[MlflowTracker, JobSpec]]:
-    """Yields the tracker and the spec to run (``models:/`` weights replaced by cached files)."""
+    """Yields the tracker and the spec to run (``models:/`` weights replaced by cached files).
+
+    Token reuse and the tracker (the runs' params, the tokens' tags) read the layers resolved,
+    left-out ones replaced by the registry's defaults; the spec to run keeps them left out, as
+    the core resolves them itself once its plan has recorded which layers are defaults (the
+    pairing's ``layers_from`` and strides)."""
     project = store.get_project(project_id)
     if project is None:
         raise RuntimeError(f"job {job_id} belongs to unknown project {project_id}")
     check_input_paths(spec, project.name, settings)
     uri = settings.mlflow_tracking_uri
     resolved = resolve_registry_weights(spec, project.name, uri, settings.model_cache_dir)
-    reused = reuse_stage1_tokens(uri, project.name, resolved, workdir, settings.model_cache_dir)
+    tapped = with_default_layers(resolved)
+    reused = reuse_stage1_tokens(uri, project.name, tapped, workdir, settings.model_cache_dir)
     tracker = job_tracker(
-        uri, project.name, job_id, resolved, settings.mlflow_artifacts_dir, source_spec=spec
+        uri, project.name, job_id, tapped, settings.mlflow_artifacts_dir, source_spec=spec
     )
     try:
         if reused is not None:

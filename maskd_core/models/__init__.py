@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from maskd_core.errors import SpecError
-from maskd_core.registry import Registry
-from maskd_core.spec import ModelSpec, TaskName
+from maskd_core.registry import DefaultTaps, Registry
+from maskd_core.spec import JobSpec, ModelSpec, TaskName
 
 ModelBuilder = Callable[[Any, int], nn.Module]
 """``builder(args, num_classes) -> nn.Module`` where ``args`` is the entry's argument model."""
@@ -31,6 +31,34 @@ def build_model(spec: ModelSpec, num_classes: int, field: str = "model") -> nn.M
     if spec.weights is not None:
         load_weights(model, spec.weights, field=f"{field}.weights")
     return model
+
+
+def default_taps(arch: str, where: str) -> DefaultTaps:
+    """The default taps of registered model ``arch`` (the ``where`` of the spec: teacher or
+    student)."""
+    taps = MODELS.entry(arch, field=f"{where}.arch").taps
+    if taps is None:
+        raise SpecError(
+            f"model {arch!r} has no default taps; list the modules to distil in {where}.layers",
+            field=f"{where}.layers",
+        )
+    return taps
+
+
+def with_default_layers(spec: JobSpec) -> JobSpec:
+    """``spec`` with every model's ``layers`` left out replaced by its registry defaults.
+
+    The one place a spec's layers are resolved: whatever taps a model (the stages, the mask
+    grids, token reuse, the tokens' tags) reads the result, so all of them tap the same modules.
+    The spec module cannot do it itself, as the registry needs torch. A weights file changes
+    nothing here: a state dict of a registry architecture has that architecture's modules.
+    """
+    updates: dict[str, ModelSpec] = {}
+    for where, model in (("teacher", spec.teacher), ("student", spec.student)):
+        if model is not None and model.layers is None:
+            layers = list(default_taps(model.arch, where).layers)
+            updates[where] = model.model_copy(update={"layers": layers})
+    return spec.model_copy(update=updates) if updates else spec
 
 
 def read_state_dict(path: str | Path, field: str = "weights") -> dict[str, torch.Tensor]:

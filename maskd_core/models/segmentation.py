@@ -31,8 +31,24 @@ from torchvision.models.segmentation.fcn import FCNHead
 from maskd_core.errors import SpecError
 from maskd_core.models import MODELS, read_state_dict
 from maskd_core.paths import LocalPath
+from maskd_core.registry import DefaultTaps
 
 NormName = Literal["batchnorm", "groupnorm"]
+
+AUX_CLASSIFIER = "aux_classifier"
+"""The module name of a segmentation model's auxiliary head (torchvision's, and ours): its
+output is the ``"aux"`` logits the task trains with weight 0.4, and the tap MasKD's
+``aux_weight`` distils."""
+
+LOGITS_AT_STRIDE_8 = DefaultTaps(("head",), ((8,),))
+"""The built-ins' default taps: the stride-8 class logits, what the official segmentation
+variant distils (a teacher's and a student's always pair, whatever their widths)."""
+
+
+def classifier_taps(stride: int) -> DefaultTaps:
+    """The default taps of a torchvision-style model: the logits of ``classifier`` at
+    ``stride``, and the auxiliary head's when it is built with one."""
+    return DefaultTaps(("classifier",), ((stride,),), aux=AUX_CLASSIFIER)
 
 
 def _norm(kind: NormName, channels: int) -> nn.BatchNorm2d | nn.GroupNorm:
@@ -152,13 +168,13 @@ class TinySegStudentArgs(TinySegTeacherArgs):
     )
 
 
-@MODELS.register("seg_tiny_teacher", args=TinySegTeacherArgs)
+@MODELS.register("seg_tiny_teacher", args=TinySegTeacherArgs, taps=LOGITS_AT_STRIDE_8)
 def build_tiny_teacher(args: TinySegTeacherArgs, num_classes: int) -> nn.Module:
     """Tiny stride-8 segmentation teacher (~1.4M params); taps: backbone (128 ch), head (logits)."""
     return TinySegNet(num_classes, args.base_channels, args.context_blocks, args.norm, args.dropout)
 
 
-@MODELS.register("seg_tiny_student", args=TinySegStudentArgs)
+@MODELS.register("seg_tiny_student", args=TinySegStudentArgs, taps=LOGITS_AT_STRIDE_8)
 def build_tiny_student(args: TinySegStudentArgs, num_classes: int) -> nn.Module:
     """Tiny stride-8 segmentation student (~0.13M params); taps: backbone (64 ch), head (logits)."""
     return TinySegNet(num_classes, args.base_channels, args.context_blocks, args.norm, args.dropout)
@@ -185,38 +201,47 @@ class NoTorchvisionArgs(BaseModel):
 TorchvisionAuxFactory = Callable[..., nn.Module]
 
 
-def _register_torchvision_with_aux(name: str, factory: TorchvisionAuxFactory, taps: str) -> None:
+def _register_torchvision_with_aux(
+    name: str, factory: TorchvisionAuxFactory, taps: str, stride: int
+) -> None:
     def build(args: TorchvisionAuxArgs, num_classes: int) -> nn.Module:
         return factory(
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=args.aux_loss
         )
 
-    MODELS.register(name, args=TorchvisionAuxArgs, summary=f"torchvision {name}, {taps}")(build)
+    MODELS.register(
+        name,
+        args=TorchvisionAuxArgs,
+        summary=f"torchvision {name}, {taps}",
+        taps=classifier_taps(stride),
+    )(build)
 
 
 _RESNET_TAPS = (
-    "random init; taps: backbone.layer4 (2048 ch, stride 8), classifier (logits, stride 8), "
-    "aux_classifier"
+    "random init; taps: backbone.layer4 (2048 ch, stride 8), classifier (logits, stride 8, "
+    "the default), aux_classifier"
 )
-for _name, _taps in (
-    ("deeplabv3_resnet50", _RESNET_TAPS),
-    ("deeplabv3_resnet101", _RESNET_TAPS),
+for _name, _taps, _stride in (
+    ("deeplabv3_resnet50", _RESNET_TAPS, 8),
+    ("deeplabv3_resnet101", _RESNET_TAPS, 8),
     (
         "deeplabv3_mobilenet_v3_large",
-        "random init; taps: backbone.16 (960 ch, stride 16), classifier (logits, stride 16), "
-        "aux_classifier",
+        "random init; taps: backbone.16 (960 ch, stride 16), classifier (logits, stride 16, "
+        "the default), aux_classifier",
+        16,
     ),
-    ("fcn_resnet50", _RESNET_TAPS),
-    ("fcn_resnet101", _RESNET_TAPS),
+    ("fcn_resnet50", _RESNET_TAPS, 8),
+    ("fcn_resnet101", _RESNET_TAPS, 8),
 ):
-    _register_torchvision_with_aux(_name, getattr(tv_segmentation, _name), _taps)
+    _register_torchvision_with_aux(_name, getattr(tv_segmentation, _name), _taps, _stride)
 
 
 @MODELS.register(
     "lraspp_mobilenet_v3_large",
     args=NoTorchvisionArgs,
     summary="torchvision lraspp_mobilenet_v3_large, random init; taps: backbone (levels "
-    "'low' 40 ch stride 8, 'high' 960 ch stride 16), classifier (logits, stride 8)",
+    "'low' 40 ch stride 8, 'high' 960 ch stride 16), classifier (logits, stride 8, the default)",
+    taps=DefaultTaps(("classifier",), ((8,),)),  # no auxiliary head
 )
 def build_lraspp_mobilenet_v3_large(args: NoTorchvisionArgs, num_classes: int) -> nn.Module:
     model: nn.Module = tv_segmentation.lraspp_mobilenet_v3_large(
@@ -224,11 +249,6 @@ def build_lraspp_mobilenet_v3_large(args: NoTorchvisionArgs, num_classes: int) -
     )
     return model
 
-
-AUX_CLASSIFIER = "aux_classifier"
-"""The module name of a segmentation model's auxiliary head (torchvision's, and ours): its
-output is the ``"aux"`` logits the task trains with weight 0.4, and the tap MasKD's
-``aux_weight`` distils."""
 
 RESNET18_STAGE_CHANNELS = {"layer3": 256, "layer4": 512}
 
@@ -317,8 +337,9 @@ def _load_resnet_weights(resnet: nn.Module, path: str) -> None:
     args=DeepLabV3ResNet18Args,
     summary="DeepLabV3 on a dilated ResNet-18 (output stride 8, the paper's Cityscapes student), "
     "from torchvision parts, random init unless backbone_weights; taps: backbone.layer4 "
-    "(512 ch, stride 8), classifier (logits, stride 8), aux_classifier (FCN head on layer3, "
-    "256 ch, with aux_loss)",
+    "(512 ch, stride 8), classifier (logits, stride 8, the default), aux_classifier (FCN head "
+    "on layer3, with aux_loss)",
+    taps=classifier_taps(8),
 )
 def build_deeplabv3_resnet18(args: DeepLabV3ResNet18Args, num_classes: int) -> nn.Module:
     resnet = resnet18(weights=None)

@@ -19,7 +19,7 @@ from service import validation_pool
 from service.config import Settings
 from service.db import make_engine, make_sessionmaker
 from service.store import JobStore
-from service.validation_pool import SpecProblem, ValidationBusy, ValidationPool
+from service.validation_pool import SpecProblem, Validated, ValidationBusy, ValidationPool
 
 SUBMIT_IN_A_FRESH_PROCESS = """
 import json, sys
@@ -66,7 +66,7 @@ def test_a_full_validation_queue_answers_503_with_retry_after(
     entered, release = threading.Event(), threading.Event()
     real_validate = validation_pool._validate
 
-    def held_validate(*args: object) -> SpecProblem | None:
+    def held_validate(*args: object) -> Validated | SpecProblem:
         entered.set()
         release.wait(timeout=60)
         return real_validate(*args)  # type: ignore[arg-type]
@@ -104,16 +104,16 @@ def test_a_killed_validation_process_costs_one_503_and_is_replaced(tmp_path: Pat
     spec = JobSpec.model_validate(spec_body())
     pool = ValidationPool(processes=1, queue_limit=8)
 
-    async def validate() -> SpecProblem | None:
+    async def validate() -> Validated | SpecProblem:
         return await pool.validate(spec, spec, "acme", settings)
 
     try:
-        assert asyncio.run(validate()) is None
+        assert isinstance(asyncio.run(validate()), Validated)
         # The executor's own record of its processes: there is no public one to read.
         [pid] = list(pool._executor._processes)  # type: ignore[union-attr]
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(ValidationBusy, match="submit it again"):
             asyncio.run(validate())
-        assert asyncio.run(validate()) is None, "a new process took over"
+        assert isinstance(asyncio.run(validate()), Validated), "a new process took over"
     finally:
         pool.shutdown()

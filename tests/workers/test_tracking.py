@@ -47,6 +47,8 @@ from service.lifecycle import JobState
 from service.mlflow_names import (
     FAILURE_TAG,
     FINGERPRINT_TAG,
+    PAIRING_ARTIFACT,
+    PAIRING_TAG,
     PROJECT_TAG,
     REUSED_FROM_JOB_TAG,
     STUDENT_MODEL_NAME,
@@ -294,8 +296,14 @@ def test_publishing_a_job_again_keeps_its_one_version(job: TrackedJob) -> None:
     links = [publish(job.result, job.tracker, job.tracking_uri) for _ in range(2)]
     expected = {"name": job.version.name, "version": job.version.version, "uri": job.version.uri}
     assert [link["model"] for link in links] == [expected, expected]
+    # The pairing was logged when the job planned it (``MlflowTracker.on_plan``), not here.
+    assert "pairing" not in links[0]
     client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
     assert [str(v.version) for v in _versions_of_job(client, "job-1")] == [job.version.version]
+    run = client.get_run(job.tracker.run_id)
+    assert run.data.tags[PAIRING_TAG] == job.result.plan.pairing_line()
+    logged_pairing = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{PAIRING_ARTIFACT}")
+    assert logged_pairing == job.result.plan.pairing()
     logged = client.search_logged_models(
         [job.tracker.experiment_id], filter_string=f"source_run_id = '{job.tracker.run_id}'"
     )
