@@ -7,7 +7,8 @@ given with ``--spec`` (image folders, COCO, VOC). The teacher is trained first o
 data when its weights file does not exist yet. Every method keeps its registry defaults; MasKD
 keeps the spec's MasKD params (weight 0.1 on the segmentation logits, 10 on the FCOS levels).
 Prints the comparison table in markdown. Not a test: a measurement to record. Rerunning with the
-same ``--workdir`` resumes and skips finished runs.
+same ``--workdir`` resumes and skips finished runs. The related work's methods (DFMSD, SAMKD and,
+on segmentation logits, PCD) are added to every default comparison.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality_methods.py segmentation
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality_methods.py detection --iterations 200
@@ -36,6 +37,16 @@ RECIPES = {
 }
 
 
+RELATED = ["dfmsd", "samkd", "pcd"]
+"""The related work's masked methods (docs/methods.md), rows of every default comparison."""
+
+
+def related_methods(spec: JobSpec) -> list[str]:
+    """``RELATED`` less PCD on detection, whose taps are features, never class logits (PCD
+    distils logits only, and validation would refuse the whole comparison)."""
+    return [name for name in RELATED if name != "pcd" or spec.task == "segmentation"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data", nargs="?", choices=sorted(RECIPES), default="segmentation")
@@ -43,7 +54,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        help="methods to compare (default: the spec's comparison, else maskd none fitnet mgd)",
+        help="methods to compare (default: the spec's comparison, else maskd none fitnet mgd; "
+        "then dfmsd samkd and, on segmentation, pcd)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, help="stage-2 steps per run (default: spec's)")
@@ -61,6 +73,8 @@ def main() -> None:
     names = args.methods or [m.name for m in spec.methods()]
     if len(names) == 1 and not args.methods:
         names = ["maskd", "none", "fitnet", "mgd"]
+    if not args.methods:
+        names += [name for name in related_methods(spec) if name not in names]
     data = spec.model_dump(mode="json")
     data["comparison"] = {
         "methods": [configured[n].model_dump(mode="json") if n in configured else n for n in names],

@@ -13,104 +13,36 @@ per-element means, O(1–10); MGD and AMD sum squared errors over C·H·W and di
 so their weights are O(1e-5). A weight is never carried across methods. FitNet's per-element
 mean is where the tapped level changes what a weight means (segmentation logits square to ~50x
 a feature map's elements), so its default follows the taps (``distils_logits``).
+
+The contract (``Distiller``, ``MethodSetup``, the registry) is in ``maskd_core.methods_base``;
+DFMSD, SAMKD and PCD, the related work's masked methods, in ``maskd_core.methods_masked``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+# The new methods register themselves on import, so the registry is complete with this module.
+import maskd_core.methods_masked  # noqa: F401
 from maskd_core.losses import maskd_loss
+from maskd_core.methods_base import METHODS as METHODS
+from maskd_core.methods_base import Distiller as Distiller
+from maskd_core.methods_base import MethodParams as MethodParams
+from maskd_core.methods_base import MethodSetup as MethodSetup
+from maskd_core.methods_base import distils_logits as distils_logits
+from maskd_core.methods_base import generation_block, to_teacher_size
 from maskd_core.models import MODELS
 from maskd_core.models.detection import FCOS_FAMILY, RETINANET, TWO_STAGE
-from maskd_core.plan import AuxPlan, JobPlan, LevelPlan
-from maskd_core.registry import Registry
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, MaskdParams, MethodSpec
 from maskd_core.tokens import ReceptiveTokens, TokenSet
-
-
-class MethodParams(BaseModel):
-    """Base of every method's hyperparameters: a typo is an error, not a silent default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class MethodSetup:
-    """What a distiller is built from besides its params: the job's levels, task and method.
-
-    ``tokens`` are the stage-1 tokens for methods that need them and None for the others;
-    ``num_classes`` tells a method which levels are the class logits (``distils_logits``);
-    ``aux`` is the auxiliary heads' pairing when validation planned it (``JobPlan.aux``);
-    ``family`` is the student's model family in the registry (``method_setup`` fills it in),
-    which a default weight may follow.
-    """
-
-    levels: Sequence[LevelPlan]
-    task: str
-    method: MethodSpec
-    tokens: TokenSet | None
-    num_classes: int
-    aux: AuxPlan | None = None
-    family: str | None = None
-
-
-class Distiller(nn.Module):
-    """One method's loss over the distilled levels, and whatever it trains besides the student.
-
-    ``needs_tokens``: stage 1 must run first (the runner skips it otherwise). ``uses_teacher``:
-    stage 2 runs the teacher and taps the levels; a method without it trains on the task loss
-    alone.
-    """
-
-    needs_tokens: ClassVar[bool] = False
-    uses_teacher: ClassVar[bool] = True
-    weight: float
-    """Multiplies ``loss`` in the student's objective."""
-    weight_field: ClassVar[str | None] = None
-    """The params field ``weight`` comes from, which the hint of a diverged run names."""
-    aux_layer: str | None = None
-    """The auxiliary head (a module name both models share) this method also distils, or
-    None: stage 2 then taps it on both models and adds ``aux_loss`` of its outputs."""
-
-    def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
-        super().__init__()
-
-    @classmethod
-    def default_weight(cls, setup: MethodSetup) -> float | None:
-        """The weight when ``weight_field`` is left out (None): for methods whose sensible
-        weight depends on the task and the taps."""
-        return None
-
-    @classmethod
-    def resolved_weight(cls, params: BaseModel, setup: MethodSetup) -> float:
-        """``weight_field``'s value, or ``default_weight`` when it is left out."""
-        given = getattr(params, cls.weight_field) if cls.weight_field else None
-        weight = cls.default_weight(setup) if given is None else given
-        if weight is None:
-            raise TypeError(f"{cls.__name__} has no weight for params {params!r}")
-        return float(weight)
-
-    def loss(
-        self, students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], step: int
-    ) -> torch.Tensor:
-        """The unweighted loss summed over levels; ``students`` are already aligned."""
-        raise NotImplementedError
-
-    def aux_loss(self, student: torch.Tensor, teacher: torch.Tensor, step: int) -> torch.Tensor:
-        """The loss of the ``aux_layer`` outputs, weighted relative to ``loss`` (to which it
-        adds, under the same ``weight``); called only when ``aux_layer`` is set."""
-        raise NotImplementedError(f"{type(self).__name__} distils no auxiliary head")
-
-
-METHODS: Registry[type[Distiller]] = Registry("distillation method")
 
 
 def effective_params(setup: MethodSetup) -> dict[str, Any]:
@@ -133,7 +65,29 @@ def method_setup(
     outside the registry, as tests and benches pass to the stages)."""
     arch = spec.distilled_student.arch
     family = MODELS.entry(arch).family if arch in MODELS else None
-    return MethodSetup(plan.levels, spec.task, method, tokens, plan.num_classes, plan.aux, family)
+    return MethodSetup(
+        plan.levels,
+        spec.task,
+        method,
+        tokens,
+        plan.num_classes,
+        plan.aux,
+        family,
+        spec.stage2.iterations,
+    )
+
+
+def check_methods_against_plan(spec: JobSpec, plan: JobPlan) -> None:
+    """Every method the job runs against the planned levels (``Distiller.check_setup``), so a
+    method that cannot distil these taps (a logit method on features) is refused at submission,
+    at the field of its entry (``stage2.method`` or ``comparison.methods[i]``)."""
+    entries = [("stage2.method", spec.stage2.method)]
+    if spec.comparison is not None:
+        entries = [(f"comparison.methods[{i}]", m) for i, m in enumerate(spec.comparison.methods)]
+    for where, method in entries:
+        build = METHODS.get(method.name, field=f"{where}.name")
+        params = METHODS.parse_args(method.name, method.params, field=f"{where}.params")
+        build.check_setup(params, method_setup(spec, plan, method, None), where)
 
 
 def build_distiller(setup: MethodSetup) -> Distiller:
@@ -150,22 +104,6 @@ def job_needs_tokens(spec: JobSpec) -> bool:
     return any(METHODS.get(m.name, field="stage2.method.name").needs_tokens for m in spec.methods())
 
 
-def distils_logits(setup: MethodSetup) -> bool:
-    """Whether a distilled level is segmentation logits: a teacher level with one channel per
-    class. (The student side is aligned to the teacher's channels, so it is what the loss
-    compares either way.) Detection taps are necks and backbones, never the class maps."""
-    return setup.task == "segmentation" and any(
-        level.teacher_channels == setup.num_classes for level in setup.levels
-    )
-
-
-def _to_teacher_size(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The student resized to the teacher's H×W when their strides differ."""
-    if student.shape[-2:] == teacher.shape[-2:]:
-        return student
-    return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-
-
 def distill_level(
     tokens: ReceptiveTokens,
     aligned: torch.Tensor,
@@ -180,7 +118,7 @@ def distill_level(
     student, computed without gradient as in the paper. The student is resized to the teacher's
     H×W when their strides differ.
     """
-    aligned = _to_teacher_size(aligned, teacher)
+    aligned = to_teacher_size(aligned, teacher)
     masks = tokens.masks(teacher)
     if custom_mask:
         with torch.no_grad():
@@ -307,7 +245,7 @@ class FitnetDistiller(Distiller):
     ) -> torch.Tensor:
         return torch.stack(
             [
-                F.mse_loss(_to_teacher_size(s, t).float(), t.float())
+                F.mse_loss(to_teacher_size(s, t).float(), t.float())
                 for s, t in zip(students, teachers, strict=True)
             ]
         ).sum()
@@ -340,15 +278,6 @@ class MgdParams(MethodParams):
     )
 
 
-def _generator(channels: int) -> nn.Sequential:
-    """MGD's generation block, Conv3×3 → ReLU → Conv3×3 at the teacher's width."""
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, 3, padding=1),
-    )
-
-
 def generation_loss(generated: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Σ_{c,h,w,n} (G − F)² / N in fp32: MGD's summed squared error over the batch size."""
     diff = generated.float() - teacher.float()
@@ -371,7 +300,9 @@ class MgdDistiller(Distiller):
         self.weight = self.resolved_weight(params, setup)
         ratio = params.mask_ratio
         self.mask_ratio = MASK_RATIO_BY_TASK[setup.task] if ratio is None else ratio
-        self.generators = nn.ModuleList(_generator(lv.teacher_channels) for lv in setup.levels)
+        self.generators = nn.ModuleList(
+            generation_block(lv.teacher_channels) for lv in setup.levels
+        )
 
     def spatial_mask(self, student: torch.Tensor) -> torch.Tensor:
         """R [N,1,H,W] of the student (float 0/1), 0 where a pixel is hidden."""
@@ -389,7 +320,7 @@ class MgdDistiller(Distiller):
     ) -> torch.Tensor:
         total = []
         for k, (s, t) in enumerate(zip(students, teachers, strict=True)):
-            s = _to_teacher_size(s, t)
+            s = to_teacher_size(s, t)
             total.append(generation_loss(self.regenerate(k, s, self.spatial_mask(s)), t))
         return torch.stack(total).sum()
 

@@ -12,6 +12,10 @@ Names are resolved against ``model.named_modules()`` when a ``Taps`` is created,
 A module a head shares across the FPN levels runs once per level in one forward (RetinaNet's
 box-regression conv, say): tapped with ``per_call``, each of its calls adds its levels, so the
 head's outputs come out one level per call, in the order the head ran them.
+
+A forward that may stop early (a detector's teacher forward skips the head, which costs more
+than the backbone) asks ``reads_within`` whether an open ``Taps`` hooks a module of the part it
+would skip, and runs it when one does.
 """
 
 from __future__ import annotations
@@ -19,12 +23,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from maskd_core.errors import UnknownNameError
+
+_open_taps: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
+"""How many open ``Taps`` hook each module (weakly: a dropped model leaves nothing behind)."""
+
+
+def reads_within(module: nn.Module) -> bool:
+    """Whether an open ``Taps`` hooks ``module`` or one of its submodules."""
+    return any(_open_taps.get(part, 0) > 0 for part in module.modules())
+
 
 Replace = Callable[[int, int, torch.Tensor], torch.Tensor]
 """``replace(layer_index, level_index, tensor) -> tensor`` for the level of a tapped layer."""
@@ -104,6 +118,7 @@ class Taps:
     def __enter__(self) -> Taps:
         for index, module in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._hook(index)))
+            _open_taps[module] = _open_taps.get(module, 0) + 1
         return self
 
     def __exit__(
@@ -112,6 +127,9 @@ class Taps:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self._handles:
+            for module in self.modules:
+                _open_taps[module] -= 1
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

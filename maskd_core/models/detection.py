@@ -16,6 +16,14 @@ distils in the paper:
 
 ``backbone.fpn`` returns the same dict and may be tapped instead.
 
+``head.classification_head.level_logits`` (``CLASS_LOGITS``, ``fcos`` and ``retinanet``) gives the
+head's class logits, one level per FPN level, [N·A, K, H, W] with A anchors per pixel (9 for
+RetinaNet, 1 for FCOS): what a logit method (PCD, SAMKD's logit term) distils on a detector.
+The shared ``cls_logits`` conv runs once per level, so a tap on it would keep the last level
+only. A teacher forward runs the head only when a tap reads it (``taps.reads_within``).
+Faster R-CNN's class logits are per RoI, of proposals each model samples itself, and no level
+pairs them, so it has none to tap.
+
 **Classes.** Datasets number their classes ``1..K`` and keep ``0`` for background; the models
 are built with ``K + 1`` outputs, torchvision's convention (its COCO models have 91 outputs for
 category ids up to 90). For FCOS and RetinaNet, whose classifiers are sigmoid per class, output
@@ -51,7 +59,8 @@ from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock,
@@ -63,6 +72,7 @@ from maskd_core.errors import SpecError
 from maskd_core.models import MODELS, read_state_dict
 from maskd_core.models.detection_ignore import honour_ignore_regions
 from maskd_core.paths import LocalPath
+from maskd_core.registry import DefaultTaps
 from maskd_core.spec import ModelSpec
 
 BackboneName = Literal[
@@ -298,6 +308,14 @@ class DetectorFamily:
     box_regression: str | None
     """The conv a one-stage head runs once per FPN level to regress boxes, [N, A·4, H, W] each;
     None for two-stage detectors, whose box regression runs on RoIs each model samples itself."""
+    class_logits: str | None = None
+    """The module whose output is the head's class logits, one level per FPN level, each
+    [N·A, K, H, W] (``ClassLogitLevels``): what a logit method distils on a detector. None for
+    two-stage detectors, whose class logits are per RoI, of proposals each model samples itself,
+    so no level pairs a teacher's with a student's."""
+    anchors: int = 1
+    """Anchors per pixel of each level (A): RetinaNet's 3 scales x 3 aspect ratios, FCOS's one
+    point. torchvision's default anchors; no argument changes them."""
 
     @property
     def inherited(self) -> tuple[str, ...]:
@@ -305,12 +323,29 @@ class DetectorFamily:
         return (*self.neck, *self.head)
 
 
+CLASS_LOGITS = "head.classification_head.level_logits"
+"""The class logits of a one-stage detector built here, per FPN level (``ClassLogitLevels``)."""
+
 RETINANET = DetectorFamily(
-    "retinanet", ("backbone.fpn",), ("head",), "head.regression_head.bbox_reg"
+    "retinanet",
+    ("backbone.fpn",),
+    ("head",),
+    "head.regression_head.bbox_reg",
+    CLASS_LOGITS,
+    anchors=9,
 )
-FCOS_FAMILY = DetectorFamily("fcos", ("backbone.fpn",), ("head",), "head.regression_head.bbox_reg")
+FCOS_FAMILY = DetectorFamily(
+    "fcos", ("backbone.fpn",), ("head",), "head.regression_head.bbox_reg", CLASS_LOGITS
+)
 TWO_STAGE = DetectorFamily("two_stage", ("backbone.fpn",), ("rpn", "roi_heads"), None)
 DETECTOR_FAMILIES = {family.name: family for family in (RETINANET, FCOS_FAMILY, TWO_STAGE)}
+
+
+P3_P7 = DefaultTaps(("backbone",), ((8, 16, 32, 64, 128),))
+"""One-stage detectors' default taps: the five FPN levels P3-P7 the paper distils."""
+P2_P6 = DefaultTaps(("backbone",), ((4, 8, 16, 32, 64),))
+"""Faster R-CNN's default taps: its five FPN levels P2-P6 (a one-stage model's P3-P7 sit at
+other strides, so the two never pair on their defaults)."""
 
 
 def detector_family(arch: str, field: str) -> DetectorFamily | None:
@@ -342,9 +377,86 @@ def run_through_head(model: nn.Module, images: Sequence[torch.Tensor]) -> None:
     detector.head(list(features.values()))
 
 
-@MODELS.register("fcos", args=FCOSArgs, family=FCOS_FAMILY.name)
+class ClassLogitLevels(nn.Module):
+    """A one-stage head's class logits, one level per FPN level: each [N, A·K, H, W] from the
+    head's shared ``cls_logits`` conv, given out as [N·A, K, H, W], a row of K class logits per
+    anchor and pixel, so a level has a class axis as a segmentation model's logits do.
+
+    It holds no weights and exists to be tapped (``CLASS_LOGITS``): the head calls it once with
+    every level, so a tap reads all of them in FPN order (a tap on the shared conv, which runs
+    once per level, would keep the last one), and a tap that replaces them (stage 1's masks)
+    changes what the head goes on with.
+    """
+
+    def __init__(self, anchors: int, classes: int) -> None:
+        super().__init__()
+        self.anchors = anchors
+        self.classes = classes
+
+    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The channel of anchor a and class k is a·K + k (torchvision's layout), so anchors
+        # move into the batch axis by a reshape alone.
+        return [
+            level.reshape(level.shape[0] * self.anchors, self.classes, *level.shape[2:])
+            for level in levels
+        ]
+
+
+def _classify_levels(head: Any, features: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's one-stage classification forward, [N, Σ H·W·A, K], with each level's
+    logits routed through ``head.level_logits``."""
+    levels = head.level_logits([head.cls_logits(head.conv(level)) for level in features])
+    anchors = head.level_logits.anchors
+    flat = []
+    for logits in levels:
+        rows, classes, height, width = logits.shape
+        images = rows // anchors
+        per_anchor = logits.view(images, anchors, classes, height, width).permute(0, 3, 4, 1, 2)
+        flat.append(per_anchor.reshape(images, -1, classes))
+    return torch.cat(flat, dim=1)
+
+
+class RetinaNetLevelLogits(RetinaNetClassificationHead):  # type: ignore[misc]  # untyped base
+    """RetinaNet's classification head with its logits tappable per level (``ClassLogitLevels``)."""
+
+    level_logits: ClassLogitLevels
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return _classify_levels(self, x)
+
+
+class FCOSLevelLogits(FCOSClassificationHead):  # type: ignore[misc]  # untyped base
+    """FCOS's classification head with its logits tappable per level (``ClassLogitLevels``)."""
+
+    level_logits: ClassLogitLevels
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return _classify_levels(self, x)
+
+
+_LEVEL_LOGIT_HEADS: dict[type[nn.Module], type[nn.Module]] = {
+    RetinaNetClassificationHead: RetinaNetLevelLogits,
+    FCOSClassificationHead: FCOSLevelLogits,
+}
+
+
+def expose_class_logits(detector: RetinaNet | FCOS) -> None:
+    """Give the classification head of a torchvision one-stage detector its ``level_logits``.
+
+    The head torchvision built is re-typed, as ``honour_ignore_regions`` re-types parts: the
+    subclass only routes the logits through ``ClassLogitLevels``, which holds no weights, so
+    the state-dict keys, the weights and the outputs stay torchvision's.
+    """
+    head: Any = detector.head.classification_head
+    head.__class__ = _LEVEL_LOGIT_HEADS[type(head)]
+    head.level_logits = ClassLogitLevels(head.num_anchors, head.num_classes)
+
+
+@MODELS.register("fcos", args=FCOSArgs, family=FCOS_FAMILY.name, taps=P3_P7)
 def build_fcos(args: FCOSArgs, num_classes: int) -> FCOS:
-    """FCOS (anchor-free, P3-P7); tap 'backbone' for the five FPN levels."""
+    """FCOS (anchor-free, P3-P7); tap 'backbone' for the five FPN levels.
+
+    Tap ``CLASS_LOGITS`` for the class logits of each level, [N, K, H, W]."""
     backbone = backbone_with_fpn(args, "p3-p7")
     head = FCOSHead(args.fpn_channels, 1, num_classes + 1, num_convs=args.head_convs)
     detector = FCOS(
@@ -356,12 +468,15 @@ def build_fcos(args: FCOSArgs, num_classes: int) -> FCOS:
         score_thresh=args.score_thresh,
         detections_per_img=args.detections_per_image,
     )
+    expose_class_logits(detector)
     return honour_ignore_regions(detector)
 
 
-@MODELS.register("retinanet", args=RetinaNetArgs, family=RETINANET.name)
+@MODELS.register("retinanet", args=RetinaNetArgs, family=RETINANET.name, taps=P3_P7)
 def build_retinanet(args: RetinaNetArgs, num_classes: int) -> RetinaNet:
-    """RetinaNet (anchors, focal loss, P3-P7); tap 'backbone' for the five FPN levels."""
+    """RetinaNet (anchors, focal loss, P3-P7); tap 'backbone' for the five FPN levels.
+
+    Tap ``CLASS_LOGITS`` for the class logits of each level, [N·9, K, H, W] (9 anchors)."""
     detector = RetinaNet(
         backbone_with_fpn(args, "p3-p7"),
         num_classes + 1,
@@ -370,10 +485,11 @@ def build_retinanet(args: RetinaNetArgs, num_classes: int) -> RetinaNet:
         score_thresh=args.score_thresh,
         detections_per_img=args.detections_per_image,
     )
+    expose_class_logits(detector)
     return honour_ignore_regions(detector)
 
 
-@MODELS.register("fasterrcnn", args=FasterRCNNArgs, family=TWO_STAGE.name)
+@MODELS.register("fasterrcnn", args=FasterRCNNArgs, family=TWO_STAGE.name, taps=P2_P6)
 def build_fasterrcnn(args: FasterRCNNArgs, num_classes: int) -> FasterRCNN:
     """Faster R-CNN (RPN + RoI head, P2-P6); tap 'backbone' for the five FPN levels."""
     detector = FasterRCNN(

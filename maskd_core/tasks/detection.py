@@ -28,6 +28,7 @@ from torch import nn
 
 from maskd_core.data.detection_common import DetectionSample, empty_targets
 from maskd_core.models.detection_ignore import honours_ignore_regions, with_ignore_regions
+from maskd_core.taps import reads_within
 from maskd_core.tasks import TASKS, Task
 
 Target = dict[str, torch.Tensor]
@@ -121,10 +122,14 @@ class DetectionTask(Task):
         return total, {name: float(value.detach()) for name, value in losses.items()}
 
     def forward(self, model: nn.Module, batch: DetectionBatch) -> None:
-        """The teacher's transform and backbone+FPN only: all that stage 2's taps read."""
+        """The teacher's transform and backbone+FPN, and a one-stage head only when a tap reads
+        it (its class logits): all that stage 2's taps read."""
         detector: Any = model  # a torchvision detector: has .transform and .backbone
         transformed, _ = detector.transform(batch.images)
-        detector.backbone(transformed.tensors)
+        features = detector.backbone(transformed.tensors)
+        head = getattr(detector, "head", None)  # one-stage detectors only
+        if head is not None and reads_within(head):
+            head(list(features.values()))
 
     @torch.no_grad()
     def evaluate(
