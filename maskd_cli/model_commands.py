@@ -1,8 +1,9 @@
 """``maskd models …``: the project's registered students, over the API's ``/v1/models``.
 
-List the models and their versions, download a version's weights (with its lineage beside
-them), and move an alias such as ``champion`` to promote a version. Same options, output
-modes and exit statuses as ``maskd jobs`` (``maskd_cli.api_session``).
+List the models and their versions, download a version's weights or a student's deployable
+export (``--format onnx``/``torch_export``, with its parity and latency report), with its
+lineage beside them, and move an alias such as ``champion`` to promote a version. Same
+options, output modes and exit statuses as ``maskd jobs`` (``maskd_cli.api_session``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from maskd_cli.api_session import (
 if TYPE_CHECKING:
     from service.client import MaskdClient
 
+EXPORT_SUFFIXES = {
+    "onnx": (".onnx", "run with onnxruntime.InferenceSession(path)"),
+    "torch_export": (".pt2", "load with torch.export.load(path).module()"),
+}
+"""Each export format's file suffix and how to run what it holds."""
+DOWNLOAD_FORMATS = ("weights", *EXPORT_SUFFIXES)
+
 
 def register(subparsers: Any) -> None:
     commands, output = add_api_command_group(
@@ -41,11 +49,20 @@ def register(subparsers: Any) -> None:
     download = commands.add_parser(
         "download",
         parents=output,
-        help="a version's weights (a state dict) and its details (JSON) into a directory",
+        help="a version's weights (a state dict) or export, and its details (JSON), into a "
+        "directory",
     )
     download.add_argument("name")
     download.add_argument("version", help="a number, or an alias written @champion")
     download.add_argument("--dir", type=Path, default=Path("."), help="default: here")
+    download.add_argument(
+        "--format",
+        choices=DOWNLOAD_FORMATS,
+        default="weights",
+        help="weights (default: the PyTorch state dict), onnx (run with onnxruntime) or "
+        "torch_export (a .pt2 for torch.export.load); an export comes with its report "
+        "(parity with the PyTorch student, latencies)",
+    )
     download.set_defaults(func=_download)
 
     alias = commands.add_parser(
@@ -95,6 +112,8 @@ def _download(args: argparse.Namespace) -> int:
         # The number first, so the files are named after the version an alias pointed at.
         version = client.get_version(args.name, args.version)
         stem = f"{version.name}-v{version.version}"
+        if args.format != "weights":
+            return _download_export(args, client, version.name, version.version, stem)
         weights = client.download_weights(version.name, version.version, args.dir / f"{stem}.pt")
         details = args.dir / f"{stem}.json"
         details.write_text(json.dumps(version.model_dump(mode="json"), indent=2) + "\n")
@@ -106,6 +125,22 @@ def _download(args: argparse.Namespace) -> int:
         return ExitCode.OK
 
     return run_with_client(args, download)
+
+
+def _download_export(
+    args: argparse.Namespace, client: MaskdClient, name: str, version: str, stem: str
+) -> int:
+    """The export of ``--format`` and its report beside it."""
+    suffix, how = EXPORT_SUFFIXES[args.format]
+    exported = client.download_export(name, version, args.format, args.dir / f"{stem}{suffix}")
+    report = args.dir / f"{stem}.export.json"
+    report.write_text(json.dumps(client.get_export_report(name, version), indent=2) + "\n")
+    if args.output == "json":
+        print_json({args.format: str(exported), "report": str(report)})
+    else:
+        print(f"{exported}  ({how})")
+        print(f"{report}  (what its outputs contain, parity with the PyTorch student, latency)")
+    return ExitCode.OK
 
 
 def _alias(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ Layout of a job's directory::
                             beside it, as a student's)
     model_spec.json         how to rebuild the student's network (``maskd_core.models``)
     summary.json            metrics, speeds, plan and versions
+    export/                 the student's deployable copies (student.onnx, student.pt2) and
+                            export.json, their parity and latency (``maskd_core.export``)
     comparison.json         a comparison job's table (and comparison.md, the same as markdown)
     runs/<method>-seed<n>/  one comparison run, laid out like a single job (stage2/, student.pt,
                             model_spec.json, summary.json), or with failure.json in place of
@@ -37,6 +39,9 @@ MODEL_SPEC_FILE = "model_spec.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 FAILURE_FILE = "failure.json"
+EXPORT_REPORT_FILE = "export.json"
+EXPORT_FILES = {"onnx": "student.onnx", "torch_export": "student.pt2"}
+"""The file of each export format (``maskd_core.spec.ExportFormat``)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,19 @@ class WorkDir:
     @property
     def summary(self) -> Path:
         return self.root / SUMMARY_FILE
+
+    @property
+    def export_dir(self) -> Path:
+        """The student's exported copies (``exported``) and their report (``export_report``)."""
+        return self.root / "export"
+
+    @property
+    def export_report(self) -> Path:
+        return self.export_dir / EXPORT_REPORT_FILE
+
+    def exported(self, export_format: str) -> Path:
+        """The student exported in ``export_format`` ("onnx", "torch_export")."""
+        return self.export_dir / EXPORT_FILES[export_format]
 
     @property
     def failure(self) -> Path:

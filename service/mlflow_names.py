@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
+from maskd_core.workdir import (
+    EXPORT_FILES,
+    EXPORT_REPORT_FILE,
+    STUDENT_FILE,
+    TEACHER_FILE,
+    TOKENS_FILE,
+)
 
 # -- tenancy ----------------------------------------------------------------------------------
 
@@ -118,6 +124,10 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 """MLflow's own tag that nests a run under another in the UI."""
 FAILURE_TAG = "maskd.failure"
 """On a comparison run ended FAILED while its job went on: why it failed."""
+PAIRING_TAG = "maskd.pairing"
+"""On a distillation job's run: what was distilled against what, in one line
+(``backbone->backbone (5 levels)``); the whole pairing is its ``PAIRING_ARTIFACT``."""
+PAIRING_ARTIFACT = "pairing.json"
 
 # -- stage 1 reuse ----------------------------------------------------------------------------
 
@@ -170,6 +180,43 @@ VERSION_ARCH_TAG = "maskd.arch"
 VERSION_TEACHER_ARCH_TAG = "maskd.teacher.arch"
 VERSION_TEACHER_WEIGHTS_TAG = "maskd.teacher.weights"
 VERSION_TEACHER_SHA256_TAG = "maskd.teacher.weights_sha256"
+
+# -- a student's deployable exports (``maskd_core.export``) -----------------------------------
+
+MODEL_EXPORT_ARTIFACT_DIR = "export"
+"""Inside a logged student model: its accepted exports and their report (``export.json``)."""
+MODEL_EXPORT_REPORT_ARTIFACT = f"{MODEL_EXPORT_ARTIFACT_DIR}/{EXPORT_REPORT_FILE}"
+
+
+def model_export_artifact(export_format: str) -> str:
+    """The exported student of ``export_format`` ("onnx", "torch_export") in its model."""
+    return f"{MODEL_EXPORT_ARTIFACT_DIR}/{EXPORT_FILES[export_format]}"
+
+
+def export_status_tag(export_format: str) -> str:
+    """Version tag: ``accepted``, ``refused``, ``failed`` or ``unsupported``."""
+    return f"maskd.export.{export_format}"
+
+
+def export_sha256_tag(export_format: str) -> str:
+    """Version tag with the SHA-256 of an accepted export, checked after every download."""
+    return f"maskd.export.{export_format}.sha256"
+
+
+def export_parity_tag(export_format: str, number: str) -> str:
+    """Version tag with a parity number of an export: ``max_abs_diff`` or ``metric_delta``."""
+    return f"maskd.export.{export_format}.{number}"
+
+
+def latency_tag(model: str) -> str:
+    """Version tag: median batch-1 latency in ms of ``teacher``, ``student`` or an export."""
+    return f"maskd.latency_ms.{model}"
+
+
+def speedup_tag(model: str) -> str:
+    """Version tag: the teacher's latency over ``model``'s (``student`` or an export)."""
+    return f"maskd.speedup.{model}"
+
 
 # -- registered teachers ----------------------------------------------------------------------
 

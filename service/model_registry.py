@@ -18,11 +18,13 @@ on MLflow (SQL or HTTP); the API runs them in a thread. Workers use the same cla
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.artifacts
@@ -34,16 +36,21 @@ from mlflow.exceptions import MlflowException
 from maskd_core.files import file_sha256
 from maskd_core.workdir import STUDENT_FILE, TEACHER_FILE, TOKENS_FILE
 from service.mlflow_names import (
+    MODEL_EXPORT_REPORT_ARTIFACT,
     MODEL_KIND_TAG,
     MODEL_TEACHER_WEIGHTS_ARTIFACT,
     MODEL_TOKENS_ARTIFACT,
     MODEL_WEIGHTS_ARTIFACT,
     PROJECT_TAG,
+    STUDENT_KIND,
     TEACHER_KIND,
     TOKENS_KIND,
     TOKENS_SHA256_TAG,
     WEIGHTS_SHA256_TAG,
+    export_sha256_tag,
+    export_status_tag,
     has_project_prefix,
+    model_export_artifact,
     quoted,
 )
 
@@ -197,7 +204,62 @@ class ModelRegistry:
         else:
             artifact, file_name, checksum = MODEL_WEIGHTS_ARTIFACT, STUDENT_FILE, WEIGHTS_SHA256_TAG
         target = cache_dir / name / str(found.version) / file_name
-        expected = found.tags.get(checksum)
+        return self._download_verified(found, artifact, target, found.tags.get(checksum))
+
+    def download_export(
+        self, project: str, name: str, version: str, export_format: str, cache_dir: Path
+    ) -> Path:
+        """A student version's accepted export in ``export_format`` (``maskd_core.export``),
+        downloaded once into ``cache_dir`` and verified like its weights. A version without
+        one (refused, failed, not asked for, or no student) is ``ModelNotFoundError``, whose
+        message says which."""
+        model = self.owned_model(project, name)
+        found = self.version(project, name, version)
+        status = found.tags.get(export_status_tag(export_format))
+        if model.tags.get(MODEL_KIND_TAG, STUDENT_KIND) != STUDENT_KIND or status is None:
+            raise ModelNotFoundError(
+                f"version {found.version} of {name!r} has no {export_format} export; students "
+                "registered with export.formats listing it have one"
+            )
+        if status != "accepted":
+            raise ModelNotFoundError(
+                f"version {found.version} of {name!r} has no {export_format} export: it was "
+                f"{status} (GET its export report for the numbers and the reason)"
+            )
+        artifact = model_export_artifact(export_format)
+        target = cache_dir / name / str(found.version) / artifact
+        expected = found.tags.get(export_sha256_tag(export_format))
+        return self._download_verified(found, artifact, target, expected)
+
+    def export_report(self, project: str, name: str, version: str) -> dict[str, Any]:
+        """A student version's export report (formats, what the outputs contain, parity,
+        tolerances, latencies); ``ModelNotFoundError`` for a version that has none."""
+        model = self.owned_model(project, name)
+        found = self.version(project, name, version)
+        if model.tags.get(MODEL_KIND_TAG, STUDENT_KIND) != STUDENT_KIND:
+            raise ModelNotFoundError(f"version {found.version} of {name!r} has no export report")
+        with tempfile.TemporaryDirectory(prefix="maskd-export-report-") as tmp:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{self._model_artifact_uri(found)}/"
+                    f"{MODEL_EXPORT_REPORT_ARTIFACT}",
+                    dst_path=tmp,
+                    tracking_uri=self.tracking_uri,
+                )
+            except (MlflowException, OSError):
+                raise ModelNotFoundError(
+                    f"version {found.version} of {name!r} has no export report; it was "
+                    "registered before exports existed"
+                ) from None
+            report: dict[str, Any] = json.loads(Path(path).read_text())
+        return report
+
+    def _download_verified(
+        self, found: ModelVersion, artifact: str, target: Path, expected: str | None
+    ) -> Path:
+        """``artifact`` of version ``found`` at ``target`` (kept: versions are immutable),
+        checked against its recorded SHA-256 ``expected``."""
+        name = found.name
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,7 @@ from service.mlflow_names import (
     DATA_FINGERPRINT_TAG,
     FINGERPRINT_TAG,
     JOB_ID_TAG,
+    MODEL_EXPORT_ARTIFACT_DIR,
     MODEL_KIND_TAG,
     MODEL_MASKS_ARTIFACT_DIR,
     MODEL_TOKENS_ARTIFACT,
@@ -91,8 +92,13 @@ from service.mlflow_names import (
     VERSION_TEACHER_SHA256_TAG,
     VERSION_TEACHER_WEIGHTS_TAG,
     WEIGHTS_SHA256_TAG,
+    export_parity_tag,
+    export_sha256_tag,
+    export_status_tag,
+    latency_tag,
     quoted,
     registered_model_name,
+    speedup_tag,
     teacher_model_name,
     tokens_model_name,
 )
@@ -129,8 +135,11 @@ def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dic
         "mlflow": {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id}
     }
     comparison = result.comparison is not None
+    from maskd_core.export import export_student  # torch: in the task's child, not parent
+
     models = []
     for run in result.runs:
+        export = export_student(run.spec, run.workdir)
         version = register_student(
             tracking_uri,
             tracker.run_id,
@@ -140,6 +149,7 @@ def publish(result: JobResult, tracker: MlflowTracker, tracking_uri: str) -> dic
             result.input_example,
             model_run_id=tracker.stage_run(run.stage) if comparison else None,
             alias=None if comparison else CANDIDATE_ALIAS,
+            export=export,
         )
         models.append(version.link())
     tokens = register_tokens(tracking_uri, tracker, result.tokens_path)
@@ -288,8 +298,13 @@ def register_student(
     *,
     model_run_id: str | None = None,
     alias: str | None = CANDIDATE_ALIAS,
+    export: Mapping[str, Any] | None = None,
 ) -> RegisteredVersion:
     """The version of ``student`` in the registry, with lineage tags and ``alias`` on it.
+
+    ``export`` is the student's export report (``maskd_core.export``): its accepted files are
+    logged beside the model and its statuses, parity and latencies become version tags
+    (``_export_tags``), so the registry shows what the distillation bought.
 
     Idempotent per (job, method, seed): an attempt killed after registering is retried from its
     checkpoints and registers again, and a job must still end with one version per student. So
@@ -321,8 +336,11 @@ def register_student(
             student,
             num_classes,
             example,
+            export=export,
         ),
     )
+    for key, value in _export_tags(export or {}).items():
+        client.set_model_version_tag(name, str(version.version), key, value)
     if alias is not None:
         client.set_registered_model_alias(name, alias, version.version)
     return RegisteredVersion.of(name, version)
@@ -391,7 +409,7 @@ def _tokens_lineage(
         VERSION_TEACHER_ARCH_TAG: spec.teacher.arch,
         VERSION_TEACHER_WEIGHTS_TAG: teacher_source or str(teacher_weights),
         VERSION_TEACHER_SHA256_TAG: file_sha256(teacher_weights) if teacher_weights else "none",
-        TOKENS_TEACHER_LAYERS_TAG: json.dumps(list(spec.teacher.layers)),
+        TOKENS_TEACHER_LAYERS_TAG: json.dumps(spec.teacher.tapped_layers),
         TOKENS_COUNT_TAG: str(spec.stage1.tokens),
         TOKENS_MASK_WEIGHTING_TAG: "true" if spec.stage1.mask_weighting else "false",
     }
@@ -512,9 +530,12 @@ def log_student_model(
     student: StudentRun,
     num_classes: int,
     example: np.ndarray | None,
+    *,
+    export: Mapping[str, Any] | None = None,
 ) -> LoggedModel:
     """``student`` as a pyfunc model on run ``run_id``, logged by an earlier attempt if one
-    finished logging these very weights there, else logged now.
+    finished logging these very weights there, else logged now; with ``export`` (its report),
+    its accepted exports and their report beside it and their numbers among its metrics.
 
     Finding it again (``_log_model_once``) spares uploading the weights twice after a crash
     between logging and registering.
@@ -530,7 +551,8 @@ def log_student_model(
             student.workdir.model_spec,
             student.spec.task,
             num_classes,
-            student.metrics,
+            {**student.metrics, **_export_metrics(export or {})},
+            student.workdir.export_dir if export else None,
         ),
         example,
     )
@@ -550,6 +572,8 @@ class TrainedNetwork:
     task: str
     num_classes: int
     metrics: Mapping[str, float]
+    export_dir: Path | None = None
+    """A student's exports and their report (``WorkDir.export_dir``), logged beside it."""
 
 
 def _log_network_model(
@@ -572,6 +596,10 @@ def _log_network_model(
                 signature=_signature(network.task, network.num_classes),
                 input_example=example,
                 model_id=logged.model_id,
+            )
+        if network.export_dir is not None and network.export_dir.is_dir():
+            client.log_model_artifacts(
+                logged.model_id, str(network.export_dir), artifact_path=MODEL_EXPORT_ARTIFACT_DIR
             )
         return logged
 
@@ -692,3 +720,33 @@ def _get_or_create_registered_model(
         raise RuntimeError(f"registered model {name!r} belongs to another project")
     if MODEL_KIND_TAG not in model.tags:
         client.set_registered_model_tag(name, MODEL_KIND_TAG, kind)
+
+
+def _export_tags(report: Mapping[str, Any]) -> dict[str, str]:
+    """A student's export report as version tags: each format's status (and, when checked,
+    its parity numbers and checksum), and each model's latency and speed-up over the teacher."""
+    tags: dict[str, str] = {}
+    for export_format, entry in report.get("exports", {}).items():
+        tags[export_status_tag(export_format)] = str(entry["status"])
+        for number in ("max_abs_diff", "metric_delta"):
+            if entry.get(number) is not None:
+                tags[export_parity_tag(export_format, number)] = f"{entry[number]:.6g}"
+        if entry.get("sha256"):
+            tags[export_sha256_tag(export_format)] = str(entry["sha256"])
+    for model, milliseconds in report.get("latency_ms", {}).items():
+        tags[latency_tag(model)] = f"{milliseconds:.4g}"
+    for model, ratio in report.get("speedup", {}).items():
+        tags[speedup_tag(model)] = f"{ratio:.3g}"
+    return tags
+
+
+def _export_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The report's numbers as the logged model's metrics (charted by MLflow's UI)."""
+    metrics = {f"latency_ms.{m}": float(v) for m, v in report.get("latency_ms", {}).items()}
+    metrics |= {f"speedup.{m}": float(v) for m, v in report.get("speedup", {}).items()}
+    for export_format, entry in report.get("exports", {}).items():
+        for number in ("max_abs_diff", "metric_delta"):
+            value = entry.get(number)
+            if value is not None and np.isfinite(value):
+                metrics[f"export.{export_format}.{number}"] = float(value)
+    return metrics

@@ -3,6 +3,8 @@ lineage, files and aliases.
 
 All kinds are listed together (the ``maskd.kind`` tag tells them apart); a version's ``weights``
 route serves its file, a student's or teacher's state dict or a tokens version's ``tokens.pt``.
+A student's ``exports/{format}`` route serves its deployable copy (ONNX, ``torch.export``) and
+``exports`` the report of their parity and latency (``maskd_core.export``).
 
 Registration happens in the workers; these routes only read and move aliases (users promote a
 version by pointing ``champion`` at it). A model of another project answers 404 like a missing
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Body, HTTPException, Path, status
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
+from maskd_core.spec import ExportFormat
 from service.api.deps import CurrentProject, MetricsDep, SettingsDep
 from service.api.params import ModelVersionNumber, version_or_alias
 from service.api.schemas import ModelVersionOut, RegisteredModelOut, error_responses
@@ -169,6 +172,66 @@ async def download_weights(
         raise _not_found(error) from None
     return FileResponse(
         path, media_type="application/octet-stream", filename=f"{name}-v{found.version}.pt"
+    )
+
+
+ExportFormatPath = Annotated[
+    ExportFormat, Path(description="The export's format: 'onnx' or 'torch_export' (.pt2).")
+]
+
+
+@router.get(
+    "/{name}/versions/{version}/exports",
+    response_model=dict[str, Any],
+    summary="The student's export report: formats and their status, what the outputs "
+    "contain, parity with the PyTorch student, tolerances and latencies",
+)
+async def get_export_report(
+    name: str,
+    version: VersionPath,
+    project: CurrentProject,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> dict[str, Any]:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        return await _call(metrics, registry.export_report, project.name, name, version)
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+
+
+@router.get(
+    "/{name}/versions/{version}/exports/{export_format}",
+    response_class=FileResponse,
+    summary="The student exported as ONNX (run it with onnxruntime) or a torch.export "
+    "program (torch.export.load); 404 when it was refused (see the export report)",
+)
+async def download_export(
+    name: str,
+    version: VersionPath,
+    export_format: ExportFormatPath,
+    project: CurrentProject,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> FileResponse:
+    registry = _registry(settings.mlflow_tracking_uri)
+    try:
+        found = await _call(metrics, registry.version, project.name, name, version)
+        path = await _call(
+            metrics,
+            registry.download_export,
+            project.name,
+            name,
+            str(found.version),
+            export_format,
+            settings.model_cache_dir,
+        )
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{name}-v{found.version}{path.suffix}",
     )
 
 
