@@ -112,6 +112,49 @@ class JobPage(ApiModel):
     next_cursor: str | None = None
 
 
+class ModelCost(ApiModel):
+    arch: str
+    parameters: int
+    forward_flops_per_image: int
+
+
+class MeasuredOn(ApiModel):
+    """Where the estimate's steps ran; ``representative`` false: its seconds are not the
+    worker's (measured on the API host's CPU for a GPU job)."""
+
+    device: str
+    device_name: str
+    target_device: str
+    representative: bool
+    note: str
+
+
+class StageEstimate(ApiModel):
+    stage: str
+    iterations: int
+    batch_per_process: int
+    seconds_per_step: float
+    flops_per_step: int
+    peak_memory_bytes: int
+    evaluation_passes: int
+    evaluation_seconds: float
+    seconds: float
+
+
+class JobEstimate(ApiModel):
+    """``POST /v1/jobs/estimate``'s answer (and a job's ``outputs["estimate"]``)."""
+
+    format: str
+    measured_on: MeasuredOn
+    measured_steps: int
+    world_size: int
+    memory_method: str
+    teacher: ModelCost
+    student: ModelCost | None = None
+    stages: list[StageEstimate]
+    total_seconds: float
+
+
 class Event(ApiModel):
     """A history line: a transition (``to_state`` set) or a note (``kind`` info or error)."""
 
@@ -266,14 +309,33 @@ class MaskdClient:
 
     # -------------------------------------------------------------------- jobs
 
-    def submit_job(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> Job:
+    def submit_job(
+        self,
+        spec: JobSpec | dict[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        estimate: bool = False,
+    ) -> Job:
         """Submit a job; with the key of an earlier submission, that job comes back.
 
         Without a key one is made up, so the retries of this call cannot store the job twice.
+        With ``estimate`` the server measures the job first and records the estimate as
+        ``outputs["estimate"]``, which the worker compares with the actual times.
         """
         body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
         headers = {"Idempotency-Key": idempotency_key or f"maskd-client-{uuid.uuid4()}"}
-        return Job.model_validate(self._request("POST", "/v1/jobs", json=body, headers=headers))
+        params = {"estimate": "true"} if estimate else {}
+        answer = self._request("POST", "/v1/jobs", json=body, headers=headers, params=params)
+        return Job.model_validate(answer)
+
+    def estimate_job(self, spec: JobSpec | dict[str, Any]) -> JobEstimate:
+        """What the job would cost, measured on a few real steps; nothing is stored or queued.
+
+        Safe to send again (it changes nothing), so a busy server's 503 is retried as a GET's.
+        """
+        body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
+        answer = self._request("POST", "/v1/jobs/estimate", json=body, resend_safe=True)
+        return JobEstimate.model_validate(answer)
 
     def get_job(self, job_id: str) -> Job:
         return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}"))
@@ -443,8 +505,26 @@ class MaskdClient:
         """Write the version's state dict to ``destination`` (a file path), completely or not
         at all: it is streamed to a temporary name first. Load it with
         ``torch.load(path, weights_only=True)``."""
+        return self._download(f"/v1/models/{name}/versions/{version}/weights", destination)
+
+    def download_export(
+        self, name: str, version: str, export_format: str, destination: Path
+    ) -> Path:
+        """Write a student version's export (``onnx``: run it with onnxruntime;
+        ``torch_export``: a ``.pt2`` for ``torch.export.load``) to ``destination``, as
+        ``download_weights`` does; a version whose export was refused answers 404 (its
+        ``get_export_report`` says why)."""
+        path = f"/v1/models/{name}/versions/{version}/exports/{export_format}"
+        return self._download(path, destination)
+
+    def get_export_report(self, name: str, version: str) -> dict[str, Any]:
+        """A student version's export report: each format's status, what the exported outputs
+        contain, their parity with the PyTorch student, the tolerances and the latencies."""
+        return self._request("GET", f"/v1/models/{name}/versions/{version}/exports")
+
+    def _download(self, path: str, destination: Path) -> Path:
+        """The file at ``path`` streamed to ``destination`` through a temporary name."""
         partial = destination.with_name(f".{destination.name}.partial")
-        path = f"/v1/models/{name}/versions/{version}/weights"
         for attempt in range(self.retry.attempts):
             last = attempt + 1 >= self.retry.attempts
             try:
@@ -481,24 +561,35 @@ class MaskdClient:
     # -------------------------------------------------------------------- transport
 
     def _request(
-        self, method: str, path: str, *, retry: RetryPolicy | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: RetryPolicy | None = None,
+        resend_safe: bool = False,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        """One call under the retry policy; the body of its successful answer."""
+        """One call under the retry policy; the body of its successful answer.
+
+        ``resend_safe``: a POST that changes nothing (an estimate), retried as a GET is."""
         policy = retry or self.retry
         headers = {**self._headers, **kwargs.pop("headers", {})}
+        retried_as = "GET" if resend_safe else method
         for attempt in range(policy.attempts):
             last = attempt + 1 >= policy.attempts
             try:
                 response = self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as error:
-                if last or not _may_resend(method, headers, error):
+                if last or not _may_resend(retried_as, headers, error):
                     raise ServerUnreachableError(self.base_url, _transport_reason(error)) from error
                 time.sleep(policy.delay(attempt, None))
                 continue
             if not response.is_error:
                 body: dict[str, Any] = response.json()
                 return body
-            wait = None if last else self._retry_wait(attempt, method, headers, response, policy)
+            wait = (
+                None if last else self._retry_wait(attempt, retried_as, headers, response, policy)
+            )
             if wait is None:
                 raise ApiError(response.status_code, _body(response))
             time.sleep(wait)

@@ -5,7 +5,8 @@ transitions and events (an event says whether a stage started afresh or resumed 
 checkpoint, which is what users and tests read to tell a resume from a restart), steps become
 progress rows throttled to about one write a second so SQL never slows the training loop,
 evaluations become metrics, every checkpoint moves the progress to its step, and a comparison
-run that failed on its own becomes an ``error`` event naming it and the reason. The stage that
+run that failed on its own becomes an ``error`` event naming it and the reason. The job's plan
+becomes its ``outputs.pairing`` and an event, as soon as the attempt made it. The stage that
 starts becomes the ``stage`` of the job's log lines (``service.logs``). ``should_stop`` answers
 from the lease keeper, so a cancel or a lost lease reaches the loop without the loop touching
 SQL.
@@ -26,6 +27,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from maskd_core.callbacks import Callback, Stage
+from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec
 from service.lifecycle import JobState, can_transition
 from service.logs import set_job_stage
@@ -55,6 +57,42 @@ def success_message(
         f"succeeded with {len(failed)} of {students + len(failed)} comparison runs failed "
         f"({runs}; reasons in outputs.comparison): {format_metrics(metrics)}"
     )
+
+
+def estimate_with_actual(
+    estimate: Mapping[str, Any] | None, stage: str, seconds_per_step: float
+) -> dict[str, Any] | None:
+    """``estimate`` (a job's ``outputs.estimate``, ``maskd_core.estimate``'s format) with the
+    loop ``stage``'s actual time beside its estimated one; None when the job has no estimate
+    or the estimate has no such loop.
+
+    Both sides are iterations × seconds per step, so what is compared is the training loop
+    alone, measured rather than extrapolated where the attempt ran every step. Once every
+    estimated loop has its actual time, ``total`` compares their sums."""
+    if estimate is None:
+        return None
+    planned = {entry["stage"]: entry for entry in estimate.get("stages", [])}
+    if stage not in planned:
+        return None
+    check = dict(estimate.get("actual") or {})
+    stages = dict(check.get("stages") or {})
+    iterations = planned[stage]["iterations"]
+    stages[stage] = _times(
+        iterations * planned[stage]["seconds_per_step"], iterations * seconds_per_step
+    )
+    total = None
+    if set(stages) >= set(planned):
+        total = _times(
+            sum(stages[name]["estimated_seconds"] for name in planned),
+            sum(stages[name]["actual_seconds"] for name in planned),
+        )
+    return {**estimate, "actual": {"stages": stages, "total": total}}
+
+
+def _times(estimated: float, actual: float) -> dict[str, float | None]:
+    """A ratio of None when nothing was estimated (JSON has no infinity)."""
+    ratio = actual / estimated if estimated > 0 else None
+    return {"estimated_seconds": estimated, "actual_seconds": actual, "ratio": ratio}
 
 
 class StoreReporter(Callback):
@@ -88,12 +126,26 @@ class StoreReporter(Callback):
         self._steps: dict[str, int] = {}
         self._last_progress_at = float("-inf")
         self._transition_refused = False
+        self._started: dict[str, tuple[float, int]] = {}
+        """Per stage, when this attempt started it and from which step: its actual time."""
+
+    def on_plan(self, plan: JobPlan) -> None:
+        # Before the teacher's evaluation and stage 1, so GET /v1/jobs/{id} shows what is
+        # distilled while the job runs (and after a cancel), and a follower reads it in one line.
+        # It replaces what submission recorded: this plan is the one that runs (a models:/ alias
+        # may have moved since).
+        try:
+            self._store.record_outputs(self._job_id, {"pairing": plan.pairing()})
+        except SQLAlchemyError:
+            logger.warning("job %s: pairing not recorded", self._job_id, exc_info=True)
+        self._note(f"pairing: {plan.pairing_line()}")
 
     def on_stage_start(
         self, stage: Stage, start_step: int, total_steps: int, spec: JobSpec
     ) -> None:
         self._totals[str(stage)] = total_steps
         self._current = str(stage)
+        self._started[str(stage)] = (self._clock(), start_step)
         set_job_stage(str(stage))
         # A comparison's runs ("stage2/mgd/seed1") all belong to STAGE2; progress stays keyed
         # by the full name, so each run has its own row.
@@ -134,6 +186,7 @@ class StoreReporter(Callback):
     def on_stage_end(self, stage: Stage, step: int, metrics: Mapping[str, float]) -> None:
         self._write_progress(str(stage), step, metrics)
         self._note(f"{stage} finished at step {step}")
+        self._check_estimate(str(stage), step)
 
     def on_run_failed(self, stage: Stage, reason: str) -> None:
         # An "error" event, so a user watching the stream sees which run is missing from the
@@ -162,6 +215,21 @@ class StoreReporter(Callback):
             )
         except SQLAlchemyError:
             logger.warning("job %s: progress not recorded", self._job_id, exc_info=True)
+
+    def _check_estimate(self, stage: str, step: int) -> None:
+        """The loop's actual seconds per step beside the submission's estimate, if any."""
+        started_at, start_step = self._started.get(stage, (self._clock(), step))
+        if step <= start_step:
+            return
+        seconds_per_step = (self._clock() - started_at) / (step - start_step)
+        try:
+            self._store.update_output(
+                self._job_id,
+                "estimate",
+                lambda estimate: estimate_with_actual(estimate, stage, seconds_per_step),
+            )
+        except SQLAlchemyError:
+            logger.warning("job %s: estimate check not recorded", self._job_id, exc_info=True)
 
     def _note(self, message: str) -> None:
         try:

@@ -113,6 +113,138 @@ class ComparisonOut(WorkerWritten):
     failed_runs: int = 0
 
 
+class PairedSideOut(WorkerWritten):
+    """One side of a distilled level."""
+
+    channels: int
+    size: list[int] = Field(description="Height and width of the map on the validated sample.")
+    stride: int | None = Field(
+        description="The level's stride when its layer is a default tap of the model (the "
+        "registry declares it); null for a layer the spec named."
+    )
+
+
+class PairedLevelOut(WorkerWritten):
+    """Level ``level`` of ``teacher_layer`` distilled against the same level of
+    ``student_layer``."""
+
+    teacher_layer: str
+    student_layer: str
+    level: int
+    teacher: PairedSideOut
+    student: PairedSideOut
+    align: str = Field(description="'conv1x1 S->T' (student to teacher channels) or 'identity'.")
+    resize: str | None = Field(
+        description="'bilinear 8x8->16x16' when the student's map is resized onto the "
+        "teacher's; null when their sizes agree."
+    )
+
+
+class PairedAuxOut(WorkerWritten):
+    """The auxiliary heads' logits, distilled beside the levels (MasKD's ``aux_weight``)."""
+
+    layer: str
+    teacher: PairedSideOut
+    student: PairedSideOut
+
+
+class PairingOut(WorkerWritten):
+    """What the job distilled against what (``maskd_core.plan.JobPlan.pairing``)."""
+
+    layers_from: dict[str, str] = Field(
+        description="Per model (teacher, student): 'spec' for the layers it named, "
+        "'registry defaults' for those its architecture taps when it names none."
+    )
+    levels: list[PairedLevelOut]
+    aux: PairedAuxOut | None = None
+
+
+class ModelCostOut(BaseModel):
+    """One network's size and the cost of one forward of one image through it."""
+
+    arch: str
+    parameters: int = Field(description="Sum of the parameters' element counts.")
+    forward_flops_per_image: int = Field(
+        description="FLOPs of one eval-mode forward of one image (torch's FlopCounterMode: "
+        "matrix multiplies and convolutions)."
+    )
+
+
+class MeasuredOnOut(BaseModel):
+    """Where the steps were measured; read ``representative`` before trusting the seconds."""
+
+    device: str = Field(description="'cpu' or 'cuda'.")
+    device_name: str
+    target_device: str = Field(description="What the spec asks for: cpu, cuda or auto.")
+    representative: bool = Field(
+        description="False when measured on another kind of device than the job will run on "
+        "(the API host's CPU for a GPU job): FLOPs, parameters and steps hold, seconds and "
+        "memory do not."
+    )
+    note: str
+
+
+class StageEstimateOut(BaseModel):
+    """One training loop, named as the job's progress names it (stage1, stage2/mgd/seed1)."""
+
+    stage: str
+    iterations: int
+    batch_per_process: int = Field(description="batch_size / the job's process count.")
+    seconds_per_step: float = Field(description="Median of the measured steps after the first.")
+    flops_per_step: int = Field(description="Forward and backward of the first measured step.")
+    peak_memory_bytes: int = Field(description="Per device; see the estimate's memory_method.")
+    evaluation_passes: int
+    evaluation_seconds: float
+    seconds: float = Field(description="iterations × seconds_per_step + evaluation_seconds.")
+
+
+class JobEstimateOut(BaseModel):
+    """What a job will cost (``maskd_core.estimate``), measured on a few real steps."""
+
+    format: str = Field(description="The estimate's version, e.g. 'maskd-estimate/1'.")
+    measured_on: MeasuredOnOut
+    measured_steps: int = Field(description="Timed steps per stage (after one untimed step).")
+    world_size: int = Field(description="The job's processes; each runs batch_per_process.")
+    memory_method: str = Field(
+        description="'cuda_max_memory_allocated', or on a CPU 'cpu_sum_of_held_tensors': "
+        "weights, gradients, optimiser state, the batch and the tensors saved for backward."
+    )
+    teacher: ModelCostOut
+    student: ModelCostOut | None = Field(description="Null for a teacher job.")
+    stages: list[StageEstimateOut]
+    total_seconds: float = Field(description="The ETA: every stage's seconds.")
+
+
+class StageTimeOut(WorkerWritten):
+    """A training loop's estimated and actual seconds: iterations × seconds per step on both
+    sides, so evaluations between stages are left out of both."""
+
+    estimated_seconds: float
+    actual_seconds: float = Field(
+        description="The loop's measured seconds per step × its iterations (extrapolated from "
+        "the steps the last attempt ran when it resumed)."
+    )
+    ratio: float | None = Field(
+        description="actual / estimated: above 1, slower than estimated (null when the "
+        "estimate was 0 s)."
+    )
+
+
+class EstimateCheckOut(WorkerWritten):
+    """The estimate against the job's actual times, filled in as each loop ends."""
+
+    stages: dict[str, StageTimeOut] = Field(default_factory=dict)
+    total: StageTimeOut | None = Field(
+        default=None, description="Every estimated loop together, once all of them have ended."
+    )
+
+
+class RecordedEstimateOut(JobEstimateOut, WorkerWritten):
+    """The estimate made at submission (``POST /v1/jobs?estimate=true``), and its check."""
+
+    actual: EstimateCheckOut | None = None
+
+
 class JobOutputs(WorkerWritten):
     """What a finished job left: files, final metrics, its MLflow run and registered students.
 
@@ -138,6 +270,17 @@ class JobOutputs(WorkerWritten):
         default=None, description="The registered students of a comparison, one per run."
     )
     comparison: ComparisonOut | None = None
+    pairing: PairingOut | None = Field(
+        default=None,
+        description="A distillation job's pairing: each teacher level, the student level "
+        "distilled against it, their channels, sizes and strides, the align and any resize. "
+        "From submission on (the dry run's plan), recorded again as the worker starts the job.",
+    )
+    estimate: RecordedEstimateOut | None = Field(
+        default=None,
+        description="The estimate asked for at submission (POST /v1/jobs?estimate=true), and "
+        "how the job's training loops compared with it (``actual``).",
+    )
 
 
 class JobOut(BaseModel):

@@ -25,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.schemas import ErrorOut
 from service.validation_pool import BUSY_RETRY_AFTER_SECONDS
 
-SUBMISSIONS_PATH = "/v1/jobs"
+SUBMISSIONS_PATHS = ("/v1/jobs", "/v1/jobs/estimate")
+"""Submissions, and estimates: a dry run and a few training steps in the same pool."""
 
 
 class SubmissionGate:
@@ -49,7 +50,7 @@ class SubmissionGate:
         if not (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"].rstrip("/") == SUBMISSIONS_PATH
+            and scope["path"].rstrip("/") in SUBMISSIONS_PATHS
         ):
             await self.app(scope, receive, send)
             return

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -370,10 +371,15 @@ def job_record(job: Job | Row[Any], transitions: tuple[EventRecord, ...]) -> Job
 
 @dataclass(frozen=True)
 class NewJob:
-    """A submission to store: its validated spec and the client's ``Idempotency-Key``, if any."""
+    """A submission to store: its validated spec and the client's ``Idempotency-Key``, if any.
+
+    ``outputs`` are what the job starts with: the pairing its dry run planned
+    (``outputs.pairing``), or an estimate asked for at submission (``outputs.estimate``, which
+    the worker completes with the actual times)."""
 
     spec: JobSpec
     idempotency_key: str | None = None
+    outputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 StoredJob = tuple[JobRecord, bool]

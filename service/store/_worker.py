@@ -7,6 +7,7 @@ Every write here is a compare-and-set against the lease owner, so a worker that 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -175,6 +176,20 @@ class WorkerMixin(StoreBase):
             job = self._locked(session, job_id)
             if job is not None:
                 job.outputs = {**job.outputs, **outputs}
+                job.updated_at = self._clock()
+
+    def update_output(
+        self, job_id: str, key: str, change: Callable[[Any], dict[str, Any] | None]
+    ) -> None:
+        """Replace ``outputs[key]`` by ``change(its value, or None)``, under the job's row lock
+        so a concurrent merge is not lost; ``change`` answering None leaves it as it was."""
+        with self._sessions.begin() as session:
+            job = self._locked(session, job_id)
+            if job is None:
+                return
+            changed = change(job.outputs.get(key))
+            if changed is not None:
+                job.outputs = {**job.outputs, key: changed}
                 job.updated_at = self._clock()
 
     def release_lease(self, job_id: str, worker_id: str) -> None:

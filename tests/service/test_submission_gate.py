@@ -12,7 +12,7 @@ from service_testkit import Api, open_api, spec_body
 
 from service import validation_pool
 from service.api.submission_gate import SubmissionGate
-from service.validation_pool import SpecProblem
+from service.validation_pool import SpecProblem, Validated
 
 
 def gate_of(app: FastAPI) -> SubmissionGate:
@@ -29,7 +29,7 @@ def test_submissions_past_the_limit_wait_their_turn_and_past_the_queue_get_503(
     validating, release = threading.Semaphore(0), threading.Event()
     real_validate = validation_pool._validate
 
-    def held_validate(*args: object) -> SpecProblem | None:
+    def held_validate(*args: object) -> Validated | SpecProblem:
         validating.release()
         release.wait(timeout=60)
         return real_validate(*args)  # type: ignore[arg-type]

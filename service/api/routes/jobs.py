@@ -41,6 +41,7 @@ from service.api.schemas import (
     ErrorOut,
     EventOut,
     EventPage,
+    JobEstimateOut,
     JobOut,
     JobPage,
     QuotaErrorOut,
@@ -63,7 +64,7 @@ from service.store import (
     NewJob,
     QuotaExceeded,
 )
-from service.validation_pool import ValidationBusy, ValidationPool
+from service.validation_pool import SpecProblem, ValidationBusy, ValidationPool
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +146,14 @@ async def validate_spec(
     settings: Settings,
     validations: ValidationPool,
     metrics: ApiMetrics | None = None,
-) -> None:
+    *,
+    estimate: bool = False,
+) -> dict[str, Any]:
     """Run the core's full validation; a ``SpecError`` becomes a 422 pointing at its field.
+
+    The answer is the outputs the job starts with: its ``pairing``, which the dry run planned
+    (none for a teacher job), or with ``estimate``, as the pool then measures the job too
+    (``maskd_core.estimate``, which validates first), its ``estimate``.
 
     The service's limits (``service.limits``: steps, batch size, image sizes, ...) come first
     of all, so an absurd spec costs no dry run.
@@ -177,9 +184,15 @@ async def validate_spec(
             )
     except SpecError as error:
         raise _invalid_spec(str(error), error.field) from error
-    problem = await validations.validate(spec, resolved, project, settings)
-    if problem is not None:
-        raise _invalid_spec(problem.message, problem.field)
+    if estimate:
+        answer = await validations.estimate(spec, resolved, project, settings)
+        if isinstance(answer, SpecProblem):
+            raise _invalid_spec(answer.message, answer.field)
+        return {"estimate": answer}
+    validated = await validations.validate(spec, resolved, project, settings)
+    if isinstance(validated, SpecProblem):
+        raise _invalid_spec(validated.message, validated.field)
+    return {"pairing": validated.pairing} if validated.pairing is not None else {}
 
 
 def _invalid_spec(message: str, field: str | None) -> RequestValidationError:
@@ -251,10 +264,20 @@ async def submit_job(
             description="Retry-safe submission: the same key and spec return the same job.",
         ),
     ] = None,
+    estimate: Annotated[
+        bool,
+        Query(
+            description="Measure the job's cost first (as POST /v1/jobs/estimate) and record "
+            "it as outputs.estimate, which the worker compares with the actual times. Costs "
+            "a few training steps at submission."
+        ),
+    ] = False,
 ) -> ModelResponse:
     """Validate the spec completely, store the job as QUEUED and send it to the workers.
 
-    Nothing is stored when validation fails. If the broker is unreachable the job is still
+    The job carries its pairing from here on (``outputs.pairing``, as the dry run planned it;
+    the worker records it again when it starts the job). Nothing is stored when validation
+    fails. If the broker is unreachable the job is still
     accepted: it stays QUEUED and the reconciler sends it once the broker is back.
 
     Over a project quota the answer is 429 with ``Retry-After``: checked cheaply before the
@@ -269,8 +292,10 @@ async def submit_job(
     try:
         with refusing_ended_keys():
             project = caller(await reads.submitter(key, idempotency_key, submissions.quotas))
-        await validate_spec(spec, project.name, settings, validations, metrics)
-        job, created = await submissions.submit(project.id, NewJob(spec, idempotency_key))
+        outputs = await validate_spec(
+            spec, project.name, settings, validations, metrics, estimate=estimate
+        )
+        job, created = await submissions.submit(project.id, NewJob(spec, idempotency_key, outputs))
     except ValidationBusy as error:
         raise validation_busy(error) from error
     except IdempotencyConflict as error:
@@ -282,6 +307,37 @@ async def submit_job(
         JobOut.from_record(job),
         status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
     )
+
+
+@router.post(
+    "/estimate",
+    response_model=JobEstimateOut,
+    responses={**error_responses(400), 503: _BUSY_ERROR},
+)
+async def estimate_job(
+    spec: JobSpec,
+    project: CurrentProject,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    validations: ValidationsDep,
+) -> ModelResponse:
+    """What the job would cost: parameters and FLOPs of both models, peak memory per device,
+    seconds per step measured on a few real steps of each stage, and the ETA per stage and in
+    total. Nothing is stored or queued.
+
+    Validated exactly as a submission (a bad spec is a 422 naming its field) and measured in
+    the same validation pool, behind the same submission gate and queue limit (503 with
+    ``Retry-After`` when full), so estimates cannot crowd out submissions or reads.
+    ``measured_on`` says where the steps ran: the API host's CPU unless it has a GPU, which
+    ``representative: false`` flags for a job that will run on a GPU worker.
+    """
+    try:
+        outputs = await validate_spec(
+            spec, project.name, settings, validations, metrics, estimate=True
+        )
+    except ValidationBusy as error:
+        raise validation_busy(error) from error
+    return ModelResponse(JobEstimateOut.model_validate(outputs["estimate"]))
 
 
 @router.get("", response_model=JobPage)
