@@ -29,7 +29,6 @@ import ctypes
 import datetime
 import importlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -44,13 +43,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._C._distributed_c10d import TCPStore
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported untyped
 
 from maskd_core.callbacks import Callback, CallbackList
 from maskd_core.errors import JobCancelled, MaskdError, RankLost
 from maskd_core.spec import JobSpec
-
-logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 Entry = Callable[[JobSpec, Path, Any], R]
@@ -65,8 +62,12 @@ HELPER_EXIT_SECONDS = 60.0
 """How long rank 0 waits for its helpers to exit after the job ended."""
 
 PARENT_POLL_SECONDS = 2.0
+"""How often a helper checks that rank 0's process is still its parent (where the kernel
+cannot be asked to signal it)."""
 
 LOST_HELPER_WAIT_SECONDS = 5.0
+"""How long rank 0, its collective failed, waits for the peer that broke it to exit, so the
+error names that rank instead of the collective's symptom."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def ranks() -> Ranks:
 
 
 def agree(value: bool) -> bool:
-    """Rank 0's ``value`` on every rank: for decisions read from files that rank 0 writes."""
+    """Rank 0's ``value`` on every rank: for decisions read from files that rank 0 writes
+    (is stage 1 done, is a student finished, is there a checkpoint to resume)."""
     if not ranks().distributed:
         return value
     box = [value]
@@ -175,13 +177,14 @@ class _Helpers:
             self.processes.append(process)
 
     def lost(self, wait_seconds: float = 0.0) -> tuple[int, int | None] | None:
-        """The first helper rank that has exited, with its exit code; None while all run
-        (after waiting up to ``wait_seconds`` for one to exit: a peer's failure can reach rank
-        0 before the peer's process is gone)."""
+        """The first helper rank that has failed (exited other than cleanly), with its exit
+        code; None while none has (after waiting up to ``wait_seconds`` for one to: a peer's
+        failure can reach rank 0 before the peer's process is gone). A helper that finished
+        cleanly is not lost: helpers skip evaluations and often end before rank 0."""
         deadline = time.monotonic() + wait_seconds
         while True:
             for rank, process in enumerate(self.processes, start=1):
-                if process.poll() is not None:
+                if process.poll() not in (None, 0):
                     return rank, process.returncode
             if time.monotonic() >= deadline:
                 return None

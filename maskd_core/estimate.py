@@ -53,7 +53,7 @@ from maskd_core.callbacks import STAGE1, STAGE2, TEACHER, Callback, Stage
 from maskd_core.data import build_dataset
 from maskd_core.loader import train_batches, train_val_split, val_batches
 from maskd_core.methods import build_distiller, job_needs_tokens, method_setup
-from maskd_core.models import build_model
+from maskd_core.models import build_model, with_default_layers
 from maskd_core.plan import JobPlan
 from maskd_core.spec import JobSpec, MethodSpec, OptimizerSpec, ResourcesSpec
 from maskd_core.stages import (
@@ -128,6 +128,9 @@ class JobEstimate:
     student: ModelCost | None
     stages: list[StageEstimate]
     total_seconds: float
+    pairing: dict[str, Any] | None
+    """The levels the job distils (``JobPlan.pairing``), as a submission reports them; None
+    for a teacher job."""
     format: str = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -404,9 +407,12 @@ def estimate_job(spec: JobSpec, steps: int = DEFAULT_MEASURED_STEPS) -> JobEstim
     """
     if not 1 <= steps <= MAX_MEASURED_STEPS:
         raise ValueError(f"steps must be 1 to {MAX_MEASURED_STEPS}, not {steps}")
-    plan = validate_job(spec)
     task = build_task(spec)
     dataset = build_dataset(spec)
+    torch.manual_seed(spec.seed)  # the teacher the job will build
+    teacher = build_model(spec.teacher, dataset.num_classes, field="teacher")
+    plan = validate_job(spec, dataset=dataset, teacher=teacher)
+    spec = with_default_layers(spec)  # the layers the plan pairs, which the stages tap
     train, val = train_val_split(spec, dataset)
     device = measuring_device(spec)
     per_process = spec.batch_size // spec.resources.world_size
@@ -422,8 +428,7 @@ def estimate_job(spec: JobSpec, steps: int = DEFAULT_MEASURED_STEPS) -> JobEstim
     )
     setting = _Setting(spec, measuring, task, train, val, device, steps, plan)
     one = task.to_device(task.collate([train[0]]), device)
-    torch.manual_seed(spec.seed)
-    teacher = build_model(spec.teacher, dataset.num_classes, field="teacher").to(device)
+    teacher.to(device)
     teacher_cost = ModelCost(
         spec.teacher.arch, count_parameters(teacher), forward_flops(task, teacher, one)
     )
@@ -443,6 +448,7 @@ def estimate_job(spec: JobSpec, steps: int = DEFAULT_MEASURED_STEPS) -> JobEstim
         student=student_cost,
         stages=stages,
         total_seconds=sum(stage.seconds for stage in stages),
+        pairing=plan.pairing() if plan.levels else None,
     )
 
 

@@ -595,12 +595,3 @@ def speedups(latency_ms: dict[str, float]) -> dict[str, float]:
         for name, value in latency_ms.items()
         if name != "teacher" and value > 0
     }
-
-
-def accepted_files(report: dict[str, Any], workdir: WorkDir) -> dict[str, Any]:
-    """The accepted exports' files, by format."""
-    return {
-        name: workdir.exported(name)
-        for name, entry in report.get("exports", {}).items()
-        if entry.get("status") == "accepted" and workdir.exported(name).is_file()
-    }

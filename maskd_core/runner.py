@@ -555,15 +555,17 @@ def run_job(
         ]
         runs = [outcome for outcome in outcomes if isinstance(outcome, StudentRun)]
         failed = [outcome for outcome in outcomes if not isinstance(outcome, StudentRun)]
-        table = comparison_table(
-            spec,
-            shared.plan,
-            shared.task.primary_metric,
-            shared.metrics,
-            [run.summary for run in runs],
-            failed,
-        )
+        # Only rank 0 evaluated: the other ranks' runs have no metrics to tabulate.
+        table = None
         if ranks().is_main:
+            table = comparison_table(
+                spec,
+                shared.plan,
+                shared.task.primary_metric,
+                shared.metrics,
+                [run.summary for run in runs],
+                failed,
+            )
             atomic_write_json(root.comparison_table, table)
             atomic_write_text(root.comparison_markdown, comparison_markdown(table))
             for path in (root.comparison_table, root.comparison_markdown):

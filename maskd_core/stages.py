@@ -32,6 +32,7 @@ from maskd_core.callbacks import STAGE1, STAGE2, Callback, Stage
 from maskd_core.checkpoint import load_checkpoint, save_checkpoint
 from maskd_core.detection_recipe import Inherited, detection_recipe
 from maskd_core.distributed import (
+    agree,
     any_rank,
     mean_over_ranks,
     ranks,
@@ -212,7 +213,7 @@ def _train(
     nonfinite = NonFiniteStreak(1 if scaler is None else FP16_NONFINITE_STEPS)
     seed_everything(ctx.spec.seed)
     start = 0
-    if checkpoint is not None and checkpoint.is_file():
+    if checkpoint is not None and agree(checkpoint.is_file()):
         start = load_checkpoint(checkpoint, modules=trainable, optimizer=optimizer, scaler=scaler)
 
     def write_checkpoint(step: int) -> None:

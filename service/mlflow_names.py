@@ -218,6 +218,21 @@ def speedup_tag(model: str) -> str:
     return f"maskd.speedup.{model}"
 
 
+def latency_metric(model: str) -> str:
+    """The logged model's metric beside ``latency_tag`` (charted by MLflow's UI)."""
+    return f"latency_ms.{model}"
+
+
+def speedup_metric(model: str) -> str:
+    """The logged model's metric beside ``speedup_tag``."""
+    return f"speedup.{model}"
+
+
+def export_parity_metric(export_format: str, number: str) -> str:
+    """The logged model's metric beside ``export_parity_tag``."""
+    return f"export.{export_format}.{number}"
+
+
 # -- registered teachers ----------------------------------------------------------------------
 
 TEACHER_MODEL_NAME = "teacher"

@@ -92,12 +92,15 @@ from service.mlflow_names import (
     VERSION_TEACHER_SHA256_TAG,
     VERSION_TEACHER_WEIGHTS_TAG,
     WEIGHTS_SHA256_TAG,
+    export_parity_metric,
     export_parity_tag,
     export_sha256_tag,
     export_status_tag,
+    latency_metric,
     latency_tag,
     quoted,
     registered_model_name,
+    speedup_metric,
     speedup_tag,
     teacher_model_name,
     tokens_model_name,
@@ -742,11 +745,11 @@ def _export_tags(report: Mapping[str, Any]) -> dict[str, str]:
 
 def _export_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """The report's numbers as the logged model's metrics (charted by MLflow's UI)."""
-    metrics = {f"latency_ms.{m}": float(v) for m, v in report.get("latency_ms", {}).items()}
-    metrics |= {f"speedup.{m}": float(v) for m, v in report.get("speedup", {}).items()}
+    metrics = {latency_metric(m): float(v) for m, v in report.get("latency_ms", {}).items()}
+    metrics |= {speedup_metric(m): float(v) for m, v in report.get("speedup", {}).items()}
     for export_format, entry in report.get("exports", {}).items():
         for number in ("max_abs_diff", "metric_delta"):
             value = entry.get(number)
             if value is not None and np.isfinite(value):
-                metrics[f"export.{export_format}.{number}"] = float(value)
+                metrics[export_parity_metric(export_format, number)] = float(value)
     return metrics

@@ -213,6 +213,11 @@ class JobEstimateOut(BaseModel):
     student: ModelCostOut | None = Field(description="Null for a teacher job.")
     stages: list[StageEstimateOut]
     total_seconds: float = Field(description="The ETA: every stage's seconds.")
+    pairing: PairingOut | None = Field(
+        default=None,
+        description="The levels the job would distil, as its submission reports them "
+        "(outputs.pairing); null for a teacher job.",
+    )
 
 
 class StageTimeOut(WorkerWritten):

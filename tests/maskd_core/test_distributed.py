@@ -180,3 +180,14 @@ def test_a_teacher_job_trains_on_two_processes_as_on_one(tmp_path: Path) -> None
         teacher_spec = spec(processes, kind="teacher", student=None, **recipe)
         run_in_processes(run_teacher_job, teacher_spec, tmp_path / name)
     assert_same_weights(tmp_path / "one" / "teacher.pt", tmp_path / "two" / "teacher.pt")
+
+
+def test_a_comparison_on_two_processes_tabulates_every_run_on_rank_0(tmp_path: Path) -> None:
+    """Only rank 0 evaluates, so only it builds the table; the job succeeds on attempt one."""
+    comparison = {"comparison": {"methods": ["maskd", "fitnet"], "seeds": [0]}}
+    result = run_in_processes(run_job, spec(2, **comparison), tmp_path, Losses())
+
+    assert isinstance(result, JobResult) and result.comparison is not None
+    assert [run.method.name for run in result.runs] == ["maskd", "fitnet"]
+    assert (tmp_path / "comparison.json").is_file()
+    assert helper_ranks() == []

@@ -149,6 +149,19 @@ def test_each_process_of_a_multi_process_job_runs_its_share_of_the_batch() -> No
     assert {stage.batch_per_process for stage in estimate.stages} == {2}
 
 
+def test_a_spec_without_layers_is_measured_on_the_registry_s_default_taps() -> None:
+    estimate = estimate_job(
+        tiny_spec(teacher={"arch": "seg_tiny_teacher"}, student={"arch": "seg_tiny_student"}),
+        steps=1,
+    )
+    assert estimate.pairing is not None
+    assert estimate.pairing["layers_from"] == {
+        "teacher": "registry defaults",
+        "student": "registry defaults",
+    }
+    assert [stage.stage for stage in estimate.stages] == ["stage1", "stage2"]
+
+
 def test_a_cpu_estimate_of_a_job_for_the_worker_s_device_says_it_may_not_hold() -> None:
     estimate = estimate_job(tiny_spec(device="auto"), steps=1)
     if torch.cuda.is_available():

@@ -66,6 +66,8 @@ def test_a_submission_that_asks_for_an_estimate_records_it_on_the_job(api: Api) 
 
     estimate = job.outputs["estimate"]
     assert [stage["stage"] for stage in estimate["stages"]] == ["stage1", "stage2"]
+    # The pairing is reported as on any submission, from the estimate's own validation.
+    assert job.outputs["pairing"] == plain.outputs["pairing"] == estimate["pairing"]
     assert "actual" not in estimate or estimate["actual"] is None
     assert client.get_job(job.id).outputs["estimate"] == estimate
     assert plain.outputs.get("estimate") is None

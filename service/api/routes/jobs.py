@@ -188,7 +188,8 @@ async def validate_spec(
         answer = await validations.estimate(spec, resolved, project, settings)
         if isinstance(answer, SpecProblem):
             raise _invalid_spec(answer.message, answer.field)
-        return {"estimate": answer}
+        pairing = answer["pairing"]
+        return {"estimate": answer} | ({"pairing": pairing} if pairing is not None else {})
     validated = await validations.validate(spec, resolved, project, settings)
     if isinstance(validated, SpecProblem):
         raise _invalid_spec(validated.message, validated.field)
