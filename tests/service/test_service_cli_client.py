@@ -403,7 +403,12 @@ def test_ctrl_c_detaches_from_a_followed_job_which_goes_on(
 ) -> None:
     key = job_store.create_api_key("acme")
     job_id = submit(server, key, spec_file, capsys)
-    command = "import sys; from maskd_cli import main; sys.exit(main())"
+    # Ctrl-C as a terminal delivers it, whatever this process inherited: a test run started in
+    # the background by a shell without job control ignores SIGINT, and so would its children.
+    command = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from maskd_cli import main; sys.exit(main())"
+    )
     arguments = ["jobs", "--url", server, "--api-key", key, "events", job_id, "--follow"]
     follower = subprocess.Popen(
         [sys.executable, "-c", command, *arguments],
