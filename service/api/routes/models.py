@@ -14,6 +14,7 @@ one. MLflow's client blocks on SQL or HTTP, so every call runs in the thread poo
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
@@ -94,6 +95,25 @@ def _not_found(error: ModelNotFoundError) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=str(error))
 
 
+async def _version_file(
+    metrics: ApiMetrics,
+    name: str,
+    version: str,
+    project: str,
+    download: Callable[[str], pathlib.Path],
+    registry: ModelRegistry,
+) -> tuple[str, pathlib.Path]:
+    """The version number ``version`` (a number or an alias) resolves to in ``project``, and
+    the file ``download(number)`` fetches of it; 404 when either is missing, as for a model
+    of another project. What the download routes share: weights and exports alike."""
+    try:
+        found = await _call(metrics, registry.version, project, name, version)
+        number = str(found.version)
+        return number, await _call(metrics, download, number)
+    except ModelNotFoundError as error:
+        raise _not_found(error) from None
+
+
 @router.get("", response_model=ModelList, summary="Registered models of the caller's project")
 async def list_models(
     project: CurrentProject, settings: SettingsDep, metrics: MetricsDep
@@ -158,20 +178,18 @@ async def download_weights(
     metrics: MetricsDep,
 ) -> FileResponse:
     registry = _registry(settings.mlflow_tracking_uri)
-    try:
-        found = await _call(metrics, registry.version, project.name, name, version)
-        path = await _call(
-            metrics,
-            registry.download_weights,
-            project.name,
-            name,
-            str(found.version),
-            settings.model_cache_dir,
-        )
-    except ModelNotFoundError as error:
-        raise _not_found(error) from None
+    number, path = await _version_file(
+        metrics,
+        name,
+        version,
+        project.name,
+        lambda found: registry.download_weights(
+            project.name, name, found, settings.model_cache_dir
+        ),
+        registry,
+    )
     return FileResponse(
-        path, media_type="application/octet-stream", filename=f"{name}-v{found.version}.pt"
+        path, media_type="application/octet-stream", filename=f"{name}-v{number}.pt"
     )
 
 
@@ -215,23 +233,18 @@ async def download_export(
     metrics: MetricsDep,
 ) -> FileResponse:
     registry = _registry(settings.mlflow_tracking_uri)
-    try:
-        found = await _call(metrics, registry.version, project.name, name, version)
-        path = await _call(
-            metrics,
-            registry.download_export,
-            project.name,
-            name,
-            str(found.version),
-            export_format,
-            settings.model_cache_dir,
-        )
-    except ModelNotFoundError as error:
-        raise _not_found(error) from None
+    number, path = await _version_file(
+        metrics,
+        name,
+        version,
+        project.name,
+        lambda found: registry.download_export(
+            project.name, name, found, export_format, settings.model_cache_dir
+        ),
+        registry,
+    )
     return FileResponse(
-        path,
-        media_type="application/octet-stream",
-        filename=f"{name}-v{found.version}{path.suffix}",
+        path, media_type="application/octet-stream", filename=f"{name}-v{number}{path.suffix}"
     )
 
 
