@@ -202,8 +202,10 @@ class Settings(BaseSettings):
         le=64,
         description="Processes of each API process's pool that validate submitted specs (a "
         "CPU dry run of both models), so submissions neither serialise nor stall reads. Each "
-        "holds torch (a few hundred MiB); one per core the API may use is plenty. 0 validates "
-        "in the API process itself (small embedded setups).",
+        "holds torch (a few hundred MiB); one per core the API may use is plenty. Above 0, "
+        "accepted submissions are also stored and sent by one more process, off the API's "
+        "event loop. 0 validates, stores and sends in the API process itself (small embedded "
+        "setups).",
     )
     validation_queue_limit: int = Field(
         default=256,

@@ -38,7 +38,7 @@ from service.db import (
 from service.dispatch import Dispatcher, make_celery_app
 from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.store import JobQuotas, JobStore, open_job_reads
-from service.submissions import SubmissionWriter
+from service.submissions import SubmissionWriter, shared_writer_process
 from service.validation_pool import shared_validation_pool
 
 
@@ -64,7 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_queued=settings.max_queued_jobs_per_project,
                 max_running=settings.max_running_jobs_per_project,
             )
-            app.state.submissions = SubmissionWriter(store, dispatcher, quotas)
+            # With validation in processes, batches are written in one too, off the event
+            # loop's interpreter lock (``service.submissions``).
+            app.state.submissions = SubmissionWriter(
+                store,
+                dispatcher,
+                quotas,
+                process=shared_writer_process() if settings.validation_processes else None,
+                settings=settings,
+            )
             app.state.reads = await open_job_reads(
                 settings.database_url, store, max_connections=AUTOCOMMIT_POOL_SIZE
             )

@@ -54,6 +54,10 @@ class IdempotencyConflict(StoreError):  # noqa: N818 - named as the API reports 
         self.key = key
         self.job_id = job_id
 
+    def __reduce__(self) -> tuple[type[IdempotencyConflict], tuple[str, str]]:
+        # Rebuilt from its fields, as it crosses back from the submission writer's process.
+        return type(self), (self.key, self.job_id)
+
 
 class JobAlreadyFinished(StoreError):  # noqa: N818 - reads as the condition it reports
     """The job is terminal (SUCCEEDED, CANCELLED or FAILED), so there is nothing to cancel."""
@@ -153,6 +157,10 @@ class QuotaExceeded(StoreError):  # noqa: N818 - reads as the condition it repor
         self.quota = quota
         self.limit = limit
         self.current = current
+
+    def __reduce__(self) -> tuple[type[QuotaExceeded], tuple[str, int, int]]:
+        # Rebuilt from its fields, as it crosses back from the submission writer's process.
+        return type(self), (self.quota, self.limit, self.current)
 
 
 @dataclass(frozen=True)

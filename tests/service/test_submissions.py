@@ -4,6 +4,9 @@ each submission's own, as if it had been stored alone, and it costs a few transa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -19,7 +22,8 @@ from service.store import (
     QuotaExceeded,
     SubmissionOutcome,
 )
-from service.submissions import BROKER_DOWN_EVENT, SubmissionWriter
+from service.submissions import BROKER_DOWN_EVENT, SubmissionWriter, WriterProcess
+from service.validation_pool import ValidationBusy
 
 
 @pytest.fixture
@@ -134,3 +138,79 @@ def test_a_batch_writes_each_jobs_labels_and_webhook_delivery(job_store: JobStor
     event_ids = {job.id: job.transitions[0].id for job in jobs}
     assert all(event_ids[job.id] > 0 for job in jobs), "each record carries its own event"
     assert len(set(event_ids.values())) == len(jobs)
+
+
+@pytest.fixture
+def writer_process() -> Iterator[WriterProcess]:
+    process = WriterProcess()
+    try:
+        yield process
+    finally:
+        process.shutdown()
+
+
+def test_a_writer_process_gives_each_submission_the_answer_a_thread_gives(
+    job_store: JobStore, service_settings: Settings, writer_process: WriterProcess
+) -> None:
+    acme, globex = job_store.create_project("acme"), job_store.create_project("globex")
+    celery_app = make_celery_app(service_settings, name="maskd-test-writer-process")
+    writer = SubmissionWriter(
+        job_store,
+        Dispatcher(celery_app, job_store),
+        JobQuotas(max_queued=3),
+        process=writer_process,
+        settings=service_settings,
+    )
+    submissions = [(acme.id, NewJob(make_spec(f"acme-{index}"))) for index in range(4)]
+    submissions += [
+        (globex.id, NewJob(make_spec("same"), "key-1")),
+        (globex.id, NewJob(make_spec("same"), "key-1")),
+        (globex.id, NewJob(make_spec("other"), "key-1")),
+    ]
+    try:
+        outcomes = asyncio.run(submit_all(writer, submissions))
+    finally:
+        celery_app.close()
+
+    created = [outcome for outcome in outcomes[:4] if isinstance(outcome, tuple)]
+    [refused] = [outcome for outcome in outcomes[:4] if isinstance(outcome, QuotaExceeded)]
+    assert len(created) == 3 and (refused.quota, refused.limit, refused.current) == (
+        "queued_jobs",
+        3,
+        3,
+    )
+    first, replay, conflict = outcomes[4:]
+    assert isinstance(first, tuple) and isinstance(replay, tuple)
+    assert (first[1], replay[1], replay[0].id) == (True, False, first[0].id)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert (conflict.key, conflict.job_id) == ("key-1", first[0].id)
+    assert message_count(service_settings) == 4, "each new job sent once, by the process"
+    stored = job_store.get_job(globex.id, first[0].id)
+    assert stored is not None and stored.dispatched_at is not None
+
+
+def test_a_writer_process_that_died_costs_its_batch_a_503_and_is_replaced(
+    job_store: JobStore, service_settings: Settings, writer_process: WriterProcess
+) -> None:
+    project = job_store.create_project("acme")
+    celery_app = make_celery_app(service_settings, name="maskd-test-writer-died")
+    writer = SubmissionWriter(
+        job_store,
+        Dispatcher(celery_app, job_store),
+        JobQuotas(),
+        process=writer_process,
+        settings=service_settings,
+    )
+    pid = writer_process._executor.submit(os.getpid).result()
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):  # the pool notices its process is gone
+        writer_process._executor.submit(os.getpid).result(timeout=30)
+    try:
+        [lost] = asyncio.run(submit_all(writer, [(project.id, NewJob(make_spec("lost")))]))
+        [kept] = asyncio.run(submit_all(writer, [(project.id, NewJob(make_spec("kept")))]))
+    finally:
+        celery_app.close()
+
+    assert isinstance(lost, ValidationBusy) and "Idempotency-Key" in str(lost)
+    assert isinstance(kept, tuple) and kept[1]
+    assert job_store.get_job(project.id, kept[0].id) is not None
