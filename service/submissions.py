@@ -5,8 +5,8 @@ burst of submissions used to wait for each other one transaction and several thr
 time. Here every validated submission joins a queue, and one batch at a time is stored
 (``JobStore.create_jobs``: one transaction per project in the batch) and sent to the workers
 (``Dispatcher.send_jobs``), in one hop to the writer. Whatever arrives while a batch is being
-written forms the next batch: a lone submission waits for nothing, and a burst of N costs a handful of
-transactions rather than N.
+written forms the next batch: a lone submission waits for nothing, and a burst of N costs a
+handful of transactions rather than N.
 
 An unreachable broker does not fail a submission: its job stays QUEUED, an event says so, and
 the reconciler sends it once the broker is back.
